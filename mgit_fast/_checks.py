@@ -1,0 +1,149 @@
+"""Argument checks shared by every backend.
+
+Each check raises a ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape,
+value or device) whose message starts with the argument's name, before any work is done.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def tensor(name: str, value, *, ndim: Optional[int] = None, dtypes=FLOAT_DTYPES) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {value.dtype}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    return value
+
+
+def same_device(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
+
+
+def same_dtype(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}")
+
+
+def attention_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: Union[None, float, Tensor],
+    bias: Optional[Tensor],
+    diagonal_mask: bool,
+) -> None:
+    """Checks the ``attention`` contract: q, k, v ``[B, H, N, D]`` alike; scale; bias; mask."""
+    tensor("q", q, ndim=4)
+    for name, t in (("k", k), ("v", v)):
+        tensor(name, t, ndim=4)
+        same_dtype(name, t, "q", q)
+        same_device(name, t, "q", q)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}")
+    B, H, N, D = q.shape
+    if N < 1 or D < 1:
+        raise ValueError(f"q must have at least one token and one channel, got shape {tuple(q.shape)}")
+    attention_options(scale, bias, diagonal_mask, B=B, H=H, N=N, ref=q)
+
+
+def attention_options(scale, bias, diagonal_mask, *, B: int, H: int, N: int, ref: Tensor) -> None:
+    if isinstance(scale, bool) or not (scale is None or isinstance(scale, (int, float, Tensor))):
+        raise TypeError(f"scale must be None, a float or a tensor, got {type(scale).__name__}")
+    if isinstance(scale, Tensor):
+        tensor("scale", scale, dtypes=FLOAT_DTYPES)
+        same_device("scale", scale, "q", ref)
+        if scale.shape not in (torch.Size([]), torch.Size([H])):
+            raise ValueError(f"scale must have shape [] or [H={H}], got {tuple(scale.shape)}")
+    if bias is not None:
+        tensor("bias", bias, dtypes=FLOAT_DTYPES)
+        same_device("bias", bias, "q", ref)
+        if bias.dim() == 3:
+            ok = bias.shape[0] in (1, H) and bias.shape[1:] == (N, N)
+        elif bias.dim() == 4:
+            ok = bias.shape[0] in (1, B) and bias.shape[1] in (1, H) and bias.shape[2:] == (N, N)
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"bias must have shape [H={H}, N={N}, N={N}] or [B={B}, H={H}, N={N}, N={N}] "
+                f"(1 allowed for B and H), got {tuple(bias.shape)}"
+            )
+    if not isinstance(diagonal_mask, bool):
+        raise TypeError(f"diagonal_mask must be a bool, got {type(diagonal_mask).__name__}")
+    if diagonal_mask and N < 2:
+        raise ValueError("diagonal_mask=True needs at least 2 tokens: a lone token has nothing to attend to")
+
+
+def qkvpacked_inputs(qkv: Tensor, num_heads: int) -> int:
+    """Checks ``qkv [B, N, 3·H·D]``; returns the head dim D."""
+    tensor("qkv", qkv, ndim=3)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    width = qkv.shape[-1]
+    if width % (3 * num_heads) != 0:
+        raise ValueError(f"qkv's last dimension ({width}) must be 3 * num_heads ({num_heads}) * head_dim")
+    return width // (3 * num_heads)
+
+
+def loss_inputs(
+    logits_primary: Tensor,
+    logits_auxiliary: Tensor,
+    target: Tensor,
+    *,
+    label_smoothing: float,
+    temperature: float,
+    js_weight: float,
+) -> None:
+    tensor("logits_primary", logits_primary, ndim=2)
+    tensor("logits_auxiliary", logits_auxiliary, ndim=2)
+    same_dtype("logits_auxiliary", logits_auxiliary, "logits_primary", logits_primary)
+    same_device("logits_auxiliary", logits_auxiliary, "logits_primary", logits_primary)
+    if logits_auxiliary.shape != logits_primary.shape:
+        raise ValueError(
+            f"logits_auxiliary has shape {tuple(logits_auxiliary.shape)} "
+            f"but logits_primary has {tuple(logits_primary.shape)}"
+        )
+    B, C = logits_primary.shape
+    if C < 2:
+        raise ValueError(f"logits_primary must have at least 2 classes, got {C}")
+    tensor("target", target, ndim=1, dtypes=LABEL_DTYPES)
+    same_device("target", target, "logits_primary", logits_primary)
+    if target.shape[0] != B:
+        raise ValueError(f"target has {target.shape[0]} rows but the logits have {B}")
+    number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    number("temperature", temperature, low=0.0, low_open=True)
+    number("js_weight", js_weight)
+
+
+def number(name: str, value, *, low=None, high=None, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def labels_in_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Host-side label check (synchronises on CUDA; the reference path only)."""
+    valid = (target == ignore_index) | ((target >= 0) & (target < num_classes))
+    if not bool(valid.all()):
+        bad = target[~valid][0].item()
+        raise ValueError(
+            f"target holds label {bad}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
+        )

@@ -1,0 +1,126 @@
+"""The fused operations, dispatched to a backend.
+
+``backend=None`` picks ``"triton"`` for CUDA tensors and ``"torch"`` (``mgit_fast.reference``)
+otherwise; the environment variable ``MGIT_FAST_BACKEND`` (``torch`` or ``triton``) overrides
+that automatic choice. An explicit ``backend=`` argument always wins. While an operation's
+Triton kernel is not built yet, the automatic choice falls back to ``"torch"`` for it, and an
+explicit ``"triton"`` raises ``NotImplementedError``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+from torch import Tensor
+
+from . import reference
+from .reference import MGiTLossOutput, MultiGradientStepOutput, multi_gradient_adamw as _adamw_torch
+
+BACKENDS = ("torch", "triton")
+
+# The issue that brings each Triton kernel; until then backend="triton" says so.
+_PENDING = {
+    "attention": "the fused Triton attention kernel (issue #3)",
+    "mgit_loss": "the fused Triton MGiT loss kernel (issue #4)",
+    "multi_gradient_adamw": "the fused Triton multi-gradient AdamW kernel (issue #5)",
+}
+
+
+def resolve_backend(backend: Optional[str], device_type: str) -> str:
+    """The backend a call runs on: the argument, else ``MGIT_FAST_BACKEND``, else by device."""
+    if backend is None:
+        backend = os.environ.get("MGIT_FAST_BACKEND") or ("triton" if device_type == "cuda" else "torch")
+        source = "MGIT_FAST_BACKEND"
+    else:
+        source = "backend"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def effective_backend(op: str, backend: Optional[str], device_type: str) -> str:
+    """The backend ``op`` runs on. While its Triton kernel is pending, the automatic choice
+    is ``"torch"`` and an explicit ``"triton"`` raises ``NotImplementedError``."""
+    chosen = resolve_backend(backend, device_type)
+    if chosen == "triton" and op in _PENDING:
+        if backend is None and "MGIT_FAST_BACKEND" not in os.environ:
+            return "torch"
+        raise NotImplementedError(
+            f"backend='triton' for {op} needs {_PENDING[op]}, not built yet; use backend='torch'"
+        )
+    return chosen
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: Union[None, float, Tensor] = None,
+    bias: Optional[Tensor] = None,
+    diagonal_mask: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``softmax(q·kᵀ·scale + bias)·v``; see ``mgit_fast.reference.attention``."""
+    effective_backend("attention", backend, q.device.type)  # "torch" until the kernel lands
+    return reference.attention(q, k, v, scale=scale, bias=bias, diagonal_mask=diagonal_mask)
+
+
+def attention_qkvpacked(
+    qkv: Tensor,
+    num_heads: int,
+    *,
+    scale: Union[None, float, Tensor] = None,
+    bias: Optional[Tensor] = None,
+    diagonal_mask: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Attention from a packed ``qkv [B, N, 3·H·D]`` to ``[B, N, H·D]``; see
+    ``mgit_fast.reference.attention_qkvpacked``."""
+    effective_backend("attention", backend, qkv.device.type)
+    return reference.attention_qkvpacked(qkv, num_heads, scale=scale, bias=bias, diagonal_mask=diagonal_mask)
+
+
+def mgit_loss(
+    logits_primary: Tensor,
+    logits_auxiliary: Tensor,
+    target: Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    temperature: float = 1.0,
+    js_weight: float = 0.1,
+    ignore_index: int = -100,
+    backend: Optional[str] = None,
+) -> MGiTLossOutput:
+    """Both cross-entropies, the JS divergence and their weighted sum; see
+    ``mgit_fast.reference.mgit_loss``."""
+    effective_backend("mgit_loss", backend, logits_primary.device.type)
+    return reference.mgit_loss(
+        logits_primary,
+        logits_auxiliary,
+        target,
+        label_smoothing=label_smoothing,
+        temperature=temperature,
+        js_weight=js_weight,
+        ignore_index=ignore_index,
+    )
+
+
+def multi_gradient_adamw(*args, backend: Optional[str] = None, **kwargs) -> MultiGradientStepOutput:
+    """One MGiT update of both models; the arguments of
+    ``mgit_fast.reference.multi_gradient_adamw``."""
+    effective_backend("multi_gradient_adamw", backend, kwargs["step"].device.type)
+    return _adamw_torch(*args, **kwargs)
+
+
+__all__ = [
+    "BACKENDS",
+    "MGiTLossOutput",
+    "MultiGradientStepOutput",
+    "attention",
+    "attention_qkvpacked",
+    "effective_backend",
+    "mgit_loss",
+    "multi_gradient_adamw",
+    "resolve_backend",
+]

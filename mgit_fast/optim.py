@@ -1,0 +1,296 @@
+"""MultiGradientAdamW: the MGiT update of a primary and an auxiliary model in one call."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks, functional
+from .reference import MultiGradientStepOutput
+
+Pairing = Union[str, Sequence[str]]
+PAIRINGS = ("head", "all", "none")
+
+
+def decays(name: str, param: Tensor, no_weight_decay: set) -> bool:
+    """The ViT weight-decay rule: parameters with ≥ 2 dims, except the model's exclusions."""
+    return param.dim() >= 2 and name not in no_weight_decay
+
+
+def _no_weight_decay(model: nn.Module) -> set:
+    return set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+
+
+def pair_parameters(
+    named_primary: Sequence[Tuple[str, Tensor]],
+    named_auxiliary: Sequence[Tuple[str, Tensor]],
+    pairing: Pairing,
+) -> List[Tuple[int, int]]:
+    """Index pairs ``(i, j)`` of primary and auxiliary parameters with the same name and shape.
+
+    ``"head"`` pairs the classifier (names under ``head.``), ``"all"`` every match, ``"none"``
+    nothing; a list of names pairs exactly those (each must exist in both with one shape).
+    """
+    auxiliary_index = {name: j for j, (name, _) in enumerate(named_auxiliary)}
+
+    def match(i: int, name: str, param: Tensor) -> Optional[Tuple[int, int]]:
+        j = auxiliary_index.get(name)
+        if j is not None and named_auxiliary[j][1].shape == param.shape:
+            return i, j
+        return None
+
+    if isinstance(pairing, str):
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS} or a list of names, got {pairing!r}")
+        if pairing == "none":
+            return []
+        chosen = [
+            (i, name, p)
+            for i, (name, p) in enumerate(named_primary)
+            if pairing == "all" or name.startswith("head.")
+        ]
+        pairs = [pair for pair in (match(*c) for c in chosen) if pair is not None]
+        if not pairs and named_auxiliary:
+            raise ValueError(
+                f"pairing={pairing!r} found no parameter with the same name and shape in both models"
+            )
+        return pairs
+    names = list(pairing)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError("pairing must be 'head', 'all', 'none' or a list of parameter names")
+    primary_index = {name: i for i, (name, _) in enumerate(named_primary)}
+    pairs = []
+    for name in names:
+        i = primary_index.get(name)
+        pair = None if i is None else match(i, name, named_primary[i][1])
+        if pair is None:
+            raise ValueError(f"pairing names {name!r}, which is not a parameter of one shape in both models")
+        pairs.append(pair)
+    return pairs
+
+
+class MultiGradientAdamW(torch.optim.Optimizer):
+    """AdamW over a primary and an auxiliary model, with MGiT's gradient mixing.
+
+    Each step: optional clipping of each model by its own global gradient norm
+    (``max_grad_norm``); the mixing weight μ (``mix="adaptive"``:
+    ``mix_max·ce_primary/(ce_primary + ce_auxiliary)``, or a fixed float); paired primary
+    parameters (``pairing``) use ``(1 − μ)·g_P + μ·g_A``; AdamW on both models, exactly
+    ``torch.optim.AdamW(amsgrad=False)``, with weight decay on parameters of ≥ 2 dims except
+    the model's ``no_weight_decay()``; then, with ``average=γ > 0``, paired primary weights
+    become ``(1 − γ)·θ_P + γ·θ_A``. A non-finite gradient anywhere skips the whole step
+    (``skipped_steps`` grows). μ, the step count and the skip decision stay on the device.
+
+    ``auxiliary=None`` gives plain AdamW on the primary with the same rule (a baseline).
+    Two parameter groups, ``primary`` and ``auxiliary``, hold ``lr`` and ``weight_decay``,
+    so ``torch.optim.lr_scheduler`` schedules work. ``state_dict()`` is keyed by parameter name.
+    """
+
+    def __init__(
+        self,
+        primary: nn.Module,
+        auxiliary: Optional[nn.Module] = None,
+        *,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.05,
+        pairing: Pairing = "head",
+        mix: Union[str, float] = "adaptive",
+        mix_max: float = 0.5,
+        average: float = 0.0,
+        max_grad_norm: Optional[float] = None,
+        backend: Optional[str] = None,
+    ):
+        if not isinstance(primary, nn.Module):
+            raise TypeError(f"primary must be an nn.Module, got {type(primary).__name__}")
+        if auxiliary is not None and not isinstance(auxiliary, nn.Module):
+            raise TypeError(f"auxiliary must be an nn.Module or None, got {type(auxiliary).__name__}")
+        if not isinstance(lr, Tensor):
+            _checks.number("lr", lr, low=0.0)
+        self.betas, self.eps = _hyperparameters(betas, eps)
+        _checks.number("weight_decay", weight_decay, low=0.0)
+        self.mix, self.mix_max, self.average, self.max_grad_norm = _mixing(mix, mix_max, average, max_grad_norm)
+        if backend is not None and backend not in functional.BACKENDS:
+            raise ValueError(f"backend must be one of {functional.BACKENDS} or None, got {backend!r}")
+        self.backend = backend
+
+        self.named_primary = _trainable("primary", primary)
+        self.named_auxiliary = _trainable("auxiliary", auxiliary) if auxiliary is not None else []
+        self.pairing = pairing
+        self.pairs = pair_parameters(self.named_primary, self.named_auxiliary, pairing)
+        self.decay_primary = [decays(n, p, _no_weight_decay(primary)) for n, p in self.named_primary]
+        self.decay_auxiliary = (
+            [decays(n, p, _no_weight_decay(auxiliary)) for n, p in self.named_auxiliary] if auxiliary else []
+        )
+
+        groups = [{"params": [p for _, p in self.named_primary], "name": "primary"}]
+        if self.named_auxiliary:
+            groups.append({"params": [p for _, p in self.named_auxiliary], "name": "auxiliary"})
+        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
+
+        device = self.named_primary[0][1].device
+        self.step_count = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_mix = torch.zeros((), dtype=torch.float32, device=device)
+        for _, p in self.named_primary + self.named_auxiliary:
+            self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(
+        self,
+        ce_primary: Optional[Union[Tensor, float]] = None,
+        ce_auxiliary: Optional[Union[Tensor, float]] = None,
+    ) -> MultiGradientStepOutput:
+        """One update of both models. ``ce_primary``/``ce_auxiliary`` (0-dim tensors, e.g. the
+        outputs of ``MGiTLoss``) are needed for ``mix="adaptive"``. Returns μ, the two
+        gradient norms and the skip flag, all device tensors; nothing synchronises."""
+        mix = self.mix if self.named_auxiliary else 0.0
+        if mix == "adaptive":
+            if ce_primary is None or ce_auxiliary is None:
+                raise ValueError("mix='adaptive' needs ce_primary and ce_auxiliary passed to step()")
+            ce_primary = _loss_tensor("ce_primary", ce_primary, self.step_count.device)
+            ce_auxiliary = _loss_tensor("ce_auxiliary", ce_auxiliary, self.step_count.device)
+        primary_group = self.param_groups[0]
+        auxiliary_group = self.param_groups[1] if self.named_auxiliary else primary_group
+
+        def tensors(named):
+            params = [p for _, p in named]
+            return (
+                params,
+                [p.grad for p in params],
+                [self.state[p]["exp_avg"] for p in params],
+                [self.state[p]["exp_avg_sq"] for p in params],
+            )
+
+        out = functional.multi_gradient_adamw(
+            *tensors(self.named_primary),
+            *tensors(self.named_auxiliary),
+            pairs=self.pairs,
+            decay_primary=self.decay_primary,
+            decay_auxiliary=self.decay_auxiliary,
+            step=self.step_count,
+            skipped_steps=self.skipped_steps,
+            lr=(primary_group["lr"], auxiliary_group["lr"]),
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=(primary_group["weight_decay"], auxiliary_group["weight_decay"]),
+            mix=mix,
+            mix_max=self.mix_max,
+            ce_primary=ce_primary,
+            ce_auxiliary=ce_auxiliary,
+            average=self.average if self.named_auxiliary else 0.0,
+            max_grad_norm=self.max_grad_norm,
+            backend=self.backend,
+        )
+        self.last_mix.copy_(out.mix)
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Moments keyed by parameter name, counters, hyperparameters; backend-independent."""
+
+        def moments(named):
+            return {
+                name: {key: self.state[p][key].clone() for key in ("exp_avg", "exp_avg_sq")}
+                for name, p in named
+            }
+
+        return {
+            "state": {"primary": moments(self.named_primary), "auxiliary": moments(self.named_auxiliary)},
+            "step": self.step_count.clone(),
+            "skipped_steps": self.skipped_steps.clone(),
+            "last_mix": self.last_mix.clone(),
+            "param_groups": [
+                {k: v for k, v in group.items() if k != "params"} for group in self.param_groups
+            ],
+            "config": {
+                "betas": self.betas,
+                "eps": self.eps,
+                "mix": self.mix,
+                "mix_max": self.mix_max,
+                "average": self.average,
+                "max_grad_norm": self.max_grad_norm,
+                "pairs": [(self.named_primary[i][0], self.named_auxiliary[j][0]) for i, j in self.pairs],
+            },
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores a ``state_dict()``; everything is checked before anything is written."""
+        if not isinstance(state_dict, dict) or not {"state", "step", "param_groups", "config"} <= state_dict.keys():
+            raise ValueError("state_dict is not a MultiGradientAdamW state_dict")
+        config = state_dict["config"]
+        pairs = [(self.named_primary[i][0], self.named_auxiliary[j][0]) for i, j in self.pairs]
+        if [tuple(p) for p in config["pairs"]] != pairs:
+            raise ValueError("state_dict pairs different parameters than this optimizer's pairing")
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError("state_dict has a different number of parameter groups (models)")
+        copies = []
+        for model, named in (("primary", self.named_primary), ("auxiliary", self.named_auxiliary)):
+            saved = state_dict["state"].get(model, {})
+            if set(saved) != {name for name, _ in named}:
+                raise ValueError(f"state_dict's {model} parameters differ from this optimizer's")
+            for name, p in named:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = saved[name][key]
+                    if not isinstance(value, Tensor) or value.shape != p.shape:
+                        raise ValueError(f"state_dict's {model} {key} for {name!r} has the wrong shape")
+                    copies.append((self.state[p][key], value))
+        betas, eps = _hyperparameters(config["betas"], config["eps"])
+        mixing = _mixing(config["mix"], config["mix_max"], config["average"], config["max_grad_norm"])
+
+        for target, value in copies:
+            target.copy_(value)
+        for counter, key in ((self.step_count, "step"), (self.skipped_steps, "skipped_steps"), (self.last_mix, "last_mix")):
+            counter.copy_(state_dict[key])
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.betas, self.eps = betas, eps
+        self.mix, self.mix_max, self.average, self.max_grad_norm = mixing
+
+
+def _trainable(name: str, model: nn.Module) -> List[Tuple[str, Tensor]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(f"{name} has no trainable parameters")
+    for n, p in named:
+        if not p.is_floating_point():
+            raise TypeError(f"{name} parameter {n!r} must be floating point, got {p.dtype}")
+        if p.device != named[0][1].device:
+            raise ValueError(f"{name} parameter {n!r} is on {p.device}, not {named[0][1].device}")
+    return named
+
+
+def _hyperparameters(betas, eps) -> Tuple[Tuple[float, float], float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    beta1 = _checks.number("betas[0]", betas[0], low=0.0)
+    beta2 = _checks.number("betas[1]", betas[1], low=0.0)
+    if beta1 >= 1.0 or beta2 >= 1.0:
+        raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
+    return (beta1, beta2), _checks.number("eps", eps, low=0.0)
+
+
+def _mixing(mix, mix_max, average, max_grad_norm):
+    if isinstance(mix, str):
+        if mix != "adaptive":
+            raise ValueError(f"mix must be 'adaptive' or a float in [0, 1], got {mix!r}")
+    else:
+        mix = _checks.number("mix", mix, low=0.0, high=1.0)
+    mix_max = _checks.number("mix_max", mix_max, low=0.0, high=1.0)
+    average = _checks.number("average", average, low=0.0, high=1.0)
+    if max_grad_norm is not None:
+        max_grad_norm = _checks.number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
+    return mix, mix_max, average, max_grad_norm
+
+
+def _loss_tensor(name: str, value, device: torch.device) -> Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), device=device)
+    _checks.tensor(name, value)
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a single loss value, got shape {tuple(value.shape)}")
+    _checks.same_device(name, value, "the parameters", torch.empty((), device=device))
+    return value.reshape(())

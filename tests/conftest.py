@@ -1,0 +1,58 @@
+"""Shared test helpers.
+
+- ``rel_err(a, b)``: ``‖a − b‖ / ‖b‖`` computed in float64 (inf when either side is not finite,
+  so a NaN can never pass a tolerance check); ``assert_rel_close(out, ref, tol)`` wraps it.
+- Tests marked ``@pytest.mark.cuda`` are skipped when no CUDA GPU is available.
+- Every test starts from a torch seed derived from its node id (``seed`` fixture, autouse), so
+  inputs are random but reproducible and differ between tests.
+
+Import the helpers with ``from conftest import rel_err, assert_rel_close`` (pytest puts this
+directory on ``sys.path``; keep ``tests/`` without an ``__init__.py``).
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+# The tests use tiny tensors: one intra-op thread is faster than two and cannot stall when
+# another process holds a core.
+torch.set_num_threads(1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖ / ‖b‖`` in float64; inf if either tensor holds a NaN/inf; 0 if both are 0."""
+    a = torch.as_tensor(a).detach().to("cpu", torch.float64)
+    b = torch.as_tensor(b).detach().to("cpu", torch.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    diff = torch.linalg.vector_norm(a - b).item()
+    ref = torch.linalg.vector_norm(b).item()
+    if ref == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / ref
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
+    """Asserts both tensors are finite and ``rel_err(out, ref) < tol``."""
+    out_t, ref_t = torch.as_tensor(out).detach(), torch.as_tensor(ref).detach()
+    assert torch.isfinite(out_t).all(), f"{what}: output holds non-finite values"
+    assert torch.isfinite(ref_t).all(), f"{what}: reference holds non-finite values"
+    err = rel_err(out_t, ref_t)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def seed(request: pytest.FixtureRequest) -> int:
+    """Seeds torch from the test's node id; returns the seed."""
+    value = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(value)
+    return value

@@ -1,0 +1,160 @@
+"""FusedMGiT: one step equals its pieces, resume is bit-exact, bad input is named and harmless."""
+import copy
+import io
+
+import pytest
+import torch
+
+from mgit_fast import FusedAttention, FusedMGiT, MGiTLoss, MultiGradientAdamW, ViT, make_auxiliary, reference
+
+
+def tiny_vit(**kwargs):
+    cfg = dict(img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2, num_heads=2)
+    cfg.update(kwargs)
+    return ViT(**cfg)
+
+
+def batch(n=12, classes=5):
+    return torch.randn(n, 1, 8, 8), torch.randint(0, classes, (n,))
+
+
+def params(*models):
+    return [p.detach().clone() for m in models for p in m.parameters()]
+
+
+def build(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return FusedMGiT(tiny_vit(attention=kwargs.pop("attention", "standard")), aux_seed=seed + 1, **kwargs)
+
+
+def test_training_step_outputs():
+    mgit = build(js_weight=0.3)
+    x, y = batch()
+    out = mgit.training_step(x, y)
+    assert set(out) == {"loss", "ce_primary", "ce_auxiliary", "js", "mix", "skipped"}
+    for key, value in out.items():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad, key
+    assert out["skipped"].dtype == torch.bool and not bool(out["skipped"])
+    torch.testing.assert_close(out["loss"], out["ce_primary"] + out["ce_auxiliary"] + 0.3 * out["js"])
+    torch.testing.assert_close(out["mix"], 0.5 * out["ce_primary"] / (out["ce_primary"] + out["ce_auxiliary"]))
+    assert int(mgit.optimizer.step_count) == 1
+    torch.testing.assert_close(mgit(x), mgit.primary(x))
+
+
+@pytest.mark.parametrize("attention", ["standard", "lsa", "gmm"])
+def test_step_equals_its_pieces(attention):
+    """training_step = both forwards, MGiTLoss, one backward, MultiGradientAdamW.step."""
+    kwargs = dict(lr=3e-3, label_smoothing=0.1, temperature=2.0, js_weight=0.5, pairing="all", average=0.2, max_grad_norm=1.0)
+    mgit = build(attention=attention, **kwargs)
+    primary, auxiliary = copy.deepcopy(mgit.primary), copy.deepcopy(mgit.auxiliary)
+    loss_fn = MGiTLoss(label_smoothing=0.1, temperature=2.0, js_weight=0.5)
+    opt = MultiGradientAdamW(primary, auxiliary, lr=3e-3, pairing="all", average=0.2, max_grad_norm=1.0)
+    for _ in range(2):
+        x, y = batch()
+        mgit.training_step(x, y)
+        opt.zero_grad()
+        out = loss_fn(primary(x), auxiliary(x), y)
+        out.loss.backward()
+        opt.step(out.ce_primary, out.ce_auxiliary)
+    for a, b in zip(params(mgit.primary, mgit.auxiliary), params(primary, auxiliary)):
+        assert torch.equal(a, b)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    batches = [batch() for _ in range(5)]
+    kwargs = dict(lr=5e-3, average=0.1, max_grad_norm=2.0, attention="lsa")
+    straight = build(**kwargs)
+    for x, y in batches:
+        straight.training_step(x, y)
+
+    first = build(**kwargs)
+    for x, y in batches[:2]:
+        first.training_step(x, y)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = build(seed=123, **kwargs)  # different initial weights, overwritten by the load
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    for x, y in batches[2:]:
+        resumed.training_step(x, y)
+
+    for a, b in zip(params(straight.primary, straight.auxiliary), params(resumed.primary, resumed.auxiliary)):
+        assert torch.equal(a, b)
+    for name in ("step_count", "skipped_steps", "last_mix"):
+        assert torch.equal(getattr(straight.optimizer, name), getattr(resumed.optimizer, name))
+    assert int(resumed.optimizer.step_count) == 5
+
+
+def test_bad_inputs_are_named_and_change_nothing():
+    mgit = build()
+    x, y = batch()
+    before = params(mgit.primary, mgit.auxiliary)
+    with pytest.raises(TypeError, match="x"):
+        mgit.training_step(x.numpy(), y)
+    with pytest.raises(TypeError, match="y"):
+        mgit.training_step(x, y.float())
+    with pytest.raises(ValueError, match="y"):
+        mgit.training_step(x, y[:-1])
+    bad = y.clone()
+    bad[3] = 7  # 5 classes
+    with pytest.raises(ValueError, match="target"):
+        mgit.training_step(x, bad)
+    with pytest.raises(ValueError, match="x"):
+        mgit.training_step(torch.randn(12, 1, 9, 9), y)
+    for a, b in zip(before, params(mgit.primary, mgit.auxiliary)):
+        assert torch.equal(a, b)
+    assert int(mgit.optimizer.step_count) == 0
+    assert all(torch.count_nonzero(t) == 0 for s in mgit.optimizer.state.values() for t in s.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        (dict(amp_dtype=torch.float16), ValueError, "amp_dtype"),
+        (dict(amp_dtype="bf16"), TypeError, "amp_dtype"),
+        (dict(aux_depth=3), ValueError, "depth"),
+        (dict(js_weight="x"), TypeError, "js_weight"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(mix=2.0), ValueError, "mix"),
+        (dict(backend="gpu"), ValueError, "backend"),
+    ],
+)
+def test_bad_arguments(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        FusedMGiT(tiny_vit(), **kwargs)
+
+
+def test_backend_reaches_every_attention_and_the_loss():
+    mgit = build(backend="torch")
+    attentions = [m for m in mgit.modules() if isinstance(m, FusedAttention)]
+    assert len(attentions) == 3  # two primary blocks, one auxiliary block
+    assert all(m.backend == "torch" for m in attentions)
+    assert mgit.criterion.backend == "torch" and mgit.optimizer.backend == "torch"
+
+
+def test_bfloat16_autocast_on_cpu_trains():
+    mgit = build(amp_dtype=torch.bfloat16)
+    x, y = batch()
+    out = mgit.training_step(x, y)
+    assert all(torch.isfinite(v.float()) for v in out.values())
+    assert all(p.dtype == torch.float32 for p in mgit.parameters())
+    assert int(mgit.optimizer.step_count) == 1
+
+
+def test_to_moves_optimizer_state_with_the_parameters():
+    mgit = build().to(torch.float64)
+    x, y = batch()
+    mgit.training_step(x.double(), y)
+    assert all(t.dtype == torch.float64 for s in mgit.optimizer.state.values() for t in s.values())
+    assert mgit.optimizer.step_count.dtype == torch.int64 and int(mgit.optimizer.step_count) == 1
+
+
+def test_given_auxiliary_is_used():
+    primary = tiny_vit()
+    auxiliary = make_auxiliary(primary, 1, seed=5)
+    mgit = FusedMGiT(primary, auxiliary)
+    assert mgit.auxiliary is auxiliary and len(auxiliary.blocks) == 1
+    # the reference loss really sees the auxiliary's logits
+    x, y = batch()
+    out = mgit.training_step(x, y)
+    assert float(out["js"]) > 0
