@@ -5,6 +5,7 @@ value or device) whose message starts with the argument's name, before any work 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -83,6 +84,24 @@ def attention_options(scale, bias, diagonal_mask, *, B: int, H: int, N: int, ref
         raise TypeError(f"diagonal_mask must be a bool, got {type(diagonal_mask).__name__}")
     if diagonal_mask and N < 2:
         raise ValueError("diagonal_mask=True needs at least 2 tokens: a lone token has nothing to attend to")
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_inputs(name: str, value: Tensor, *, head_dim: Optional[int] = None, head_dims=None) -> None:
+    """What the Triton kernels take beyond the shared contract: fp32/fp16/bf16 tensors on a
+    CUDA device (or anywhere under ``TRITON_INTERPRET=1``) and, for attention, a supported
+    head dim."""
+    if value.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32 for backend='triton', got {value.dtype}")
+    if value.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"{name} is on {value.device}: backend='triton' needs CUDA tensors "
+            "(or TRITON_INTERPRET=1 to run the kernels on the CPU)"
+        )
+    if head_dims is not None and head_dim not in head_dims:
+        raise ValueError(f"{name} has head dim {head_dim}; the Triton kernel supports {head_dims}")
 
 
 def qkvpacked_inputs(qkv: Tensor, num_heads: int) -> int:

@@ -13,14 +13,13 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from . import reference
+from . import _checks, reference
 from .reference import MGiTLossOutput, MultiGradientStepOutput, multi_gradient_adamw as _adamw_torch
 
 BACKENDS = ("torch", "triton")
 
 # The issue that brings each Triton kernel; until then backend="triton" says so.
 _PENDING = {
-    "attention": "the fused Triton attention kernel (issue #3)",
     "mgit_loss": "the fused Triton MGiT loss kernel (issue #4)",
     "multi_gradient_adamw": "the fused Triton multi-gradient AdamW kernel (issue #5)",
 }
@@ -51,6 +50,12 @@ def effective_backend(op: str, backend: Optional[str], device_type: str) -> str:
     return chosen
 
 
+def _attention_kernel():
+    from .kernels import attention  # imports Triton on first use only
+
+    return attention
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -62,7 +67,10 @@ def attention(
     backend: Optional[str] = None,
 ) -> Tensor:
     """``softmax(q·kᵀ·scale + bias)·v``; see ``mgit_fast.reference.attention``."""
-    effective_backend("attention", backend, q.device.type)  # "torch" until the kernel lands
+    if effective_backend("attention", backend, q.device.type) == "triton":
+        _checks.attention_inputs(q, k, v, scale, bias, diagonal_mask)
+        _checks.kernel_inputs("q", q, head_dim=q.shape[-1], head_dims=_attention_kernel().HEAD_DIMS)
+        return _attention_kernel().attention(q, k, v, scale, bias, diagonal_mask)
     return reference.attention(q, k, v, scale=scale, bias=bias, diagonal_mask=diagonal_mask)
 
 
@@ -77,7 +85,12 @@ def attention_qkvpacked(
 ) -> Tensor:
     """Attention from a packed ``qkv [B, N, 3·H·D]`` to ``[B, N, H·D]``; see
     ``mgit_fast.reference.attention_qkvpacked``."""
-    effective_backend("attention", backend, qkv.device.type)
+    if effective_backend("attention", backend, qkv.device.type) == "triton":
+        head_dim = _checks.qkvpacked_inputs(qkv, num_heads)
+        B, N, _ = qkv.shape
+        _checks.attention_options(scale, bias, diagonal_mask, B=B, H=num_heads, N=N, ref=qkv)
+        _checks.kernel_inputs("qkv", qkv, head_dim=head_dim, head_dims=_attention_kernel().HEAD_DIMS)
+        return _attention_kernel().attention_qkvpacked(qkv, num_heads, scale, bias, diagonal_mask)
     return reference.attention_qkvpacked(qkv, num_heads, scale=scale, bias=bias, diagonal_mask=diagonal_mask)
 
 

@@ -2,7 +2,8 @@
 
 - ``rel_err(a, b)``: ``‖a − b‖ / ‖b‖`` computed in float64 (inf when either side is not finite,
   so a NaN can never pass a tolerance check); ``assert_rel_close(out, ref, tol)`` wraps it.
-- Tests marked ``@pytest.mark.cuda`` are skipped when no CUDA GPU is available.
+- Tests marked ``@pytest.mark.cuda`` are skipped when no CUDA GPU is available; without one,
+  ``TRITON_INTERPRET=1`` is set so the Triton kernels run (slowly) on the CPU.
 - Every test starts from a torch seed derived from its node id (``seed`` fixture, autouse), so
   inputs are random but reproducible and differ between tests.
 
@@ -11,10 +12,16 @@ directory on ``sys.path``; keep ``tests/`` without an ``__init__.py``).
 """
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on the CPU in Triton's interpreter; it must be chosen
+# before the kernels are defined (mgit_fast imports them on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The tests use tiny tensors: one intra-op thread is faster than two and cannot stall when
 # another process holds a core.

@@ -1,0 +1,233 @@
+"""The Triton attention kernel against the float64 reference (CPU: Triton's interpreter).
+
+Every buffer a kernel writes is poisoned with NaN before it runs, so an element the kernel
+forgets fails the comparison.
+"""
+import pytest
+import torch
+from conftest import assert_rel_close
+
+from mgit_fast import functional, reference
+from mgit_fast.kernels import attention as kernel
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+# d(scale) sums B·N·N terms of both signs (each softmax row of ds sums to 0), so its relative
+# error is an order above the elementwise gradients'. In bf16, PyTorch's own eager attention
+# reaches 2.7e-2 on these shapes (max of 20 draws), hence 5e-2.
+DSCALE_TOL = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    def nan_buffer(shape, *, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(kernel, "new_buffer", nan_buffer)
+
+
+def make_options(variant, B, H, N):
+    """scale, bias for a named variant (float64 leaves; cast per test)."""
+    scale, bias, diagonal = None, None, False
+    if variant == "float_scale":
+        scale = 0.37
+    if variant == "scalar_scale":
+        scale = torch.tensor(0.4, dtype=torch.float64)
+    if variant in ("head_scale", "lsa", "everything"):
+        scale = torch.rand(H, dtype=torch.float64) * 0.5 + 0.1
+    if variant == "shared_bias":
+        bias = torch.randn(H, N, N, dtype=torch.float64)
+    if variant in ("batch_bias", "everything"):
+        bias = torch.randn(B, H, N, N, dtype=torch.float64)
+    if variant == "broadcast_bias":
+        bias = torch.randn(1, H, N, N, dtype=torch.float64)
+    if variant == "head_broadcast_bias":
+        bias = torch.randn(B, 1, N, N, dtype=torch.float64)
+    if variant in ("diagonal", "lsa", "everything"):
+        diagonal = True
+    return scale, bias, diagonal
+
+
+VARIANTS = [
+    "plain", "float_scale", "scalar_scale", "head_scale", "shared_bias", "batch_bias", "broadcast_bias",
+    "head_broadcast_bias", "diagonal", "lsa", "everything",
+]
+
+
+def leaf(t, dtype):
+    return t.detach().to(dtype).requires_grad_() if isinstance(t, torch.Tensor) else t
+
+
+def check(out, grads, ref_out, ref_grads, names, dtype):
+    assert_rel_close(out, ref_out, TOL[dtype], "out")
+    for name, g, r in zip(names, grads, ref_grads):
+        tol = DSCALE_TOL[dtype] if name == "scale" else TOL[dtype]
+        assert_rel_close(g, r, tol, f"d{name}")
+
+
+def run_both(fn, ref_fn, inputs64, dtype, **options):
+    """Calls the kernel on `dtype` copies and the reference in float64, with one upstream
+    gradient; returns both outputs and the gradients of every tensor input."""
+    names = [n for n, t in inputs64.items() if isinstance(t, torch.Tensor)]
+    low = {n: leaf(t, dtype if n in ("q", "k", "v", "qkv") else torch.float32) for n, t in inputs64.items()}
+    high = {n: leaf(t, torch.float64) for n, t in low.items()}  # the same (rounded) values
+    out = fn(**low, **options)
+    ref = ref_fn(**high, **options)
+    upstream = torch.randn(ref.shape, dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, [low[n] for n in names], upstream)
+    upstream = upstream.double()
+    ref_grads = torch.autograd.grad(ref, [high[n] for n in names], upstream)
+    for n, g in zip(names, grads):
+        assert g.dtype == low[n].dtype and g.shape == low[n].shape, n
+    return out, grads, ref, ref_grads, names
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", [(2, 3, 17, 16), (1, 2, 33, 64)])
+def test_unpacked_fp32_every_variant(variant, shape):
+    B, H, N, D = shape
+    scale, bias, diagonal = make_options(variant, B, H, N)
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
+    inputs = dict(q=q, k=k, v=v, scale=scale, bias=bias)
+    out, grads, ref, ref_grads, names = run_both(
+        lambda **a: functional.attention(**a, backend="triton"), reference.attention, inputs, torch.float32,
+        diagonal_mask=diagonal,
+    )
+    check(out, grads, ref, ref_grads, names, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "lsa", "shared_bias", "everything"])
+def test_packed_layout_in_place(dtype, variant):
+    """qkv sliced out of a wider buffer (not contiguous over tokens), output [B, N, H·D]."""
+    B, N, H, D = 2, 20, 2, 32
+    scale, bias, diagonal = make_options(variant, B, H, N)
+    wide = torch.randn(B, N, 3 * H * D + 24, dtype=torch.float64)
+    qkv = wide[..., 8 : 8 + 3 * H * D]
+    assert not qkv.is_contiguous()
+    out, grads, ref, ref_grads, names = run_both(
+        lambda qkv, **a: functional.attention_qkvpacked(qkv, H, **a, backend="triton"),
+        lambda qkv, **a: reference.attention_qkvpacked(qkv, H, **a),
+        dict(qkv=qkv, scale=scale, bias=bias),
+        dtype,
+        diagonal_mask=diagonal,
+    )
+    assert out.shape == (B, N, H * D) and out.dtype == dtype
+    check(out, grads, ref, ref_grads, names, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_half_precision_head_dims(dtype, head_dim):
+    B, H, N = 1, 2, 9
+    scale, bias, diagonal = make_options("everything", B, H, N)
+    q, k, v = (torch.randn(B, H, N, head_dim, dtype=torch.float64) for _ in range(3))
+    out, grads, ref, ref_grads, names = run_both(
+        lambda **a: functional.attention(**a, backend="triton"), reference.attention,
+        dict(q=q, k=k, v=v, scale=scale, bias=bias), dtype, diagonal_mask=diagonal,
+    )
+    check(out, grads, ref, ref_grads, names, dtype)
+
+
+@pytest.mark.parametrize("N", [1, 2, 5, 16, 17, 65])
+def test_ragged_lengths(N):
+    q, k, v = (torch.randn(2, 2, N, 16, dtype=torch.float64) for _ in range(3))
+    out, grads, ref, ref_grads, names = run_both(
+        lambda **a: functional.attention(**a, backend="triton"), reference.attention,
+        dict(q=q, k=k, v=v, bias=torch.randn(2, N, N, dtype=torch.float64)), torch.float32,
+    )
+    if N == 1:  # one key: p ≡ 1, so dq, dk and dbias vanish; compare them absolutely
+        for name, g in zip(names, grads):
+            if name != "v":
+                assert g.abs().max() < 1e-6, name
+        names, grads, ref_grads = ["v"], [grads[2]], [ref_grads[2]]
+    check(out, grads, ref, ref_grads, names, torch.float32)
+
+
+def test_non_contiguous_views():
+    """q, k, v as [B, H, N, D] views of a [B, N, H, D] buffer and of a transposed one."""
+    B, N, H, D = 2, 17, 3, 32
+    base = torch.randn(B, N, H, 3 * D, dtype=torch.float64)
+    q, k, v = (t.transpose(1, 2) for t in base.split(D, dim=-1))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    out, grads, ref, ref_grads, names = run_both(
+        lambda **a: functional.attention(**a, backend="triton"), reference.attention,
+        dict(q=q, k=k, v=v, scale=torch.rand(H, dtype=torch.float64) + 0.1), torch.float32,
+    )
+    check(out, grads, ref, ref_grads, names, torch.float32)
+    # a head-dim stride other than 1 is copied first, not refused
+    odd = torch.randn(B, H, D, N, dtype=torch.float32).transpose(-1, -2)
+    got = functional.attention(odd, odd, odd, backend="triton")
+    assert_rel_close(got, reference.attention(odd.double(), odd.double(), odd.double()), 1e-5, "out")
+
+
+@pytest.mark.parametrize("magnitude", [1e2, 1e4])
+def test_large_scores_stay_finite(magnitude):
+    """Scores of ±magnitude: the online softmax must not overflow."""
+    q = torch.randn(1, 2, 17, 16, dtype=torch.float64)
+    k = torch.randn(1, 2, 17, 16, dtype=torch.float64)
+    v = torch.randn(1, 2, 17, 16, dtype=torch.float64)
+    bias = torch.randn(2, 17, 17, dtype=torch.float64) * magnitude
+    out, grads, ref, ref_grads, names = run_both(
+        lambda **a: functional.attention(**a, backend="triton"), reference.attention,
+        dict(q=q * magnitude**0.5, k=k * magnitude**0.5, v=v, bias=bias), torch.float32, diagonal_mask=True,
+    )
+    assert_rel_close(out, ref, 1e-4, "out")  # scores near 1e4 carry fp32 rounding of ~1e-3 absolute
+    for name, g, r in zip(names, grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+
+
+def test_deterministic_dbias_equals_atomic(monkeypatch):
+    B, N, H = 3, 17, 2
+    qkv = torch.randn(B, N, 3 * H * 16)
+    for shape in [(H, N, N), (1, H, N, N), (B, 1, N, N), (1, 1, N, N)]:
+        bias = torch.randn(shape, requires_grad=True)
+        upstream = torch.randn(B, N, H * 16)
+        grads = []
+        for deterministic in (False, True):
+            monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda d=deterministic: d)
+            out = functional.attention_qkvpacked(qkv, H, bias=bias, backend="triton")
+            grads.append(torch.autograd.grad(out, bias, upstream)[0])
+        assert grads[0].shape == bias.shape
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+        ref_bias = bias.detach().double().requires_grad_()
+        ref = reference.attention_qkvpacked(qkv.double(), H, bias=ref_bias)
+        assert_rel_close(grads[1], torch.autograd.grad(ref, ref_bias, upstream.double())[0], 1e-5, "dbias")
+
+
+def test_only_requested_gradients_are_computed():
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    scale = torch.rand(2) + 0.1  # no grad wanted
+    bias = torch.randn(2, 9, 9)
+    q.requires_grad_()
+    out = functional.attention(q, k, v, scale=scale, bias=bias, backend="triton")
+    (dq,) = torch.autograd.grad(out.sum(), [q])
+    assert torch.isfinite(dq).all() and scale.grad is None and bias.grad is None
+
+
+@pytest.mark.parametrize(
+    "make, error, name",
+    [
+        (lambda: (torch.randn(1, 2, 9, 48),) * 3, ValueError, "head dim"),
+        (lambda: (torch.randn(1, 2, 9, 8),) * 3, ValueError, "head dim"),
+        (lambda: (torch.randn(1, 2, 9, 16, dtype=torch.float64),) * 3, TypeError, "q"),
+    ],
+)
+def test_kernel_refusals(make, error, name):
+    with pytest.raises(error, match=name):
+        functional.attention(*make(), backend="triton")
+
+
+def test_packed_refusals():
+    with pytest.raises(ValueError, match="head dim"):
+        functional.attention_qkvpacked(torch.randn(2, 9, 3 * 2 * 24), 2, backend="triton")
+    with pytest.raises(ValueError, match="bias"):
+        functional.attention_qkvpacked(torch.randn(2, 9, 96), 2, bias=torch.randn(3, 9, 9), backend="triton")
+    with pytest.raises(ValueError, match="scale"):
+        functional.attention_qkvpacked(torch.randn(2, 9, 96), 2, scale=torch.ones(3), backend="triton")
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        functional.attention(q, q, q, backend="triton")
