@@ -10,6 +10,7 @@ from .loss import MGiTLoss
 from .mgit import FusedMGiT
 from .models import ViT, make_auxiliary
 from .optim import MultiGradientAdamW
+from .patching import patch_vit
 from .reference import MGiTLossOutput
 
 __version__ = "0.1.0"
@@ -23,5 +24,6 @@ __all__ = [
     "ViT",
     "functional",
     "make_auxiliary",
+    "patch_vit",
     "reference",
 ]

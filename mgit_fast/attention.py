@@ -113,8 +113,14 @@ class FusedAttention(nn.Module):
             with torch.no_grad():
                 self.scale.fill_(self.initial_scale)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        """``x [B, N, C]``; ``attn_mask`` (timm's block argument): boolean (True = attend) or
+        additive, broadcastable to ``[B, H, N, N]`` as ``[N, N]``, ``[H|1, N, N]`` or
+        ``[B|1, H|1, N, N]``; it is added to the bias."""
         bias = self.gmm() if self.gmm is not None else None
+        if attn_mask is not None:
+            mask = _additive(attn_mask)
+            bias = mask if bias is None else bias + mask
         out = functional.attention_qkvpacked(
             self.qkv(x),
             self.num_heads,
@@ -127,6 +133,12 @@ class FusedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, variant={self.variant!r}"
+
+
+def _additive(attn_mask: Tensor) -> Tensor:
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+    return attn_mask if attn_mask.dim() != 2 else attn_mask.unsqueeze(0)
 
 
 __all__ = ["ATTENTION_VARIANTS", "FusedAttention", "GaussianMixtureBias"]

@@ -1,0 +1,88 @@
+"""Attention, forward and forward+backward, against SDPA, FlexAttention and the eager reference.
+
+Shapes (bf16): ViT-Ti/S/B at 32×32 with 4×4 patches (N = 65, B = 256) and at 224×224 with
+16×16 patches (N = 197, B = 128); variants plain, LSA (learnable per-head scale + diagonal
+mask) and bias (a learnable [H, N, N] bias, as the Gaussian-mixture mask produces).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from benchutil import run
+
+from mgit_fast import functional, reference
+
+MODELS = {"ti": (192, 3), "s": (384, 6), "b": (768, 12)}
+SHAPES = [(f"vit_{m}/4@32", 256, 65, *MODELS[m]) for m in MODELS] + [
+    (f"vit_{m}/16@224", 128, 197, *MODELS[m]) for m in MODELS
+]
+
+
+def make_inputs(B, N, dim, H, variant, grad):
+    qkv = torch.randn(B, N, 3 * dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    D = dim // H
+    scale = (torch.full((H,), D**-0.5, device="cuda")).requires_grad_(grad) if variant == "lsa" else None
+    bias = (torch.randn(H, N, N, device="cuda") * 0.1).requires_grad_(grad) if variant == "bias" else None
+    return qkv, scale, bias
+
+
+def sdpa_timm_layout(qkv, H, scale=None, bias=None, diagonal_mask=False):
+    """What a timm block does around SDPA: reshape/permute/unbind, then transpose/reshape."""
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, H, C3 // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(B, N, C3 // 3)
+
+
+def flex_layout(H, variant, scale, bias):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if variant == "lsa":
+            return torch.where(q_idx == kv_idx, -float("inf"), score * scale[h])
+        return score + bias[h, q_idx, kv_idx]
+
+    def fn(qkv, *_args, **_kw):
+        B, N, C3 = qkv.shape
+        q, k, v = qkv.reshape(B, N, 3, H, C3 // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
+        out = compiled(q, k, v, score_mod=score_mod, scale=1.0 if variant == "lsa" else None)
+        return out.transpose(1, 2).reshape(B, N, C3 // 3)
+
+    return fn
+
+
+@pytest.mark.parametrize("variant", ["plain", "lsa", "bias"])
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("name, B, N, dim, H", SHAPES, ids=[s[0] for s in SHAPES])
+def test_attention(benchmark, gpu, name, B, N, dim, H, variant, pass_):
+    grad = pass_ == "fwd+bwd"
+    qkv, scale, bias = make_inputs(B, N, dim, H, variant, grad)
+    options = dict(scale=scale, bias=bias, diagonal_mask=variant == "lsa")
+    upstream = torch.randn(B, N, dim, device="cuda", dtype=torch.bfloat16)
+    leaves = [t for t in (qkv, scale, bias) if t is not None]
+
+    def timed(fn):
+        def call():
+            out = fn(qkv, H, **options)
+            if grad:
+                torch.autograd.grad(out, leaves, upstream)
+        return call
+
+    peers = {"eager": timed(reference.attention_qkvpacked)}
+    if variant == "plain":
+        peers["sdpa"] = timed(sdpa_timm_layout)
+    else:
+        peers["flex"] = timed(flex_layout(H, variant, scale, bias))
+
+    D = dim // H
+    fwd_flops = 4 * B * H * N * N * D
+    flops = fwd_flops * (3.5 if grad else 1.0)
+    io = B * N * dim * 2  # one [B, N, H·D] bf16 tensor
+    nbytes = (3 * io + io) + (2 * (3 * io + io + io) + 3 * io if grad else 0)
+    if bias is not None:
+        nbytes += H * N * N * 4 * (3 if grad else 1)
+    run(
+        benchmark, gpu, timed(lambda *a, **k: functional.attention_qkvpacked(*a, **k, backend="triton")), peers,
+        flops=flops, nbytes=nbytes, shape=name, variant=variant, pass_=pass_, batch=B, tokens=N,
+    )
