@@ -9,7 +9,7 @@ explicit ``"triton"`` raises ``NotImplementedError``.
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from torch import Tensor
 
@@ -20,7 +20,6 @@ BACKENDS = ("torch", "triton")
 
 # The issue that brings each Triton kernel; until then backend="triton" says so.
 _PENDING = {
-    "mgit_loss": "the fused Triton MGiT loss kernel (issue #4)",
     "multi_gradient_adamw": "the fused Triton multi-gradient AdamW kernel (issue #5)",
 }
 
@@ -106,9 +105,10 @@ def mgit_loss(
     backend: Optional[str] = None,
 ) -> MGiTLossOutput:
     """Both cross-entropies, the JS divergence and their weighted sum; see
-    ``mgit_fast.reference.mgit_loss``."""
-    effective_backend("mgit_loss", backend, logits_primary.device.type)
-    return reference.mgit_loss(
+    ``mgit_fast.reference.mgit_loss``. With ``backend="triton"`` a label outside ``[0, C)``
+    does not raise here (that would synchronise): the four outputs come back NaN instead;
+    ``MGiTLoss`` turns that into a ``ValueError`` at its next synchronisation point."""
+    out, _ = mgit_loss_checked(
         logits_primary,
         logits_auxiliary,
         target,
@@ -116,7 +116,36 @@ def mgit_loss(
         temperature=temperature,
         js_weight=js_weight,
         ignore_index=ignore_index,
+        backend=backend,
     )
+    return out
+
+
+def mgit_loss_checked(
+    logits_primary: Tensor,
+    logits_auxiliary: Tensor,
+    target: Tensor,
+    *,
+    label_smoothing: float,
+    temperature: float,
+    js_weight: float,
+    ignore_index: int,
+    backend: Optional[str],
+) -> Tuple[MGiTLossOutput, Optional[Tensor]]:
+    """``mgit_loss`` plus, on the Triton path, a device tensor counting the invalid labels
+    (None on the torch path, which raises at once)."""
+    options = dict(label_smoothing=label_smoothing, temperature=temperature, js_weight=js_weight)
+    if effective_backend("mgit_loss", backend, logits_primary.device.type) == "triton":
+        _checks.loss_inputs(logits_primary, logits_auxiliary, target, **options)
+        _checks.kernel_inputs("logits_primary", logits_primary)
+        from .kernels import mgit_loss as kernel  # imports Triton on first use only
+
+        out, counts = kernel.mgit_loss(
+            logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index
+        )
+        return MGiTLossOutput(*out.unbind(0)), counts[1]
+    out = reference.mgit_loss(logits_primary, logits_auxiliary, target, **options, ignore_index=ignore_index)
+    return out, None
 
 
 def multi_gradient_adamw(*args, backend: Optional[str] = None, **kwargs) -> MultiGradientStepOutput:
@@ -134,6 +163,7 @@ __all__ = [
     "attention_qkvpacked",
     "effective_backend",
     "mgit_loss",
+    "mgit_loss_checked",
     "multi_gradient_adamw",
     "resolve_backend",
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from . import _checks, functional
@@ -16,6 +17,9 @@ class MGiTLoss(nn.Module):
     (float64 for float64 logits), all differentiable. The cross-entropies are
     ``F.cross_entropy(z, y, label_smoothing=..., ignore_index=...)``; rows whose target is
     ``ignore_index`` are left out of every mean (a batch with none left gives zeros).
+    A label outside ``[0, C)`` raises ``ValueError``: at once on the torch path; on the Triton
+    path (which never synchronises) that batch's outputs are NaN and the error is raised by the
+    first call after the device has reported it, or by ``check_labels()``.
     """
 
     def __init__(
@@ -36,7 +40,8 @@ class MGiTLoss(nn.Module):
         self.backend = backend
 
     def forward(self, logits_primary: Tensor, logits_auxiliary: Tensor, target: Tensor) -> MGiTLossOutput:
-        return functional.mgit_loss(
+        self._raise_for_finished_check()
+        out, invalid = functional.mgit_loss_checked(
             logits_primary,
             logits_auxiliary,
             target,
@@ -46,6 +51,44 @@ class MGiTLoss(nn.Module):
             ignore_index=self.ignore_index,
             backend=self.backend,
         )
+        if invalid is not None:
+            self._start_check(invalid, logits_primary.shape[1])
+        return out
+
+    # Labels outside [0, C) on the Triton path: the kernel counts them on the device and makes
+    # that batch's outputs NaN (so the update skips). The count travels to the host without
+    # blocking; the first call after it has arrived raises, and check_labels() waits for it.
+    def _start_check(self, invalid: Tensor, num_classes: int) -> None:
+        if invalid.device.type == "cpu":
+            self._pending = (invalid, None, num_classes)
+            self._raise_for_finished_check()
+            return
+        host = torch.empty((), dtype=invalid.dtype, pin_memory=True)
+        host.copy_(invalid, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, event, num_classes)
+
+    def _raise_for_finished_check(self, wait: bool = False) -> None:
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            return
+        count, event, num_classes = pending
+        if event is not None and not wait and not event.query():
+            return
+        if event is not None:
+            event.synchronize()
+        self._pending = None
+        if float(count) > 0:
+            raise ValueError(
+                f"target held {int(float(count))} label(s) outside [0, {num_classes}) that are not "
+                f"ignore_index={self.ignore_index}; that batch's losses were NaN and its update was skipped"
+            )
+
+    def check_labels(self) -> None:
+        """Waits for the label check of the last call and raises ``ValueError`` if a target
+        was outside ``[0, C)`` (Triton path; the torch path raises at once)."""
+        self._raise_for_finished_check(wait=True)
 
     def extra_repr(self) -> str:
         return (
