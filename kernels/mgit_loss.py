@@ -324,4 +324,4 @@ def mgit_loss(logits_primary, logits_auxiliary, target, label_smoothing, tempera
         _rows(logits_primary), _rows(logits_auxiliary), target.contiguous(), float(label_smoothing),
         float(temperature), float(js_weight), int(ignore_index),
     )
-    return out, counts
+    return out, counts.detach()

@@ -2,26 +2,21 @@
 
 ``backend=None`` picks ``"triton"`` for CUDA tensors and ``"torch"`` (``mgit_fast.reference``)
 otherwise; the environment variable ``MGIT_FAST_BACKEND`` (``torch`` or ``triton``) overrides
-that automatic choice. An explicit ``backend=`` argument always wins. While an operation's
-Triton kernel is not built yet, the automatic choice falls back to ``"torch"`` for it, and an
-explicit ``"triton"`` raises ``NotImplementedError``.
+that automatic choice. An explicit ``backend=`` argument always wins. ``"triton"`` on CPU
+tensors runs the kernels in Triton's interpreter and needs ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
 import os
 from typing import Optional, Tuple, Union
 
+import torch
 from torch import Tensor
 
 from . import _checks, reference
 from .reference import MGiTLossOutput, MultiGradientStepOutput, multi_gradient_adamw as _adamw_torch
 
 BACKENDS = ("torch", "triton")
-
-# The issue that brings each Triton kernel; until then backend="triton" says so.
-_PENDING = {
-    "multi_gradient_adamw": "the fused Triton multi-gradient AdamW kernel (issue #5)",
-}
 
 
 def resolve_backend(backend: Optional[str], device_type: str) -> str:
@@ -34,19 +29,6 @@ def resolve_backend(backend: Optional[str], device_type: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
     return backend
-
-
-def effective_backend(op: str, backend: Optional[str], device_type: str) -> str:
-    """The backend ``op`` runs on. While its Triton kernel is pending, the automatic choice
-    is ``"torch"`` and an explicit ``"triton"`` raises ``NotImplementedError``."""
-    chosen = resolve_backend(backend, device_type)
-    if chosen == "triton" and op in _PENDING:
-        if backend is None and "MGIT_FAST_BACKEND" not in os.environ:
-            return "torch"
-        raise NotImplementedError(
-            f"backend='triton' for {op} needs {_PENDING[op]}, not built yet; use backend='torch'"
-        )
-    return chosen
 
 
 def _attention_kernel():
@@ -66,7 +48,7 @@ def attention(
     backend: Optional[str] = None,
 ) -> Tensor:
     """``softmax(q·kᵀ·scale + bias)·v``; see ``mgit_fast.reference.attention``."""
-    if effective_backend("attention", backend, q.device.type) == "triton":
+    if resolve_backend(backend, q.device.type) == "triton":
         _checks.attention_inputs(q, k, v, scale, bias, diagonal_mask)
         _checks.kernel_inputs("q", q, head_dim=q.shape[-1], head_dims=_attention_kernel().HEAD_DIMS)
         return _attention_kernel().attention(q, k, v, scale, bias, diagonal_mask)
@@ -84,7 +66,7 @@ def attention_qkvpacked(
 ) -> Tensor:
     """Attention from a packed ``qkv [B, N, 3·H·D]`` to ``[B, N, H·D]``; see
     ``mgit_fast.reference.attention_qkvpacked``."""
-    if effective_backend("attention", backend, qkv.device.type) == "triton":
+    if resolve_backend(backend, qkv.device.type) == "triton":
         head_dim = _checks.qkvpacked_inputs(qkv, num_heads)
         B, N, _ = qkv.shape
         _checks.attention_options(scale, bias, diagonal_mask, B=B, H=num_heads, N=N, ref=qkv)
@@ -135,7 +117,7 @@ def mgit_loss_checked(
     """``mgit_loss`` plus, on the Triton path, a device tensor counting the invalid labels
     (None on the torch path, which raises at once)."""
     options = dict(label_smoothing=label_smoothing, temperature=temperature, js_weight=js_weight)
-    if effective_backend("mgit_loss", backend, logits_primary.device.type) == "triton":
+    if resolve_backend(backend, logits_primary.device.type) == "triton":
         _checks.loss_inputs(logits_primary, logits_auxiliary, target, **options)
         _checks.kernel_inputs("logits_primary", logits_primary)
         from .kernels import mgit_loss as kernel  # imports Triton on first use only
@@ -150,8 +132,17 @@ def mgit_loss_checked(
 
 def multi_gradient_adamw(*args, backend: Optional[str] = None, **kwargs) -> MultiGradientStepOutput:
     """One MGiT update of both models; the arguments of
-    ``mgit_fast.reference.multi_gradient_adamw``."""
-    effective_backend("multi_gradient_adamw", backend, kwargs["step"].device.type)
+    ``mgit_fast.reference.multi_gradient_adamw``. The Triton path copies the lists into a flat
+    layout and back (``MultiGradientAdamW`` keeps one instead); it needs fp32 tensors."""
+    if resolve_backend(backend, kwargs["step"].device.type) == "triton":
+        for name, tensors in zip(("params_primary", "params_auxiliary"), (args[0], args[4])):
+            for index, t in enumerate(tensors):
+                if t.dtype != torch.float32:
+                    raise TypeError(f"{name}[{index}] must be float32 for backend='triton', got {t.dtype}")
+                _checks.kernel_inputs(f"{name}[{index}]", t)
+        from .kernels import multi_gradient_adamw as kernel  # imports Triton on first use only
+
+        return kernel.multi_gradient_adamw(*args, **kwargs)
     return _adamw_torch(*args, **kwargs)
 
 
@@ -161,7 +152,6 @@ __all__ = [
     "MultiGradientStepOutput",
     "attention",
     "attention_qkvpacked",
-    "effective_backend",
     "mgit_loss",
     "mgit_loss_checked",
     "multi_gradient_adamw",

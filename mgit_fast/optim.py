@@ -131,6 +131,13 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
 
         device = self.named_primary[0][1].device
+        self.use_kernel = functional.resolve_backend(backend, device.type) == "triton"
+        if self.use_kernel:
+            for name, p in self.named_primary + self.named_auxiliary:
+                if p.dtype != torch.float32:
+                    raise TypeError(f"parameter {name!r} must be float32 for backend='triton', got {p.dtype}")
+                _checks.kernel_inputs(f"parameter {name!r}", p)
+        self._flat = None  # the Triton backend's FlatLayout, built at the first step
         self.step_count = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.last_mix = torch.zeros((), dtype=torch.float32, device=device)
@@ -155,6 +162,8 @@ class MultiGradientAdamW(torch.optim.Optimizer):
             ce_auxiliary = _loss_tensor("ce_auxiliary", ce_auxiliary, self.step_count.device)
         primary_group = self.param_groups[0]
         auxiliary_group = self.param_groups[1] if self.named_auxiliary else primary_group
+        if self.use_kernel:
+            return self._kernel_step(mix, ce_primary, ce_auxiliary, primary_group, auxiliary_group)
 
         def tensors(named):
             params = [p for _, p in named]
@@ -187,6 +196,95 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         )
         self.last_mix.copy_(out.mix)
         return out
+
+    # ---------------------------------------------------------------- the Triton backend
+    # Parameters, gradients and moments of both models live in four flat buffers (the kernel's
+    # FlatLayout) and the tensors the models and this optimizer hold are views into them. A
+    # parameter moved or replaced, or a .grad replaced (DDP, a user) or set to None, is noticed
+    # at the next step and copied back in (a None gradient counts as zero here, whereas the
+    # torch backend leaves that parameter alone).
+    def _named(self):
+        return self.named_primary + self.named_auxiliary
+
+    def _build_flat(self) -> None:
+        from .kernels.multi_gradient_adamw import FlatLayout
+
+        named = self._named()
+        layout = FlatLayout(
+            [p.shape for _, p in self.named_primary],
+            [p.shape for _, p in self.named_auxiliary],
+            self.pairs,
+            self.decay_primary,
+            self.decay_auxiliary,
+            named[0][1].device,
+        )
+        for index, (_, p) in enumerate(named):
+            for buffer, key in ((layout.exp_avgs, "exp_avg"), (layout.exp_avg_sqs, "exp_avg_sq")):
+                view = layout.view(buffer, index)
+                view.copy_(self.state[p][key])
+                self.state[p][key] = view
+        self._flat = layout
+        self._param_views = [layout.view(layout.params, i) for i in range(len(named))]
+        self._grad_views = [layout.view(layout.grads, i) for i in range(len(named))]
+        for (_, p), view in zip(named, self._param_views):
+            view.copy_(p.detach())
+            p.data = view
+
+    def _bind(self) -> None:
+        named = self._named()
+        if self._flat is None or named[0][1].device != self._flat.device:
+            self._build_flat()
+        for (_, p), param_view, grad_view in zip(named, self._param_views, self._grad_views):
+            if p.data_ptr() != param_view.data_ptr():
+                param_view.copy_(p.detach())
+                p.data = param_view
+            grad = p.grad
+            if grad is None:
+                grad_view.zero_()
+                p.grad = grad_view
+            elif grad.data_ptr() != grad_view.data_ptr():
+                grad_view.copy_(grad)
+                p.grad = grad_view
+
+    def _lr(self, group: Dict[str, Any], slot: str) -> Tensor:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            return lr
+        cached = getattr(self, slot, None)
+        if cached is None or getattr(self, slot + "_value") != lr:
+            cached = torch.full((), float(lr), device=self.step_count.device)
+            setattr(self, slot, cached)
+            setattr(self, slot + "_value", lr)
+        return cached
+
+    def _kernel_step(self, mix, ce_primary, ce_auxiliary, primary_group, auxiliary_group) -> MultiGradientStepOutput:
+        self._bind()
+        out, skipped = self._flat.step(
+            step=self.step_count,
+            skipped_steps=self.skipped_steps,
+            last_mix=self.last_mix,
+            lr=(self._lr(primary_group, "_lr_primary"), self._lr(auxiliary_group, "_lr_auxiliary")),
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=(primary_group["weight_decay"], auxiliary_group["weight_decay"]),
+            mix=mix,
+            mix_max=self.mix_max,
+            ce_primary=ce_primary,
+            ce_auxiliary=ce_auxiliary,
+            average=self.average if self.named_auxiliary else 0.0,
+            max_grad_norm=self.max_grad_norm,
+        )
+        return MultiGradientStepOutput(out[0], out[1], out[2], skipped)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """With the Triton backend, zeroes the flat gradient buffer in one launch and keeps
+        each ``.grad`` a view into it (``set_to_none`` is ignored); else as torch's."""
+        if self._flat is not None and self._flat.device == self.step_count.device:
+            self._flat.grads.zero_()
+            for (_, p), view in zip(self._named(), self._grad_views):
+                p.grad = view
+            return
+        super().zero_grad(set_to_none=set_to_none)
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
