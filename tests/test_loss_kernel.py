@@ -1,13 +1,11 @@
 """The Triton MGiT loss kernel against the float64 reference and scipy (CPU: the interpreter)."""
-import copy
-
 import numpy as np
 import pytest
 import torch
 from conftest import assert_rel_close
 from scipy.spatial.distance import jensenshannon
 
-from mgit_fast import FusedAttention, FusedMGiT, MGiTLoss, ViT, functional, reference
+from mgit_fast import FusedMGiT, MGiTLoss, ViT, functional, reference
 from mgit_fast.kernels import mgit_loss as kernel
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -126,35 +124,18 @@ def test_invalid_label_makes_nan_and_raises_in_the_module():
         MGiTLoss(backend="triton")(z, w, y)
 
 
-def test_fused_mgit_with_triton_pieces_steps_like_torch():
-    """Attention and loss on the Triton kernels, the update on torch: two MGiT steps of a tiny
-    LSA ViT agree with the all-torch run. (No qkv bias: the key bias has an exactly-zero
-    gradient, and Adam would turn its rounding noise into lr-sized steps.)"""
+def test_fused_mgit_stops_at_a_bad_label_before_changing_anything():
     torch.manual_seed(0)
-    primary = ViT(img_size=8, patch_size=2, in_chans=1, num_classes=5, embed_dim=32, depth=2, num_heads=2,
-                  attention="lsa", qkv_bias=False)
-    torch_run = FusedMGiT(copy.deepcopy(primary), aux_seed=1, backend="torch", js_weight=0.5, max_grad_norm=1.0)
-    triton_run = FusedMGiT(copy.deepcopy(primary), aux_seed=1, backend="torch", js_weight=0.5, max_grad_norm=1.0)
-    triton_run.criterion.backend = "triton"
-    for m in triton_run.modules():
-        if isinstance(m, FusedAttention):
-            m.backend = "triton"
-    initial = [p.detach().clone() for p in torch_run.parameters()]
-    for _ in range(2):
-        x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
-        a, b = torch_run.training_step(x, y), triton_run.training_step(x, y)
-        for key in ("loss", "ce_primary", "ce_auxiliary", "js", "mix"):
-            assert_rel_close(b[key], a[key], 1e-4, key)
-    # Adam divides each gradient element by its own magnitude, so where a gradient nearly
-    # vanishes fp32 rounding becomes a visible part of the step: compare the updates.
-    for (name, p), q, p0 in zip(torch_run.named_parameters(), triton_run.parameters(), initial):
-        assert_rel_close(q - p0, p - p0, 2e-3, name)
-    # a bad label stops the step before anything changes
-    before = [p.detach().clone() for p in triton_run.parameters()]
+    primary = ViT(img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=1, num_heads=2)
+    mgit = FusedMGiT(primary, aux_seed=1, backend="triton")
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 5, (8,))
+    mgit.training_step(x, y)
+    before = [p.detach().clone() for p in mgit.parameters()]
     y[0] = 9
     with pytest.raises(ValueError, match="target"):
-        triton_run.training_step(x, y)
-    assert all(torch.equal(a, p) for a, p in zip(before, triton_run.parameters()))
+        mgit.training_step(x, y)
+    assert all(torch.equal(a, p) for a, p in zip(before, mgit.parameters()))
+    assert int(mgit.optimizer.step_count) == 1
 
 
 @pytest.mark.parametrize(
