@@ -162,8 +162,24 @@ class MultiGradientAdamW(torch.optim.Optimizer):
             ce_auxiliary = _loss_tensor("ce_auxiliary", ce_auxiliary, self.step_count.device)
         primary_group = self.param_groups[0]
         auxiliary_group = self.param_groups[1] if self.named_auxiliary else primary_group
+        options = dict(
+            step=self.step_count,
+            skipped_steps=self.skipped_steps,
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=(primary_group["weight_decay"], auxiliary_group["weight_decay"]),
+            mix=mix,
+            mix_max=self.mix_max,
+            ce_primary=ce_primary,
+            ce_auxiliary=ce_auxiliary,
+            average=self.average if self.named_auxiliary else 0.0,
+            max_grad_norm=self.max_grad_norm,
+        )
         if self.use_kernel:
-            return self._kernel_step(mix, ce_primary, ce_auxiliary, primary_group, auxiliary_group)
+            self._bind()
+            lr = (self._lr(primary_group, "_lr_primary"), self._lr(auxiliary_group, "_lr_auxiliary"))
+            out, skipped = self._flat.step(last_mix=self.last_mix, lr=lr, **options)
+            return MultiGradientStepOutput(out[0], out[1], out[2], skipped)
 
         def tensors(named):
             params = [p for _, p in named]
@@ -180,19 +196,9 @@ class MultiGradientAdamW(torch.optim.Optimizer):
             pairs=self.pairs,
             decay_primary=self.decay_primary,
             decay_auxiliary=self.decay_auxiliary,
-            step=self.step_count,
-            skipped_steps=self.skipped_steps,
             lr=(primary_group["lr"], auxiliary_group["lr"]),
-            betas=self.betas,
-            eps=self.eps,
-            weight_decay=(primary_group["weight_decay"], auxiliary_group["weight_decay"]),
-            mix=mix,
-            mix_max=self.mix_max,
-            ce_primary=ce_primary,
-            ce_auxiliary=ce_auxiliary,
-            average=self.average if self.named_auxiliary else 0.0,
-            max_grad_norm=self.max_grad_norm,
-            backend=self.backend,
+            backend="torch",
+            **options,
         )
         self.last_mix.copy_(out.mix)
         return out
@@ -256,25 +262,6 @@ class MultiGradientAdamW(torch.optim.Optimizer):
             setattr(self, slot, cached)
             setattr(self, slot + "_value", lr)
         return cached
-
-    def _kernel_step(self, mix, ce_primary, ce_auxiliary, primary_group, auxiliary_group) -> MultiGradientStepOutput:
-        self._bind()
-        out, skipped = self._flat.step(
-            step=self.step_count,
-            skipped_steps=self.skipped_steps,
-            last_mix=self.last_mix,
-            lr=(self._lr(primary_group, "_lr_primary"), self._lr(auxiliary_group, "_lr_auxiliary")),
-            betas=self.betas,
-            eps=self.eps,
-            weight_decay=(primary_group["weight_decay"], auxiliary_group["weight_decay"]),
-            mix=mix,
-            mix_max=self.mix_max,
-            ce_primary=ce_primary,
-            ce_auxiliary=ce_auxiliary,
-            average=self.average if self.named_auxiliary else 0.0,
-            max_grad_norm=self.max_grad_norm,
-        )
-        return MultiGradientStepOutput(out[0], out[1], out[2], skipped)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """With the Triton backend, zeroes the flat gradient buffer in one launch and keeps
