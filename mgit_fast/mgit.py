@@ -14,6 +14,13 @@ from .models.auxiliary import make_auxiliary
 from .optim import MultiGradientAdamW, Pairing
 
 
+def _world_size() -> int:
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size()
+    return 1
+
+
 def autocast_dtype(amp_dtype: Optional[torch.dtype], device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype for a step: ``None`` → bfloat16 on CUDA GPUs that support it, else no
     autocast; ``torch.float32`` → no autocast; ``torch.bfloat16`` → bfloat16."""
@@ -44,6 +51,12 @@ class FusedMGiT(nn.Module):
     ``FusedAttention`` of both models. ``amp_dtype``: see ``autocast_dtype``.
     ``state_dict()`` holds both models, the optimizer and the step count: saving, loading into
     a model built the same way, and stepping equals an uninterrupted run bit for bit.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``; initialise the process group first), both
+    models are wrapped in ``DistributedDataParallel``: each rank passes its share of the batch,
+    gradients are averaged across ranks, and μ and the returned values come from the losses
+    averaged across ranks, so K ranks step like one process on the K-fold batch (equal shares,
+    no ignored labels).
     """
 
     def __init__(
@@ -94,6 +107,18 @@ class FusedMGiT(nn.Module):
             for module in list(self.primary.modules()) + list(self.auxiliary.modules()):
                 if isinstance(module, FusedAttention):
                     module.backend = backend
+        # Under torch.distributed, DistributedDataParallel averages both models' gradients
+        # across ranks during the backward (the wrappers are kept out of the state_dict).
+        self._replicas: Optional[Tuple[nn.Module, nn.Module]] = None
+        if _world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = next(self.primary.parameters()).device
+            ids = [device.index] if device.type == "cuda" else None
+            self._replicas = (
+                DistributedDataParallel(self.primary, device_ids=ids),
+                DistributedDataParallel(self.auxiliary, device_ids=ids),
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.primary(x)
@@ -112,17 +137,23 @@ class FusedMGiT(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         amp = autocast_dtype(self.amp_dtype, x.device.type)
         autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        primary, auxiliary = self._replicas or (self.primary, self.auxiliary)
         with autocast:
-            logits_primary = self.primary(x)
-            logits_auxiliary = self.auxiliary(x)
+            logits_primary = primary(x)
+            logits_auxiliary = auxiliary(x)
         out = self.criterion(logits_primary, logits_auxiliary, y)
         out.loss.backward()
-        update = self.optimizer.step(out.ce_primary, out.ce_auxiliary)
+        stats = torch.stack([o.detach() for o in out])  # loss, ce_primary, ce_auxiliary, js
+        if self._replicas is not None:  # μ and the reported values from the global batch
+            torch.distributed.all_reduce(stats)
+            stats /= _world_size()
+        loss, ce_primary, ce_auxiliary, js = stats.unbind(0)
+        update = self.optimizer.step(ce_primary, ce_auxiliary)
         return {
-            "loss": out.loss.detach(),
-            "ce_primary": out.ce_primary.detach(),
-            "ce_auxiliary": out.ce_auxiliary.detach(),
-            "js": out.js.detach(),
+            "loss": loss,
+            "ce_primary": ce_primary,
+            "ce_auxiliary": ce_auxiliary,
+            "js": js,
             "mix": update.mix,
             "skipped": update.skipped,
         }
