@@ -1,0 +1,44 @@
+"""The benchmark suite collects and skips cleanly without a GPU; report.py renders results."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_bench_suite_skips_without_a_gpu():
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "bench"), "--benchmark-only", "-q", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "passed" not in done.stdout and "benchmarks need a CUDA GPU" in done.stdout
+
+
+def test_report_renders_a_table_and_a_plot(tmp_path):
+    fake = {
+        "datetime": "2026-11-21",
+        "machine_info": {"python_version": "3.11"},
+        "benchmarks": [
+            {"name": "test_loss[256-10]", "extra_info": {"median_ms": 0.05, "batch": 256, "classes": 10, "gpu": "G",
+                                                          "speedup_vs_eager": 4.0, "eager_ms": 0.2, "time_over_floor": 3.0}},
+            {"name": "test_update[vit_s]", "extra_info": {"median_ms": 1.0, "model": "vit_s", "gpu": "G",
+                                                           "speedup_vs_stock_pytorch": 1.6, "stock_pytorch_ms": 1.6}},
+            {"name": "test_skipped", "extra_info": {}},
+        ],
+    }
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(fake))
+    out = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(source), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "| loss | batch=256, classes=10 | 0.050 | eager: 0.200 | ×4.00 vs eager | 3.00 |" in text
+    assert "×1.60 vs stock_pytorch" in text and "test_skipped" not in text
+    assert (tmp_path / "BENCHMARKS.png").stat().st_size > 5_000
