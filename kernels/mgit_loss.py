@@ -68,6 +68,24 @@ def _js_terms(z, w, lse_zt, lse_wt, inv_t, ok):
 
 
 @triton.jit
+def _log_sum_exps(m_z, s_z, m_w, s_w, m_zt, s_zt, m_wt, s_wt, TEMPERED: tl.constexpr):
+    """lse(z), lse(w), lse(z/T), lse(w/T) from the running (max, sum) pairs."""
+    lse_z = m_z + tl.log(s_z)
+    lse_w = m_w + tl.log(s_w)
+    if TEMPERED:
+        return lse_z, lse_w, m_zt + tl.log(s_zt), m_wt + tl.log(s_wt)
+    else:
+        return lse_z, lse_w, lse_z, lse_w
+
+
+@triton.jit
+def _kl_sums(z, w, lse_zt, lse_wt, inv_t, ok):
+    """Σ p (log p − log m) and Σ q (log q − log m) over a tile, per row."""
+    log_p, log_q, p, q, log_m = _js_terms(z, w, lse_zt, lse_wt, inv_t, ok)
+    return tl.sum(p * (log_p - log_m), 1), tl.sum(q * (log_q - log_m), 1)
+
+
+@triton.jit
 def _mgit_loss_fwd_kernel(
     Z, W, Y, STATS, PARTIAL,
     B, C, stride_z, stride_w, ignore_index, label_smoothing, inv_t,
@@ -103,35 +121,19 @@ def _mgit_loss_fwd_kernel(
         is_y = cols[None, :] == y[:, None]
         z_y += tl.sum(tl.where(is_y & ok, z, 0.0), 1)
         w_y += tl.sum(tl.where(is_y & ok, w, 0.0), 1)
-        if SINGLE_CHUNK:
-            lse_z1 = m_z + tl.log(s_z)
-            lse_w1 = m_w + tl.log(s_w)
-            if TEMPERED:
-                lse_zt1 = m_zt + tl.log(s_zt)
-                lse_wt1 = m_wt + tl.log(s_wt)
-            else:
-                lse_zt1 = lse_z1
-                lse_wt1 = lse_w1
-            log_p, log_q, p, q, log_m = _js_terms(z, w, lse_zt1, lse_wt1, inv_t, ok)
-            kl_p = tl.sum(p * (log_p - log_m), 1)
-            kl_q = tl.sum(q * (log_q - log_m), 1)
-    lse_z = m_z + tl.log(s_z)
-    lse_w = m_w + tl.log(s_w)
-    if TEMPERED:
-        lse_zt = m_zt + tl.log(s_zt)
-        lse_wt = m_wt + tl.log(s_wt)
-    else:
-        lse_zt = lse_z
-        lse_wt = lse_w
+        if SINGLE_CHUNK:  # the whole row is in this tile: the JS sums need no second pass
+            _, _, lse_zt1, lse_wt1 = _log_sum_exps(m_z, s_z, m_w, s_w, m_zt, s_zt, m_wt, s_wt, TEMPERED)
+            kl_p, kl_q = _kl_sums(z, w, lse_zt1, lse_wt1, inv_t, ok)
+    lse_z, lse_w, lse_zt, lse_wt = _log_sum_exps(m_z, s_z, m_w, s_w, m_zt, s_zt, m_wt, s_wt, TEMPERED)
     if not SINGLE_CHUNK:  # pass 2: the JS sums need the tempered log-sum-exps
         for start in range(0, C, BLOCK_C):
             cols = start + offs
             ok = row_ok[:, None] & (cols[None, :] < C)
             z = _load_tile(Z, rows, cols, stride_z, B, C)
             w = _load_tile(W, rows, cols, stride_w, B, C)
-            log_p, log_q, p, q, log_m = _js_terms(z, w, lse_zt, lse_wt, inv_t, ok)
-            kl_p += tl.sum(p * (log_p - log_m), 1)
-            kl_q += tl.sum(q * (log_q - log_m), 1)
+            chunk_p, chunk_q = _kl_sums(z, w, lse_zt, lse_wt, inv_t, ok)
+            kl_p += chunk_p
+            kl_q += chunk_q
 
     ce_z = (1.0 - label_smoothing) * (lse_z - z_y) + label_smoothing * (lse_z - sum_z / C)
     ce_w = (1.0 - label_smoothing) * (lse_w - w_y) + label_smoothing * (lse_w - sum_w / C)

@@ -18,8 +18,9 @@ def decays(name: str, param: Tensor, no_weight_decay: set) -> bool:
     return param.dim() >= 2 and name not in no_weight_decay
 
 
-def _no_weight_decay(model: nn.Module) -> set:
-    return set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+def _decay_flags(model: Optional[nn.Module], named: Sequence[Tuple[str, Tensor]]) -> List[bool]:
+    excluded = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    return [decays(name, p, excluded) for name, p in named]
 
 
 def pair_parameters(
@@ -120,10 +121,8 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         self.named_auxiliary = _trainable("auxiliary", auxiliary) if auxiliary is not None else []
         self.pairing = pairing
         self.pairs = pair_parameters(self.named_primary, self.named_auxiliary, pairing)
-        self.decay_primary = [decays(n, p, _no_weight_decay(primary)) for n, p in self.named_primary]
-        self.decay_auxiliary = (
-            [decays(n, p, _no_weight_decay(auxiliary)) for n, p in self.named_auxiliary] if auxiliary else []
-        )
+        self.decay_primary = _decay_flags(primary, self.named_primary)
+        self.decay_auxiliary = _decay_flags(auxiliary, self.named_auxiliary)
 
         groups = [{"params": [p for _, p in self.named_primary], "name": "primary"}]
         if self.named_auxiliary:
