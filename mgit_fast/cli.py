@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--average", type=float, default=d.average, help="weighted averaging γ of paired weights")
     add("--max-grad-norm", type=float, default=d.max_grad_norm)
     add("--no-baseline", action="store_true", help="skip the primary-alone arm")
-    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (under torchrun: each rank's own GPU)")
+    add("--graph", action="store_true", help="capture MGiT's training step in a CUDA graph")
     add("--out", default="runs/mgit", help="folder for metrics.json and training.png")
     add("--no-progress", action="store_true")
     return parser
@@ -94,8 +96,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         max_grad_norm=args.max_grad_norm,
         baseline=not args.no_baseline,
         device=args.device,
+        graph=args.graph,
     )
     results = train(cfg, args.out, show_progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     print(format_table(results))
     print(f"{results['seconds']:.0f} s on {results['config']['device']}; wrote {args.out}/metrics.json and training.png")
     return 0

@@ -52,42 +52,51 @@ class MGiTLoss(nn.Module):
             backend=self.backend,
         )
         if invalid is not None:
-            self._start_check(invalid, logits_primary.shape[1])
+            if invalid.is_cuda and torch.cuda.is_current_stream_capturing():
+                # inside a CUDA graph capture: whoever replays the graph starts the check
+                self.captured_check = (invalid, logits_primary.shape[1])
+            else:
+                self.start_check(invalid, logits_primary.shape[1])
         return out
 
     # Labels outside [0, C) on the Triton path: the kernel counts them on the device and makes
-    # that batch's outputs NaN (so the update skips). The count travels to the host without
-    # blocking; the first call after it has arrived raises, and check_labels() waits for it.
-    def _start_check(self, invalid: Tensor, num_classes: int) -> None:
+    # that batch's outputs NaN (so the update skips). Each count travels to the host without
+    # blocking and waits in a queue (the host may run several steps ahead of the device); the
+    # first call after a bad count has arrived raises, and check_labels() waits for them all.
+    def start_check(self, invalid: Tensor, num_classes: int) -> None:
+        """Starts the label check of one call (``invalid``: the kernel's device count of bad
+        labels). Code that replays a CUDA graph which captured this module calls it after each
+        replay with ``*captured_check``, which the capture left behind."""
+        pending = self.__dict__.setdefault("_pending", [])
         if invalid.device.type == "cpu":
-            self._pending = (invalid, None, num_classes)
+            pending.append((invalid, None, num_classes))
             self._raise_for_finished_check()
             return
         host = torch.empty((), dtype=invalid.dtype, pin_memory=True)
         host.copy_(invalid, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending = (host, event, num_classes)
+        pending.append((host, event, num_classes))
 
     def _raise_for_finished_check(self, wait: bool = False) -> None:
-        pending = getattr(self, "_pending", None)
-        if pending is None:
-            return
-        count, event, num_classes = pending
-        if event is not None and not wait and not event.query():
-            return
-        if event is not None:
-            event.synchronize()
-        self._pending = None
-        if float(count) > 0:
-            raise ValueError(
-                f"target held {int(float(count))} label(s) outside [0, {num_classes}) that are not "
-                f"ignore_index={self.ignore_index}; that batch's losses were NaN and its update was skipped"
-            )
+        pending = self.__dict__.get("_pending")
+        while pending:
+            count, event, num_classes = pending[0]
+            if event is not None and not wait and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            pending.pop(0)
+            if float(count) > 0:
+                pending.clear()  # later batches ran after the bad one; one error reports it
+                raise ValueError(
+                    f"target held {int(float(count))} label(s) outside [0, {num_classes}) that are not "
+                    f"ignore_index={self.ignore_index}; that batch's losses were NaN and its update was skipped"
+                )
 
     def check_labels(self) -> None:
-        """Waits for the label check of the last call and raises ``ValueError`` if a target
-        was outside ``[0, C)`` (Triton path; the torch path raises at once)."""
+        """Waits for the label checks of every call so far and raises ``ValueError`` if a
+        target was outside ``[0, C)`` (Triton path; the torch path raises at once)."""
         self._raise_for_finished_check(wait=True)
 
     def extra_repr(self) -> str:

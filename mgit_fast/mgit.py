@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, functional
 from .attention import FusedAttention
 from .loss import MGiTLoss
 from .models.auxiliary import make_auxiliary
@@ -52,6 +52,14 @@ class FusedMGiT(nn.Module):
     ``state_dict()`` holds both models, the optimizer and the step count: saving, loading into
     a model built the same way, and stepping equals an uninterrupted run bit for bit.
 
+    ``graph=True`` (CUDA, Triton backend): for each batch signature (shapes, dtypes, training
+    mode, hyperparameters) the first ``graph_warmup`` steps run eagerly, then the whole step is
+    captured in one CUDA graph and replayed for later batches of that signature; a batch of
+    another shape (a short last batch) runs eagerly. Learning rates are read from device
+    tensors refreshed before each replay, so schedulers work; a change of any other
+    hyperparameter re-captures. Call ``reset_graph()`` after replacing parameters by hand.
+    ``overlap=True`` runs the auxiliary's forward and backward on a second CUDA stream.
+
     Under ``torch.distributed`` (e.g. ``torchrun``; initialise the process group first), both
     models are wrapped in ``DistributedDataParallel``: each rank passes its share of the batch,
     gradients are averaged across ranks, and μ and the returned values come from the losses
@@ -80,6 +88,9 @@ class FusedMGiT(nn.Module):
         max_grad_norm: Optional[float] = None,
         amp_dtype: Optional[torch.dtype] = None,
         backend: Optional[str] = None,
+        graph: bool = False,
+        graph_warmup: int = 3,
+        overlap: bool = False,
     ):
         super().__init__()
         if not isinstance(primary, nn.Module):
@@ -107,6 +118,16 @@ class FusedMGiT(nn.Module):
             for module in list(self.primary.modules()) + list(self.auxiliary.modules()):
                 if isinstance(module, FusedAttention):
                     module.backend = backend
+        if not isinstance(graph, bool) or not isinstance(overlap, bool):
+            raise TypeError("graph and overlap must be bools")
+        if isinstance(graph_warmup, bool) or not isinstance(graph_warmup, int) or graph_warmup < 1:
+            raise ValueError(f"graph_warmup must be an int >= 1, got {graph_warmup!r}")
+        if graph and _world_size() > 1:
+            raise ValueError("graph=True is not supported under torch.distributed (DDP's hooks are not captured)")
+        self.graph, self.graph_warmup, self.overlap = graph, graph_warmup, overlap
+        self._captured: Optional[_CapturedStep] = None
+        self._warming: Tuple[Any, int] = (None, 0)
+        self._side_stream = None
         # Under torch.distributed, DistributedDataParallel averages both models' gradients
         # across ranks during the backward (the wrappers are kept out of the state_dict).
         self._replicas: Optional[Tuple[nn.Module, nn.Module]] = None
@@ -134,13 +155,34 @@ class FusedMGiT(nn.Module):
         if x.device != device:
             raise ValueError(f"x is on {x.device} but the models are on {device}")
 
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.graph and x.is_cuda:
+            return self._graph_step(x, y)
+        return self._step(x, y)
+
+    def _step(self, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+        # with graphs, gradients stay allocated between steps (captured addresses)
+        self.optimizer.zero_grad(set_to_none=not self.graph)
         amp = autocast_dtype(self.amp_dtype, x.device.type)
-        autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        if amp is None:
+            autocast = contextlib.nullcontext()
+        else:  # no cast cache: the cached copies would outlive a graph capture
+            autocast = torch.autocast(x.device.type, dtype=amp, cache_enabled=not self.graph)
         primary, auxiliary = self._replicas or (self.primary, self.auxiliary)
         with autocast:
             logits_primary = primary(x)
-            logits_auxiliary = auxiliary(x)
+        if self.overlap and x.is_cuda:
+            # the auxiliary on a second stream; autograd runs its backward there too and joins
+            # the streams again at the end of backward()
+            current = torch.cuda.current_stream()
+            if self._side_stream is None or self._side_stream.device != x.device:
+                self._side_stream = torch.cuda.Stream(x.device)
+            self._side_stream.wait_stream(current)
+            with torch.cuda.stream(self._side_stream), autocast:
+                logits_auxiliary = auxiliary(x)
+            current.wait_stream(self._side_stream)
+        else:
+            with autocast:
+                logits_auxiliary = auxiliary(x)
         out = self.criterion(logits_primary, logits_auxiliary, y)
         out.loss.backward()
         stats = torch.stack([o.detach() for o in out])  # loss, ce_primary, ce_auxiliary, js
@@ -158,6 +200,50 @@ class FusedMGiT(nn.Module):
             "skipped": update.skipped,
         }
 
+    # ---------------------------------------------------------------- CUDA graphs
+    def _signature(self, x: Tensor, y: Tensor) -> Tuple[Any, Any]:
+        """(what the batch looks like, what the captured kernels have baked in)."""
+        batch = (x.shape, x.dtype, x.stride(), y.shape, y.dtype, x.device, self.primary.training, self.auxiliary.training)
+        o, c = self.optimizer, self.criterion
+        baked = (
+            o.betas, o.eps, o.mix, o.mix_max, o.average, o.max_grad_norm,
+            tuple((g["weight_decay"], id(g["lr"]) if isinstance(g["lr"], Tensor) else None) for g in o.param_groups),
+            c.label_smoothing, c.temperature, c.js_weight, c.ignore_index, self.amp_dtype, self.overlap,
+        )
+        return batch, baked
+
+    def _graph_step(self, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+        if not self.optimizer.use_kernel or functional.resolve_backend(self.criterion.backend, "cuda") != "triton":
+            raise ValueError("graph=True needs the Triton loss and update (backend='triton' or None)")
+        signature = self._signature(x, y)
+        captured = self._captured
+        if captured is not None:
+            if captured.signature == signature:
+                return captured.replay(self, x, y)
+            if captured.signature[0] != signature[0]:
+                return self._step(x, y)  # another batch shape: eager, the graph is kept
+            self.reset_graph()  # same batches, new hyperparameters: capture again
+        seen, count = self._warming
+        count = count + 1 if seen == signature else 1
+        self._warming = (signature, count)
+        if count <= self.graph_warmup:
+            # warm-up on a side stream (compiles the kernels, creates every lasting buffer)
+            current = torch.cuda.current_stream()
+            warmup = torch.cuda.Stream(x.device)
+            warmup.wait_stream(current)
+            with torch.cuda.stream(warmup):
+                stats = self._step(x, y)
+            current.wait_stream(warmup)
+            return stats
+        self.criterion.check_labels()  # nothing may synchronise during the capture
+        self._captured = _CapturedStep(self, x, y, signature)
+        return self._captured.replay(self, x, y)
+
+    def reset_graph(self) -> None:
+        """Drops the captured step (it is captured again after the warm-up)."""
+        self._captured = None
+        self._warming = (None, 0)
+
     # the optimizer is state too: it travels in the module's state_dict and follows .to()
     def get_extra_state(self) -> Dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
@@ -166,6 +252,8 @@ class FusedMGiT(nn.Module):
         self.optimizer.load_state_dict(state["optimizer"])
 
     def _apply(self, fn, *args, **kwargs):
+        if hasattr(self, "_captured"):  # the graph holds the old tensors' addresses
+            self.reset_graph()
         super()._apply(fn, *args, **kwargs)
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None:
@@ -175,3 +263,34 @@ class FusedMGiT(nn.Module):
             for name in ("step_count", "skipped_steps", "last_mix"):
                 setattr(optimizer, name, fn(getattr(optimizer, name)))
         return self
+
+
+STAT_KEYS = ("loss", "ce_primary", "ce_auxiliary", "js", "mix")
+
+
+class _CapturedStep:
+    """One training step captured in a CUDA graph, with its static inputs and outputs."""
+
+    def __init__(self, mgit: FusedMGiT, x: Tensor, y: Tensor, signature):
+        self.signature = signature
+        self.x, self.y = x.clone(), y.clone()
+        mgit.optimizer.lr_tensors()  # exist before the capture, refreshed before each replay
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            stats = mgit._step(self.x, self.y)
+            self.values = torch.stack([stats[k].float() for k in STAT_KEYS])
+            self.skipped = stats["skipped"]
+        self.label_check = mgit.criterion.__dict__.pop("captured_check", None)
+
+    def replay(self, mgit: FusedMGiT, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+        mgit.criterion._raise_for_finished_check()
+        self.x.copy_(x)
+        self.y.copy_(y)
+        mgit.optimizer.lr_tensors()
+        self.graph.replay()
+        if self.label_check is not None:
+            mgit.criterion.start_check(*self.label_check)
+        values = self.values.clone()  # the next replay overwrites the static outputs
+        stats = dict(zip(STAT_KEYS, values.unbind(0)))
+        stats["skipped"] = self.skipped.clone()
+        return stats

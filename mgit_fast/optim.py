@@ -176,7 +176,7 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         )
         if self.use_kernel:
             self._bind()
-            lr = (self._lr(primary_group, "_lr_primary"), self._lr(auxiliary_group, "_lr_auxiliary"))
+            lr = self.lr_tensors()
             out, skipped = self._flat.step(last_mix=self.last_mix, lr=lr, **options)
             return MultiGradientStepOutput(out[0], out[1], out[2], skipped)
 
@@ -251,16 +251,27 @@ class MultiGradientAdamW(torch.optim.Optimizer):
                 grad_view.copy_(grad)
                 p.grad = grad_view
 
-    def _lr(self, group: Dict[str, Any], slot: str) -> Tensor:
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            return lr
-        cached = getattr(self, slot, None)
-        if cached is None or getattr(self, slot + "_value") != lr:
-            cached = torch.full((), float(lr), device=self.step_count.device)
-            setattr(self, slot, cached)
+    def lr_tensors(self) -> Tuple[Tensor, Tensor]:
+        """The learning rates the Triton update reads, as 0-dim device tensors, refreshed in
+        place from ``param_groups`` (so a CUDA graph that captured them sees a scheduler's
+        changes; a group ``lr`` given as a tensor is used as it is)."""
+        groups = self.param_groups
+        pair = []
+        for index, group in enumerate((groups[0], groups[-1])):
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                pair.append(lr)
+                continue
+            slot = ("_lr_primary", "_lr_auxiliary")[index]
+            cached = getattr(self, slot, None)
+            if cached is None or cached.device != self.step_count.device:
+                cached = torch.full((), float(lr), device=self.step_count.device)
+                setattr(self, slot, cached)
+            elif getattr(self, slot + "_value") != lr:
+                cached.fill_(float(lr))
             setattr(self, slot + "_value", lr)
-        return cached
+            pair.append(cached)
+        return pair[0], pair[1]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """With the Triton backend, zeroes the flat gradient buffer in one launch and keeps

@@ -4,13 +4,20 @@ Fairness, per seed: the baseline and MGiT's primary start from identical weights
 identical batches in identical order with identical augmentation, and have the same global
 RNG state before every step (drop path); the auxiliary is initialised from its own seed.
 With ``js_weight=0, mix=0`` MGiT's primary is therefore the baseline, step for step.
+
+Under ``torchrun --nproc_per_node=K`` every rank draws the same global batch and trains on its
+K-th share (both models wrapped in DistributedDataParallel), so K ranks step like one process:
+each batch is cut to a multiple of K (only a short last batch loses up to K − 1 images).
+Rank 0 reports and writes the files.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,12 +69,43 @@ class TrainConfig:
     max_grad_norm: Optional[float] = None
     baseline: bool = True
     device: str = "auto"
+    graph: bool = False  # CUDA graphs for the MGiT arm (FusedMGiT(graph=True))
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class _Ranks:
+    """This process's place among the ranks ``torchrun`` started (one rank without it).
+
+    Opens the process group when ``WORLD_SIZE`` > 1 and none is open (NCCL for CUDA, gloo for
+    the CPU), and closes what it opened."""
+
+    def __init__(self, device: torch.device):
+        distributed = torch.distributed
+        self.opened = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_initialized():
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+            distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.opened = True
+        live = distributed.is_available() and distributed.is_initialized()
+        self.rank = distributed.get_rank() if live else 0
+        self.world = distributed.get_world_size() if live else 1
+        self.device = device
+
+    def share(self, index: Tensor) -> Tensor:
+        """This rank's equal part of a global batch's indices (cut to a multiple of the ranks)."""
+        per_rank = len(index) // self.world
+        return index[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def close(self) -> None:
+        if self.opened:
+            torch.distributed.destroy_process_group()
 
 
 def _cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -86,6 +124,11 @@ class BaselineStep:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         self.model = model
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = next(model.parameters()).device
+            self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.label_smoothing = cfg.label_smoothing
         self.optimizer = MultiGradientAdamW(model, None, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -94,7 +137,11 @@ class BaselineStep:
         loss = reference.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.detach(), "ce_primary": loss.detach()}
+        loss = loss.detach()
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):  # report the global batch's
+            torch.distributed.all_reduce(loss)
+            loss = loss / torch.distributed.get_world_size()
+        return {"loss": loss, "ce_primary": loss}
 
 
 @torch.no_grad()
@@ -115,10 +162,11 @@ def _run_arm(
     data,
     cfg: TrainConfig,
     seed: int,
-    device: torch.device,
+    ranks: _Ranks,
     progress,
 ) -> Dict[str, List[float]]:
     """Trains one arm of one seed; returns per-epoch histories (training means, accuracies)."""
+    device = ranks.device
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
@@ -135,9 +183,12 @@ def _run_arm(
         order = torch.randperm(len(x_train), generator=batches).to(device)
         for start in range(0, len(x_train), cfg.batch_size):
             index = order[start : start + cfg.batch_size]
-            x = random_shift(x_train[index], cfg.max_shift, batches)
+            x = random_shift(x_train[index], cfg.max_shift, batches)  # every rank: the global batch
+            mine = ranks.share(torch.arange(len(index), device=device))
+            if len(mine) == 0:
+                continue
             torch.manual_seed(seed * STEP_SEED_STRIDE + step)  # the model's own randomness
-            metrics = trainer.training_step(x, y_train[index])
+            metrics = trainer.training_step(x[mine], y_train[index][mine])
             scheduler.step()
             step += 1
             for key, value in metrics.items():
@@ -157,12 +208,20 @@ def _summary(values: List[float]) -> Dict[str, float]:
 
 def train(cfg: TrainConfig, out_dir: Optional[Union[str, Path]] = None, *, show_progress: bool = True) -> dict:
     """Runs both arms over ``cfg.seeds``; writes ``metrics.json`` and ``training.png`` to
-    ``out_dir`` when given, and returns the metrics dict."""
+    ``out_dir`` when given (rank 0), and returns the metrics dict (on every rank)."""
+    if importlib.util.find_spec("tqdm") is None:  # pragma: no cover - depends on the install
+        raise ImportError("the main job needs tqdm: pip install 'mgit-fast[train]'")
+    ranks = _Ranks(_device(cfg.device))
     try:
-        from tqdm.auto import tqdm
-    except ImportError as err:  # pragma: no cover - depends on the install
-        raise ImportError("the main job needs tqdm: pip install 'mgit-fast[train]'") from err
-    device = _device(cfg.device)
+        return _train(cfg, out_dir, show_progress and ranks.rank == 0, ranks)
+    finally:
+        ranks.close()
+
+
+def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dict:
+    from tqdm.auto import tqdm
+
+    device = ranks.device
     data = load_dataset(cfg.dataset)
     results = {
         "baseline": {"test_accuracy": [], "history": []},
@@ -189,7 +248,7 @@ def train(cfg: TrainConfig, out_dir: Optional[Union[str, Path]] = None, *, show_
             if cfg.baseline:
                 bar.set_postfix(seed=seed, arm="baseline")
                 model = copy.deepcopy(initial)
-                history = _run_arm(BaselineStep(model, cfg), {"test_accuracy": model}, data, cfg, seed, device, bar)
+                history = _run_arm(BaselineStep(model, cfg), {"test_accuracy": model}, data, cfg, seed, ranks, bar)
                 results["baseline"]["test_accuracy"].append(history["test_accuracy"][-1])
                 results["baseline"]["history"].append(history)
 
@@ -209,9 +268,10 @@ def train(cfg: TrainConfig, out_dir: Optional[Union[str, Path]] = None, *, show_
                 mix_max=cfg.mix_max,
                 average=cfg.average,
                 max_grad_norm=cfg.max_grad_norm,
+                graph=cfg.graph,
             )
             history = _run_arm(
-                mgit, {"test_accuracy": primary, "aux_test_accuracy": auxiliary}, data, cfg, seed, device, bar
+                mgit, {"test_accuracy": primary, "aux_test_accuracy": auxiliary}, data, cfg, seed, ranks, bar
             )
             results["mgit"]["test_accuracy"].append(history["test_accuracy"][-1])
             results["mgit"]["aux_test_accuracy"].append(history["aux_test_accuracy"][-1])
@@ -223,12 +283,13 @@ def train(cfg: TrainConfig, out_dir: Optional[Union[str, Path]] = None, *, show_
     results["config"] = dataclasses.asdict(cfg)
     results["config"].update(
         device=str(device),
+        ranks=ranks.world,
         train_images=len(data.x_train),
         test_images=len(data.x_test),
         torch=torch.__version__,
     )
     results["seconds"] = time.perf_counter() - start
-    if out_dir is not None:
+    if out_dir is not None and ranks.rank == 0:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(results, indent=2))
