@@ -19,7 +19,8 @@ class MGiTLoss(nn.Module):
     ``ignore_index`` are left out of every mean (a batch with none left gives zeros).
     A label outside ``[0, C)`` raises ``ValueError``: at once on the torch path; on the Triton
     path (which never synchronises) that batch's outputs are NaN and the error is raised by the
-    first call after the device has reported it, or by ``check_labels()``.
+    first call after the device has reported it, or by ``check_labels()``. Inside
+    ``torch.compile`` (no graph break) only the NaN outputs report it.
     """
 
     def __init__(
@@ -40,7 +41,9 @@ class MGiTLoss(nn.Module):
         self.backend = backend
 
     def forward(self, logits_primary: Tensor, logits_auxiliary: Tensor, target: Tensor) -> MGiTLossOutput:
-        self._raise_for_finished_check()
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self._raise_for_finished_check()
         out, invalid = functional.mgit_loss_checked(
             logits_primary,
             logits_auxiliary,
@@ -51,7 +54,7 @@ class MGiTLoss(nn.Module):
             ignore_index=self.ignore_index,
             backend=self.backend,
         )
-        if invalid is not None:
+        if invalid is not None and not compiling:  # compiled: NaN outputs are the only signal
             if invalid.is_cuda and torch.cuda.is_current_stream_capturing():
                 # inside a CUDA graph capture: whoever replays the graph starts the check
                 self.captured_check = (invalid, logits_primary.shape[1])
@@ -98,6 +101,12 @@ class MGiTLoss(nn.Module):
         """Waits for the label checks of every call so far and raises ``ValueError`` if a
         target was outside ``[0, C)`` (Triton path; the torch path raises at once)."""
         self._raise_for_finished_check(wait=True)
+
+    def __getstate__(self):  # copy.deepcopy, pickling: pending checks stay with the original
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_pending", None)
+        state.pop("captured_check", None)
+        return state
 
     def extra_repr(self) -> str:
         return (

@@ -244,6 +244,12 @@ class FusedMGiT(nn.Module):
         self._captured = None
         self._warming = (None, 0)
 
+    def __getstate__(self) -> Dict[str, Any]:  # copy.deepcopy, pickling: without the graph
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.update(_captured=None, _warming=(None, 0), _side_stream=None)
+        return state
+
     # the optimizer is state too: it travels in the module's state_dict and follows .to()
     def get_extra_state(self) -> Dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

@@ -283,6 +283,9 @@ class MultiGradientAdamW(torch.optim.Optimizer):
             return
         super().zero_grad(set_to_none=set_to_none)
 
+    def __getstate__(self) -> Dict[str, Any]:  # copy.deepcopy, pickling: all of it, not torch's subset
+        return dict(self.__dict__)
+
     # ----------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Moments keyed by parameter name, counters, hyperparameters; backend-independent."""

@@ -158,3 +158,24 @@ def test_given_auxiliary_is_used():
     x, y = batch()
     out = mgit.training_step(x, y)
     assert float(out["js"]) > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_deep_copy_and_pickle_step_like_the_original(backend):
+    """The copy owns its own tensors (optimizer state included) and continues identically."""
+    import pickle
+
+    mgit = build(backend=backend, pairing="all")
+    x, y = batch()
+    mgit.training_step(x, y)
+    copies = [copy.deepcopy(mgit), pickle.loads(pickle.dumps(mgit))]
+    for other in copies:
+        assert int(other.optimizer.step_count) == 1
+        assert all(p.data_ptr() != q.data_ptr() for p, q in zip(mgit.parameters(), other.parameters()))
+    for _ in range(2):
+        x, y = batch()
+        losses = [m.training_step(x, y)["loss"] for m in [mgit] + copies]
+        assert all(torch.equal(loss, losses[0]) for loss in losses)
+    for other in copies:
+        for p, q in zip(mgit.parameters(), other.parameters()):
+            assert torch.equal(p, q)
