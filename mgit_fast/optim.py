@@ -283,8 +283,13 @@ class MultiGradientAdamW(torch.optim.Optimizer):
             return
         super().zero_grad(set_to_none=set_to_none)
 
-    def __getstate__(self) -> Dict[str, Any]:  # copy.deepcopy, pickling: all of it, not torch's subset
-        return dict(self.__dict__)
+    def __getstate__(self) -> Dict[str, Any]:
+        """For copy.deepcopy and torch.save: all attributes (torch's Optimizer keeps only a
+        subset), moments as compact tensors; the flat layout is rebuilt at the next step."""
+        state = dict(self.__dict__)
+        state["state"] = {p: {k: v.clone() for k, v in s.items()} for p, s in self.state.items()}
+        state.update(_flat=None, _param_views=None, _grad_views=None)
+        return state
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
