@@ -4,7 +4,8 @@ Every benchmark times its own implementation and its peers on the same inputs wi
 ``triton.testing.do_bench`` (CUDA events, median), records the pytest-benchmark statistics for
 its own row, and puts in ``extra_info``: the GPU, achieved TFLOP/s and GB/s, the floor
 (max of FLOPs over the measured bf16 matmul rate and bytes over the measured copy bandwidth),
-time/floor, ``speedup_vs_<peer>``, and NVML clocks, power, energy per iteration and peak memory.
+time/floor, ``speedup_vs_<peer>``, each peer's ``<peer>_step_memory_mib``, and NVML clocks,
+power, energy per iteration and peak memory.
 """
 from __future__ import annotations
 
@@ -45,6 +46,18 @@ def median_ms(fn: Callable[[], object]) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def step_memory_mib(fn: Callable[[], object]) -> float:
+    """Memory one call allocates beyond what was live before it (activations, workspaces).
+    A CUDA-graph replay allocates nothing (its pool was reserved at capture): measure the
+    same step without the graph instead."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def _nvml_reading():
@@ -116,6 +129,7 @@ def run(
         peer_ms = median_ms(fn)
         info[f"{name}_ms"] = peer_ms
         info[f"speedup_vs_{name}"] = peer_ms / ours_ms
+        info[f"{name}_step_memory_mib"] = step_memory_mib(fn)
     info.update(telemetry(ours))
 
     def synchronised():

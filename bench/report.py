@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import List
 
 KEYS = ("shape", "setup", "model", "variant", "pass_", "batch", "classes", "tokens")
+NOTES = {  # extra_info key: how the notes column shows it
+    "images_per_s": lambda v: f"{v:,.0f} img/s",
+    "mfu": lambda v: f"MFU {100 * v:.1f} %",
+    "memory_vs_eager": lambda v: f"memory ×{v:.2f} of eager",
+    "compiled_mode": lambda v: f"compiled: {v}",
+}
 
 
 def rows(results: dict) -> List[dict]:
@@ -23,17 +29,18 @@ def rows(results: dict) -> List[dict]:
         peers = {k[len("speedup_vs_"):]: v for k, v in info.items() if k.startswith("speedup_vs_")}
         peer_ms = {name: info.get(f"{name}_ms") for name in peers}
         out.append(dict(work=work, shape=shape, ours_ms=info["median_ms"], peers=peers, peer_ms=peer_ms,
-                        floor=info.get("time_over_floor"), gpu=info.get("gpu", "?")))
+                        floor=info.get("time_over_floor"), gpu=info.get("gpu", "?"),
+                        notes="<br>".join(show(info[k]) for k, show in NOTES.items() if k in info)))
     return out
 
 
 def table(entries: List[dict]) -> str:
-    lines = ["| work | shape | ours (ms) | peers (ms) | speedup | time / floor |", "|---|---|---|---|---|---|"]
+    lines = ["| work | shape | ours (ms) | peers (ms) | speedup | time / floor | notes |", "|---|---|---|---|---|---|---|"]
     for e in entries:
         peers = "<br>".join(f"{n}: {ms:.3f}" for n, ms in e["peer_ms"].items() if ms is not None)
         speed = "<br>".join(f"×{s:.2f} vs {n}" for n, s in e["peers"].items())
         floor = f"{e['floor']:.2f}" if e["floor"] is not None else "–"
-        lines.append(f"| {e['work']} | {e['shape']} | {e['ours_ms']:.3f} | {peers} | {speed} | {floor} |")
+        lines.append(f"| {e['work']} | {e['shape']} | {e['ours_ms']:.3f} | {peers} | {speed} | {floor} | {e['notes']} |")
     return "\n".join(lines)
 
 

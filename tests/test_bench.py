@@ -29,6 +29,8 @@ def test_report_renders_a_table_and_a_plot(tmp_path):
                                                           "speedup_vs_eager": 4.0, "eager_ms": 0.2, "time_over_floor": 3.0}},
             {"name": "test_update[vit_s]", "extra_info": {"median_ms": 1.0, "model": "vit_s", "gpu": "G",
                                                            "speedup_vs_stock_pytorch": 1.6, "stock_pytorch_ms": 1.6}},
+            {"name": "test_step[vit_s]", "extra_info": {"median_ms": 2.0, "setup": "vit_s", "gpu": "G", "mfu": 0.41,
+                                                         "images_per_s": 128000.0, "memory_vs_eager": 0.6}},
             {"name": "test_skipped", "extra_info": {}},
         ],
     }
@@ -39,6 +41,7 @@ def test_report_renders_a_table_and_a_plot(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = out.read_text()
-    assert "| loss | batch=256, classes=10 | 0.050 | eager: 0.200 | ×4.00 vs eager | 3.00 |" in text
+    assert "| loss | batch=256, classes=10 | 0.050 | eager: 0.200 | ×4.00 vs eager | 3.00 |  |" in text
     assert "×1.60 vs stock_pytorch" in text and "test_skipped" not in text
+    assert "128,000 img/s<br>MFU 41.0 %<br>memory ×0.60 of eager" in text
     assert (tmp_path / "BENCHMARKS.png").stat().st_size > 5_000
