@@ -103,7 +103,7 @@ class MGiTLoss(nn.Module):
         self._raise_for_finished_check(wait=True)
 
     def __getstate__(self):  # copy.deepcopy, pickling: pending checks stay with the original
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state = dict(self.__dict__)
         state.pop("_pending", None)
         state.pop("captured_check", None)
         return state

@@ -245,8 +245,7 @@ class FusedMGiT(nn.Module):
         self._warming = (None, 0)
 
     def __getstate__(self) -> Dict[str, Any]:  # copy.deepcopy, pickling: without the graph
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
+        state = dict(self.__dict__)
         state.update(_captured=None, _warming=(None, 0), _side_stream=None)
         return state
 

@@ -32,6 +32,9 @@ def worker(rank, world, init_file, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        with pytest.raises(ValueError, match="graph=True"):
+            FusedMGiT(ViT(img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=1, num_heads=2),
+                      graph=True)
         mgit = build()
         share = BATCH // world
         for x, y in batches():
