@@ -14,9 +14,9 @@ Backward, with ds[m, n] = p[m, n] · (dp[m, n] − δ_m), dp = dout · vᵀ, δ_
     dq_m = scale_h · Σ_n ds[m, n] · k_n  dbias[b, h, m, n] = ds[m, n]
     dscale_h = Σ_{b, m, n} ds[m, n] · (q_m · k_n)
 
-Two kernels recompute p from the saved lse: one program per key block (dk, dv) and one per
-query block (dq, dbias, and per-block partial sums of dscale reduced afterwards in a fixed
-order). A bias shared over the batch (or heads) has its gradient summed with fp32 atomics, or,
+Two kernels recompute p from the saved lse: one program per query block (δ, dq, dbias, and
+per-block partial sums of dscale reduced afterwards in a fixed order), then one per key block
+(dk, dv), which reads the δ the first wrote. A bias shared over the batch (or heads) has its gradient summed with fp32 atomics, or,
 under `torch.use_deterministic_algorithms(True)`, written per batch and summed by torch.
 
 Layouts: q, k, v, out are [B, H, N, D] views with unit stride on D and any other strides, so a
@@ -183,10 +183,11 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, SCALE, BIAS, scale_value,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, SCALE, BIAS, scale_value,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
@@ -210,7 +211,10 @@ def _attention_bwd_dq_kernel(
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # δ_m = dout_m · out_m
+    tl.store(DELTA + bh * N + rows, delta, mask=row_ok)  # for the dk/dv kernel, launched next
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -317,19 +321,13 @@ def backward_into(
     """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias) when asked."""
     B, H, N, D = q.shape
     block_m, block_n, num_warps, num_stages = block_sizes(N, D)
-    delta = (dout.float() * out.float()).sum(-1)  # δ_m = dout_m · out_m, [B, H, N]
+    delta = new_buffer((B, H, N), device=q.device, dtype=torch.float32)  # written by the dq kernel
     scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
     common = dict(
         D=D, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
         PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    _attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
-        q, k, v, dout, lse, delta, dk, dv, scale_t, bias, scale_v,
-        *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
-        stride_sh, *_bias_strides(bias), H, N, **common,
-    )
-
     m_blocks = triton.cdiv(N, block_m)
     dscale_partial = new_buffer((B, H, m_blocks), device=q.device, dtype=torch.float32) if need_dscale else None
     dbias_buffer, atomic = None, False
@@ -342,10 +340,15 @@ def backward_into(
             dbias_buffer = new_buffer((B, H, N, N), device=q.device, dtype=torch.float32)
     dbias_strides = _bias_strides(dbias_buffer) if atomic else (dbias_buffer.stride() if need_dbias else (0,) * 4)
     _attention_bwd_dq_kernel[(m_blocks, B * H)](
-        q, k, v, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, scale_v,
-        *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dq),
+        q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, scale_v,
+        *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq),
         stride_sh, *_bias_strides(bias), *dbias_strides, H, N,
         NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic, **common,
+    )
+    _attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
+        q, k, v, dout, lse, delta, dk, dv, scale_t, bias, scale_v,
+        *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
+        stride_sh, *_bias_strides(bias), H, N, **common,
     )
 
     dscale = None
