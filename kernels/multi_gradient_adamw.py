@@ -9,6 +9,7 @@ Math (DESIGN §1 step 4), with g_P, g_A the two models' gradients:
             v ← β2·v + (1 − β2)·ĝ²;  θ ← θ − lr·(m / (1 − β1ᵗ)) / (√(v / (1 − β2ᵗ)) + eps)
     θ_P   ← (1 − γ)·θ_P + γ·θ_A after the update, for paired parameters (average = γ)
     skip  : any non-finite gradient or μ ⇒ nothing is written, skipped_steps += 1
+    scale : gradients that carry a loss scale S (fp16 training) are read as g / S
 
 Storage: every parameter, gradient and both moments of both models live in four flat fp32
 buffers (`FlatLayout`); each tensor's segment is padded to a multiple of BLOCK elements, so a
@@ -58,14 +59,21 @@ def _block_sum(PARTIAL, first, last, lane, CHUNK: tl.constexpr):
 
 @triton.jit
 def _scalars_kernel(
-    PARTIAL, SCALARS, STEP, SKIPPED, LAST_MIX, OUT, SKIP_OUT, CE_P, CE_A, LOG_BETAS,
+    PARTIAL, SCALARS, STEP, SKIPPED, LAST_MIX, OUT, SKIP_OUT, CE_P, CE_A, LOG_BETAS, GRAD_SCALE,
     primary_blocks, total_blocks, max_grad_norm, mix, mix_max,
-    CLIP: tl.constexpr, ADAPTIVE: tl.constexpr, CHUNK: tl.constexpr,
+    CLIP: tl.constexpr, ADAPTIVE: tl.constexpr, UNSCALE: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """SCALARS = (c_P, c_A, μ, skip, 1 − β1ᵗ, 1 − β2ᵗ); OUT = (μ, n_P, n_A)."""
+    """SCALARS = (c_P, c_A, μ, skip, 1 − β1ᵗ, 1 − β2ᵗ); OUT = (μ, n_P, n_A). With UNSCALE the
+    gradients hold a loss scale S: the norms are divided by S and 1/S is folded into c_P, c_A."""
     norm_p = tl.sqrt(_block_sum(PARTIAL, 0, primary_blocks, 0, CHUNK))
     norm_a = tl.sqrt(_block_sum(PARTIAL, primary_blocks, total_blocks, 0, CHUNK))
     bad = _block_sum(PARTIAL, 0, total_blocks, 1, CHUNK)
+    if UNSCALE:
+        inv_scale = 1.0 / tl.load(GRAD_SCALE).to(tl.float32)
+    else:
+        inv_scale = 1.0 + 0.0 * norm_p
+    norm_p = norm_p * inv_scale
+    norm_a = norm_a * inv_scale
     if ADAPTIVE:
         ce_p = tl.load(CE_P).to(tl.float32)
         total = ce_p + tl.load(CE_A).to(tl.float32)
@@ -79,6 +87,8 @@ def _scalars_kernel(
     else:
         clip_p = 1.0 + 0.0 * norm_p
         clip_a = 1.0 + 0.0 * norm_p
+    clip_p = clip_p * inv_scale
+    clip_a = clip_a * inv_scale
     step = tl.load(STEP) + tl.where(skip, 0, 1)
     t = step.to(tl.float64)
     bias_correction1 = 1.0 - tl.exp(t * tl.load(LOG_BETAS + 0))  # fp64: 1 − β2ᵗ is small early on
@@ -243,6 +253,7 @@ class FlatLayout:
         ce_auxiliary: Optional[Tensor],
         average: float,
         max_grad_norm: Optional[float],
+        grad_scale: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         """Runs the three kernels; returns (μ, n_P, n_A) as one fresh [3] tensor, and the skip flag."""
         blocks = self.total // BLOCK
@@ -253,9 +264,10 @@ class FlatLayout:
         _scalars_kernel[(1,)](
             self.partial, self.scalars, step, skipped_steps, last_mix, out, skipped,
             ce_primary if adaptive else self.scalars, ce_auxiliary if adaptive else self.scalars,
-            self._log_betas(betas), self.primary_blocks, blocks, float(max_grad_norm or 0.0),
+            self._log_betas(betas), grad_scale if grad_scale is not None else self.scalars,
+            self.primary_blocks, blocks, float(max_grad_norm or 0.0),
             0.0 if adaptive else float(mix), float(mix_max),
-            CLIP=max_grad_norm is not None, ADAPTIVE=adaptive, CHUNK=1024,
+            CLIP=max_grad_norm is not None, ADAPTIVE=adaptive, UNSCALE=grad_scale is not None, CHUNK=1024,
         )
         _update_kernel[(self.items.shape[0],)](
             self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.items, self.scalars, lr[0], lr[1],
@@ -273,7 +285,7 @@ def multi_gradient_adamw(
     params_auxiliary, grads_auxiliary, exp_avgs_auxiliary, exp_avg_sqs_auxiliary,
     *, pairs, decay_primary, decay_auxiliary, step, skipped_steps, lr, betas=(0.9, 0.999), eps=1e-8,
     weight_decay=0.05, mix="adaptive", mix_max=0.5, ce_primary=None, ce_auxiliary=None, average=0.0,
-    max_grad_norm=None,
+    max_grad_norm=None, grad_scale=None,
 ):
     """``mgit_fast.reference.multi_gradient_adamw`` on the kernels, through a temporary flat
     layout (copied in and out). Tensors whose gradient is None are left out, as there."""
@@ -308,7 +320,7 @@ def multi_gradient_adamw(
     out, skipped = layout.step(
         step=step, skipped_steps=skipped_steps, last_mix=last_mix, lr=lr_tensors, betas=betas, eps=eps,
         weight_decay=wd_pair, mix=mix, mix_max=mix_max, ce_primary=ce_primary, ce_auxiliary=ce_auxiliary,
-        average=average, max_grad_norm=max_grad_norm,
+        average=average, max_grad_norm=max_grad_norm, grad_scale=grad_scale,
     )
     for (buffer, model), group in zip(order, tensors):
         if buffer == 1:

@@ -23,18 +23,31 @@ def _world_size() -> int:
 
 def autocast_dtype(amp_dtype: Optional[torch.dtype], device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype for a step: ``None`` → bfloat16 on CUDA GPUs that support it, else no
-    autocast; ``torch.float32`` → no autocast; ``torch.bfloat16`` → bfloat16."""
+    autocast; ``torch.float32`` → no autocast; ``torch.bfloat16``/``torch.float16`` → that."""
     if amp_dtype is None:
         if device_type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
     if amp_dtype == torch.float32:
         return None
-    if amp_dtype == torch.bfloat16:
-        return torch.bfloat16
-    if amp_dtype == torch.float16:
-        raise ValueError("amp_dtype=torch.float16 needs loss scaling, which FusedMGiT does not do; use torch.bfloat16")
-    raise TypeError(f"amp_dtype must be None, torch.float32 or torch.bfloat16, got {amp_dtype!r}")
+    if amp_dtype in (torch.bfloat16, torch.float16):
+        return amp_dtype
+    raise TypeError(f"amp_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
+
+
+class LossScale:
+    """Dynamic loss scaling for float16 autocast, on the device (as ``torch.amp.GradScaler``):
+    the backward runs on ``loss · scale``; the update divides the gradients by ``scale`` and
+    skips on overflow; then ``scale`` halves after a skipped step and doubles after
+    ``growth_interval`` clean steps in a row."""
+
+    def __init__(self, device: torch.device, init_scale: float = 2.0**16, growth_interval: int = 2000):
+        self.scale = torch.full((), init_scale, dtype=torch.float32, device=device)
+        self.clean_steps = torch.zeros((), dtype=torch.int32, device=device)
+        self.growth_interval = growth_interval
+
+    def update(self, skipped: Tensor) -> None:
+        torch._amp_update_scale_(self.scale, self.clean_steps, skipped.float(), 2.0, 0.5, self.growth_interval)
 
 
 class FusedMGiT(nn.Module):
@@ -48,7 +61,9 @@ class FusedMGiT(nn.Module):
 
     ``auxiliary=None`` builds one with ``make_auxiliary(primary, aux_depth, seed=aux_seed)``.
     ``backend`` (``"torch"``/``"triton"``/None) is applied to the loss, the update and every
-    ``FusedAttention`` of both models. ``amp_dtype``: see ``autocast_dtype``.
+    ``FusedAttention`` of both models. ``amp_dtype``: see ``autocast_dtype``; float16 adds
+    dynamic loss scaling on the device (``loss_scale``, a ``LossScale``; overflowing steps are
+    skipped and counted in ``optimizer.skipped_steps``).
     ``state_dict()`` holds both models, the optimizer and the step count: saving, loading into
     a model built the same way, and stepping equals an uninterrupted run bit for bit.
 
@@ -99,6 +114,8 @@ class FusedMGiT(nn.Module):
         self.auxiliary = auxiliary if auxiliary is not None else make_auxiliary(primary, aux_depth, seed=aux_seed)
         autocast_dtype(amp_dtype, "cpu")  # validates
         self.amp_dtype = amp_dtype
+        device = next(primary.parameters()).device
+        self.loss_scale = LossScale(device) if amp_dtype == torch.float16 else None
         self.criterion = MGiTLoss(label_smoothing, temperature, js_weight, backend=backend)
         self.optimizer = MultiGradientAdamW(
             self.primary,
@@ -184,13 +201,16 @@ class FusedMGiT(nn.Module):
             with autocast:
                 logits_auxiliary = auxiliary(x)
         out = self.criterion(logits_primary, logits_auxiliary, y)
-        out.loss.backward()
+        scale = self.loss_scale.scale if amp == torch.float16 else None
+        (out.loss if scale is None else out.loss * scale).backward()
         stats = torch.stack([o.detach() for o in out])  # loss, ce_primary, ce_auxiliary, js
         if self._replicas is not None:  # μ and the reported values from the global batch
             torch.distributed.all_reduce(stats)
             stats /= _world_size()
         loss, ce_primary, ce_auxiliary, js = stats.unbind(0)
-        update = self.optimizer.step(ce_primary, ce_auxiliary)
+        update = self.optimizer.step(ce_primary, ce_auxiliary, grad_scale=scale)
+        if scale is not None:
+            self.loss_scale.update(update.skipped)
         return {
             "loss": loss,
             "ce_primary": ce_primary,
@@ -209,6 +229,7 @@ class FusedMGiT(nn.Module):
             o.betas, o.eps, o.mix, o.mix_max, o.average, o.max_grad_norm,
             tuple((g["weight_decay"], id(g["lr"]) if isinstance(g["lr"], Tensor) else None) for g in o.param_groups),
             c.label_smoothing, c.temperature, c.js_weight, c.ignore_index, self.amp_dtype, self.overlap,
+            self.loss_scale.growth_interval if self.loss_scale is not None else None,
         )
         return batch, baked
 
@@ -251,10 +272,17 @@ class FusedMGiT(nn.Module):
 
     # the optimizer is state too: it travels in the module's state_dict and follows .to()
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.loss_scale is not None:
+            state["loss_scale"] = (self.loss_scale.scale.clone(), self.loss_scale.clean_steps.clone())
+        return state
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.loss_scale is not None and "loss_scale" in state:
+            scale, clean_steps = state["loss_scale"]
+            self.loss_scale.scale.copy_(scale)
+            self.loss_scale.clean_steps.copy_(clean_steps)
 
     def _apply(self, fn, *args, **kwargs):
         if hasattr(self, "_captured"):  # the graph holds the old tensors' addresses
@@ -267,6 +295,9 @@ class FusedMGiT(nn.Module):
                     state[key] = fn(value)
             for name in ("step_count", "skipped_steps", "last_mix"):
                 setattr(optimizer, name, fn(getattr(optimizer, name)))
+        loss_scale = getattr(self, "loss_scale", None)
+        if loss_scale is not None:
+            loss_scale.scale, loss_scale.clean_steps = fn(loss_scale.scale), fn(loss_scale.clean_steps)
         return self
 
 

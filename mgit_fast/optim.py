@@ -149,16 +149,22 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         self,
         ce_primary: Optional[Union[Tensor, float]] = None,
         ce_auxiliary: Optional[Union[Tensor, float]] = None,
+        grad_scale: Optional[Tensor] = None,
     ) -> MultiGradientStepOutput:
         """One update of both models. ``ce_primary``/``ce_auxiliary`` (0-dim tensors, e.g. the
-        outputs of ``MGiTLoss``) are needed for ``mix="adaptive"``. Returns μ, the two
-        gradient norms and the skip flag, all device tensors; nothing synchronises."""
+        outputs of ``MGiTLoss``) are needed for ``mix="adaptive"``. ``grad_scale``: a 0-dim
+        device tensor S when the gradients come from a loss multiplied by S (fp16 loss
+        scaling); they are divided by S (an overflow is non-finite, so it skips the step).
+        Returns μ, the two gradient norms (unscaled) and the skip flag, all device tensors;
+        nothing synchronises."""
         mix = self.mix if self.named_auxiliary else 0.0
         if mix == "adaptive":
             if ce_primary is None or ce_auxiliary is None:
                 raise ValueError("mix='adaptive' needs ce_primary and ce_auxiliary passed to step()")
             ce_primary = _loss_tensor("ce_primary", ce_primary, self.step_count.device)
             ce_auxiliary = _loss_tensor("ce_auxiliary", ce_auxiliary, self.step_count.device)
+        if grad_scale is not None:
+            grad_scale = _loss_tensor("grad_scale", grad_scale, self.step_count.device)
         primary_group = self.param_groups[0]
         auxiliary_group = self.param_groups[1] if self.named_auxiliary else primary_group
         options = dict(
@@ -173,6 +179,7 @@ class MultiGradientAdamW(torch.optim.Optimizer):
             ce_auxiliary=ce_auxiliary,
             average=self.average if self.named_auxiliary else 0.0,
             max_grad_norm=self.max_grad_norm,
+            grad_scale=grad_scale,
         )
         if self.use_kernel:
             self._bind()
@@ -394,6 +401,6 @@ def _loss_tensor(name: str, value, device: torch.device) -> Tensor:
         return torch.tensor(float(value), device=device)
     _checks.tensor(name, value)
     if value.numel() != 1:
-        raise ValueError(f"{name} must be a single loss value, got shape {tuple(value.shape)}")
+        raise ValueError(f"{name} must hold a single value, got shape {tuple(value.shape)}")
     _checks.same_device(name, value, "the parameters", torch.empty((), device=device))
     return value.reshape(())

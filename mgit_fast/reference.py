@@ -235,6 +235,7 @@ def multi_gradient_adamw(
     ce_auxiliary: Optional[Tensor] = None,
     average: float = 0.0,
     max_grad_norm: Optional[float] = None,
+    grad_scale: Optional[Tensor] = None,
 ) -> MultiGradientStepOutput:
     """One MGiT update of both models, in place (DESIGN §1 step 4).
 
@@ -249,10 +250,17 @@ def multi_gradient_adamw(
     step exactly as ``torch.optim.AdamW(amsgrad=False)``; paired primary weights are then
     averaged, ``(1 − γ)·θ_P + γ·θ_A`` (``average=γ``). If any gradient of either model (or μ)
     is non-finite, nothing changes but ``skipped_steps``. Parameters whose gradient is None are
-    left alone, as torch's optimizers do, and count as unmixed.
+    left alone, as torch's optimizers do, and count as unmixed. ``grad_scale`` (a 0-dim device
+    tensor S, for fp16 loss scaling) says the gradients are S times the true ones.
     """
     beta1, beta2 = betas
     device = step.device
+    if grad_scale is not None:
+        inv_scale = 1.0 / grad_scale.float()
+        grads_primary, grads_auxiliary = (
+            [None if g is None else g * inv_scale.to(g.dtype) for g in grads]
+            for grads in (grads_primary, grads_auxiliary)
+        )
     groups = (
         (params_primary, grads_primary, exp_avgs_primary, exp_avg_sqs_primary, decay_primary),
         (params_auxiliary, grads_auxiliary, exp_avgs_auxiliary, exp_avg_sqs_auxiliary, decay_auxiliary),

@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from conftest import rel_err
 
 from mgit_fast import FusedAttention, FusedMGiT, MGiTLoss, MultiGradientAdamW, ViT, make_auxiliary, reference
 
@@ -110,7 +111,6 @@ def test_bad_inputs_are_named_and_change_nothing():
 @pytest.mark.parametrize(
     "kwargs, error, name",
     [
-        (dict(amp_dtype=torch.float16), ValueError, "amp_dtype"),
         (dict(amp_dtype="bf16"), TypeError, "amp_dtype"),
         (dict(aux_depth=3), ValueError, "depth"),
         (dict(js_weight="x"), TypeError, "js_weight"),
@@ -139,6 +139,68 @@ def test_bfloat16_autocast_on_cpu_trains():
     assert all(torch.isfinite(v.float()) for v in out.values())
     assert all(p.dtype == torch.float32 for p in mgit.parameters())
     assert int(mgit.optimizer.step_count) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float16_loss_scaling(backend):
+    """fp16 autocast: the backward sees loss·S, the update sees the true gradients; an
+    overflow skips the step (nothing changes), halves S, and training goes on; S doubles
+    after growth_interval clean steps; S travels in the state_dict."""
+    mgit = build(amp_dtype=torch.float16, backend=backend)
+    scaler = mgit.loss_scale
+    assert float(scaler.scale) == 2.0**16
+    scaler.growth_interval = 2
+    reference = build(amp_dtype=torch.float16, backend=backend)
+    reference.loss_scale.scale.fill_(1.0)  # the same step without scaling (S = 1: exact)
+    x, y = batch()
+    mgit.training_step(x, y)
+    reference.training_step(x, y)
+    # Adam's step hides a gradient's scale (and flips on fp16-rounded near-zero gradients),
+    # so compare the moments: m = (1 − β1)·g once unscaled
+    moments = [[s["exp_avg"] for s in m.optimizer.state.values()] for m in (mgit, reference)]
+    errors = [rel_err(a, b) for a, b in zip(*moments)]
+    assert max(errors) < 0.05, errors  # fp16 rounding at S = 1; a scale left in would be ×65536
+
+    before = params(mgit)
+    scaler.scale.fill_(2.0**127)  # the scaled loss overflows
+    out = mgit.training_step(x, y)
+    assert bool(out["skipped"]) and int(mgit.optimizer.skipped_steps) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, params(mgit)))
+    assert float(scaler.scale) == 2.0**126 and int(mgit.optimizer.step_count) == 1
+
+    scaler.scale.fill_(1024.0)
+    for _ in range(2):  # two clean steps, then growth
+        out = mgit.training_step(x, y)
+        assert not bool(out["skipped"])
+    assert float(scaler.scale) == 2048.0 and int(mgit.optimizer.step_count) == 3
+
+    resumed = build(amp_dtype=torch.float16, backend=backend)
+    resumed.load_state_dict(mgit.state_dict())
+    assert float(resumed.loss_scale.scale) == 2048.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grad_scale_divides_the_gradients(backend):
+    """MultiGradientAdamW.step(grad_scale=S) on S·g equals step() on g (S a power of two)."""
+    torch.manual_seed(0)
+    models = [tiny_vit() for _ in range(2)]
+    copies = [copy.deepcopy(m) for m in models]
+    opts = [MultiGradientAdamW(*pair, pairing="all", max_grad_norm=0.5, backend=backend) for pair in (models, copies)]
+    x, y = batch()
+    for pair, scale in ((models, 1.0), (copies, 512.0)):
+        for m in pair:
+            (torch.nn.functional.cross_entropy(m(x), y) * scale).backward()
+    scale = torch.tensor(512.0)
+    ce = (torch.tensor(1.0), torch.tensor(2.0))
+    plain, scaled = opts[0].step(*ce), opts[1].step(*ce, grad_scale=scale)
+    torch.testing.assert_close(scaled.norm_primary, plain.norm_primary)
+    torch.testing.assert_close(scaled.norm_auxiliary, plain.norm_auxiliary)
+    for a, b in zip(opts[0].state.values(), opts[1].state.values()):
+        torch.testing.assert_close(b["exp_avg"], a["exp_avg"], rtol=1e-6, atol=1e-9)
+    for a, b in zip(params(*models), params(*copies)):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="grad_scale"):
+        opts[1].step(*ce, grad_scale=torch.ones(2))
 
 
 def test_to_moves_optimizer_state_with_the_parameters():
