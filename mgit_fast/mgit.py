@@ -12,6 +12,7 @@ from .attention import FusedAttention
 from .loss import MGiTLoss
 from .models.auxiliary import make_auxiliary
 from .optim import MultiGradientAdamW, Pairing
+from .patching import patch_vit
 
 
 def _world_size() -> int:
@@ -60,6 +61,10 @@ class FusedMGiT(nn.Module):
     ``loss, ce_primary, ce_auxiliary, js, mix, skipped`` and never synchronises with the host.
 
     ``auxiliary=None`` builds one with ``make_auxiliary(primary, aux_depth, seed=aux_seed)``.
+    ``fuse_attention`` (default) swaps every timm-style attention module of both models for
+    ``FusedAttention`` in place, keeping the weights (``patch_vit``); a model it cannot swap
+    (attention dropout, q/k norm) raises ``ValueError``: pass ``fuse_attention=False`` to keep
+    the model's own attention.
     ``backend`` (``"torch"``/``"triton"``/None) is applied to the loss, the update and every
     ``FusedAttention`` of both models. ``amp_dtype``: see ``autocast_dtype``; float16 adds
     dynamic loss scaling on the device (``loss_scale``, a ``LossScale``; overflowing steps are
@@ -106,10 +111,18 @@ class FusedMGiT(nn.Module):
         graph: bool = False,
         graph_warmup: int = 3,
         overlap: bool = False,
+        fuse_attention: bool = True,
     ):
         super().__init__()
         if not isinstance(primary, nn.Module):
             raise TypeError(f"primary must be an nn.Module, got {type(primary).__name__}")
+        if auxiliary is not None and not isinstance(auxiliary, nn.Module):
+            raise TypeError(f"auxiliary must be an nn.Module or None, got {type(auxiliary).__name__}")
+        if fuse_attention:  # timm-style attention → FusedAttention, in place (checked before any swap)
+            for model in (primary, auxiliary) if auxiliary is not None else (primary,):
+                patch_vit(model, backend=backend, dry_run=True)
+            for model in (primary, auxiliary) if auxiliary is not None else (primary,):
+                patch_vit(model, backend=backend)
         self.primary = primary
         self.auxiliary = auxiliary if auxiliary is not None else make_auxiliary(primary, aux_depth, seed=aux_seed)
         autocast_dtype(amp_dtype, "cpu")  # validates

@@ -42,13 +42,14 @@ def _fused_from(name: str, attention: nn.Module, backend: Optional[str]) -> Fuse
     return fused.train(attention.training)
 
 
-def patch_vit(model: nn.Module, *, backend: Optional[str] = None) -> int:
+def patch_vit(model: nn.Module, *, backend: Optional[str] = None, dry_run: bool = False) -> int:
     """Replaces, in place and keeping the weights, every attention module of ``model`` shaped
     like timm's ``Attention`` (``qkv``/``proj`` Linears, ``num_heads``, ``scale``) with
     ``FusedAttention``; returns how many were replaced. Works on timm's
     ``VisionTransformer``; the built-in ``ViT`` already uses ``FusedAttention`` (0 replaced).
     Attention dropout, q/k normalisation and head widths other than ``dim / num_heads`` are
-    refused with a ``ValueError``, before anything is replaced."""
+    refused with a ``ValueError``, before anything is replaced. ``dry_run`` checks and counts
+    without replacing."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     targets = [
@@ -58,6 +59,8 @@ def patch_vit(model: nn.Module, *, backend: Optional[str] = None) -> int:
         if _is_attention(child)
     ]
     replacements = [_fused_from(name, child, backend) for _, _, name, child in targets]
+    if dry_run:
+        return len(replacements)
     for (parent, child_name, _, _), fused in zip(targets, replacements):
         setattr(parent, child_name, fused)
     return len(replacements)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import assert_rel_close
 from torch import nn
 
-from mgit_fast import FusedAttention, ViT, patch_vit, reference
+from mgit_fast import FusedAttention, FusedMGiT, ViT, patch_vit, reference
 
 
 class TimmStyleAttention(nn.Module):
@@ -66,6 +66,26 @@ def test_patch_vit_refuses_attention_dropout_and_changes_nothing():
     assert all(isinstance(b[1], TimmStyleAttention) for b in model.blocks)
     with pytest.raises(TypeError, match="model"):
         patch_vit("vit")
+
+
+def test_fused_mgit_fuses_timm_style_attention():
+    """FusedMGiT swaps both models' timm-style attention for FusedAttention (weights kept),
+    unless told not to; a model it cannot swap is refused before either model changes."""
+    primary, auxiliary = TinyTimmViT(), TinyTimmViT(depth=1)
+    x, y = torch.randn(4, 9, 32), torch.randint(0, 3, (4,))
+    before = primary(x)
+    mgit = FusedMGiT(primary, auxiliary, backend="torch")
+    assert all(isinstance(b[1], FusedAttention) for m in (mgit.primary, mgit.auxiliary) for b in m.blocks)
+    assert_rel_close(mgit(x), before, 1e-5, "fused primary")
+    assert torch.isfinite(mgit.training_step(x, y)["loss"])
+
+    kept = FusedMGiT(TinyTimmViT(), TinyTimmViT(depth=1), fuse_attention=False)
+    assert all(isinstance(b[1], TimmStyleAttention) for b in kept.primary.blocks)
+
+    primary = TinyTimmViT()
+    with pytest.raises(ValueError, match="attention dropout"):
+        FusedMGiT(primary, TinyTimmViT(depth=1, attn_drop=0.1))
+    assert all(isinstance(b[1], TimmStyleAttention) for b in primary.blocks)
 
 
 def test_patch_vit_on_the_builtin_vit_is_a_no_op():
