@@ -78,6 +78,12 @@ def _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR: tl.constexpr
 
 
 @triton.jit
+def _tile(X, b, h, tokens, offs_d, stride_b, stride_h, stride_n):
+    """Pointers to the rows ``tokens`` of head (b, h) of a [B, H, N, D] view (unit stride on D)."""
+    return X + b * stride_b + h * stride_h + tokens[:, None] * stride_n + offs_d[None, :]
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V, O, LSE, SCALE, BIAS, scale_value,
     stride_qb, stride_qh, stride_qn,
@@ -99,7 +105,7 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, D)
     row_ok = rows[:, None] < N
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :], mask=row_ok, other=0.0)
+    q = tl.load(_tile(Q, b, h, rows, offs_d, stride_qb, stride_qh, stride_qn), mask=row_ok, other=0.0)
     scale_log2 = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -123,7 +129,7 @@ def _attention_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
+    tl.store(_tile(O, b, h, rows, offs_d, stride_ob, stride_oh, stride_on),
              acc.to(O.dtype.element_ty), mask=row_ok)
     tl.store(LSE + bh * N + rows, m_i + tl.math.log2(l_i), mask=rows < N)  # log2 units
 
@@ -152,8 +158,8 @@ def _attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, D)
     col_ok = cols[:, None] < N
 
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok, other=0.0)
+    k = tl.load(_tile(K, b, h, cols, offs_d, stride_kb, stride_kh, stride_kn), mask=col_ok, other=0.0)
+    v = tl.load(_tile(V, b, h, cols, offs_d, stride_vb, stride_vh, stride_vn), mask=col_ok, other=0.0)
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
@@ -175,9 +181,9 @@ def _attention_bwd_dkdv_kernel(
         dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
 
     dk = dk * scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(_tile(DK, b, h, cols, offs_d, stride_dkb, stride_dkh, stride_dkn),
              dk.to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(_tile(DV, b, h, cols, offs_d, stride_dvb, stride_dvh, stride_dvn),
              dv.to(DV.dtype.element_ty), mask=col_ok)
 
 
@@ -206,13 +212,10 @@ def _attention_bwd_dq_kernel(
     offs_d = tl.arange(0, D)
     row_ok = rows < N
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    q = tl.load(_tile(Q, b, h, rows, offs_d, stride_qb, stride_qh, stride_qn), mask=row_ok[:, None], other=0.0)
+    do = tl.load(_tile(DO, b, h, rows, offs_d, stride_dob, stride_doh, stride_don), mask=row_ok[:, None], other=0.0)
+    o = tl.load(_tile(O, b, h, rows, offs_d, stride_ob, stride_oh, stride_on), mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # δ_m = dout_m · out_m
     tl.store(DELTA + bh * N + rows, delta, mask=row_ok)  # for the dk/dv kernel, launched next
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
@@ -245,7 +248,7 @@ def _attention_bwd_dq_kernel(
     if NEED_DSCALE:  # Σ_{m, n} ds[m, n] · (q_m · k_n) over this block's rows, from fp32 ds
         tl.store(DSCALE_PARTIAL + bh * tl.num_programs(0) + pid_m, tl.sum(dscale, 0))
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + offs_d[None, :],
+    tl.store(_tile(DQ, b, h, rows, offs_d, stride_dqb, stride_dqh, stride_dqn),
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 

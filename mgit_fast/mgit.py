@@ -119,10 +119,10 @@ class FusedMGiT(nn.Module):
         if auxiliary is not None and not isinstance(auxiliary, nn.Module):
             raise TypeError(f"auxiliary must be an nn.Module or None, got {type(auxiliary).__name__}")
         if fuse_attention:  # timm-style attention → FusedAttention, in place (checked before any swap)
-            for model in (primary, auxiliary) if auxiliary is not None else (primary,):
-                patch_vit(model, backend=backend, dry_run=True)
-            for model in (primary, auxiliary) if auxiliary is not None else (primary,):
-                patch_vit(model, backend=backend)
+            models = [m for m in (primary, auxiliary) if m is not None]
+            for dry_run in (True, False):
+                for model in models:
+                    patch_vit(model, backend=backend, dry_run=dry_run)
         self.primary = primary
         self.auxiliary = auxiliary if auxiliary is not None else make_auxiliary(primary, aux_depth, seed=aux_seed)
         autocast_dtype(amp_dtype, "cpu")  # validates
@@ -247,8 +247,6 @@ class FusedMGiT(nn.Module):
         return batch, baked
 
     def _graph_step(self, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
-        if not self.optimizer.use_kernel or functional.resolve_backend(self.criterion.backend, "cuda") != "triton":
-            raise ValueError("graph=True needs the Triton loss and update (backend='triton' or None)")
         signature = self._signature(x, y)
         captured = self._captured
         if captured is not None:
@@ -257,6 +255,8 @@ class FusedMGiT(nn.Module):
             if captured.signature[0] != signature[0]:
                 return self._step(x, y)  # another batch shape: eager, the graph is kept
             self.reset_graph()  # same batches, new hyperparameters: capture again
+        if not self.optimizer.use_kernel or functional.resolve_backend(self.criterion.backend, "cuda") != "triton":
+            raise ValueError("graph=True needs the Triton loss and update (backend='triton' or None)")
         seen, count = self._warming
         count = count + 1 if seen == signature else 1
         self._warming = (signature, count)

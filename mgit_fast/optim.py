@@ -402,5 +402,6 @@ def _loss_tensor(name: str, value, device: torch.device) -> Tensor:
     _checks.tensor(name, value)
     if value.numel() != 1:
         raise ValueError(f"{name} must hold a single value, got shape {tuple(value.shape)}")
-    _checks.same_device(name, value, "the parameters", torch.empty((), device=device))
+    if value.device != device:  # compared directly: no allocation on the step's hot path
+        raise ValueError(f"{name} is on {value.device} but the parameters are on {device}")
     return value.reshape(())

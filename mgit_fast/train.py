@@ -98,10 +98,11 @@ class _Ranks:
         self.world = distributed.get_world_size() if live else 1
         self.device = device
 
-    def share(self, index: Tensor) -> Tensor:
-        """This rank's equal part of a global batch's indices (cut to a multiple of the ranks)."""
-        per_rank = len(index) // self.world
-        return index[self.rank * per_rank : (self.rank + 1) * per_rank]
+    def part(self, batch: int) -> slice:
+        """This rank's equal part of a global batch of ``batch`` items (cut to a multiple of the
+        ranks), as a slice: indexing with it makes views, not copies."""
+        per_rank = batch // self.world
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
     def close(self) -> None:
         if self.opened:
@@ -184,11 +185,11 @@ def _run_arm(
         for start in range(0, len(x_train), cfg.batch_size):
             index = order[start : start + cfg.batch_size]
             x = random_shift(x_train[index], cfg.max_shift, batches)  # every rank: the global batch
-            mine = ranks.share(torch.arange(len(index), device=device))
-            if len(mine) == 0:
+            mine = ranks.part(len(index))
+            if mine.stop == mine.start:
                 continue
             torch.manual_seed(seed * STEP_SEED_STRIDE + step)  # the model's own randomness
-            metrics = trainer.training_step(x[mine], y_train[index][mine])
+            metrics = trainer.training_step(x[mine], y_train[index[mine]])
             scheduler.step()
             step += 1
             for key, value in metrics.items():
