@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import on_device
+
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 
@@ -42,10 +44,13 @@ LOG2E = 1.4426950408889634
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _mm(a, b, PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation. PRECISION "upcast" multiplies in fp32: Triton's CPU
-    interpreter mis-multiplies bfloat16 operands, so the launcher picks it there."""
+    """a @ b with fp32 accumulation. PRECISION: "half" for fp16/bf16 operands, "tf32" or "ieee"
+    for fp32 ones, "upcast" multiplies bf16 in fp32 (Triton's CPU interpreter mis-multiplies
+    bfloat16 operands, so the launcher picks it there)."""
     if PRECISION == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif PRECISION == "half":
+        return tl.dot(a, b)
     else:
         return tl.dot(a, b, input_precision=PRECISION)
 
@@ -78,6 +83,17 @@ def _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR: tl.constexpr
 
 
 @triton.jit
+def _program(N, H, BLOCK: tl.constexpr):
+    """(block index along the sequence, b·h, b, h) of this program. The grid is 1-D, sequence
+    blocks fastest (so a head's programs run together and share its K/V in L2), and the head
+    indices are int64, so offsets such as b·stride_b cannot wrap at large batches."""
+    blocks = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    bh = (pid // blocks).to(tl.int64)
+    return pid % blocks, bh, bh // H, bh % H
+
+
+@triton.jit
 def _tile(X, b, h, tokens, offs_d, stride_b, stride_h, stride_n):
     """Pointers to the rows ``tokens`` of head (b, h) of a [B, H, N, D] view (unit stride on D)."""
     return X + b * stride_b + h * stride_h + tokens[:, None] * stride_n + offs_d[None, :]
@@ -96,10 +112,7 @@ def _attention_fwd_kernel(
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program(N, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -149,10 +162,7 @@ def _attention_bwd_dkdv_kernel(
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_n, bh, b, h = _program(N, H, BLOCK_N)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -203,10 +213,7 @@ def _attention_bwd_dq_kernel(
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program(N, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -241,12 +248,12 @@ def _attention_bwd_dq_kernel(
             in_seq = row_ok[:, None] & (cols[None, :] < N)
             dbias_ptrs = DBIAS + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + cols[None, :] * stride_gn
             if DBIAS_ATOMIC:
-                tl.atomic_add(dbias_ptrs, ds, mask=in_seq)
+                tl.atomic_add(dbias_ptrs, ds, mask=in_seq, sem="relaxed")
             else:
                 tl.store(dbias_ptrs, ds, mask=in_seq)
 
     if NEED_DSCALE:  # Σ_{m, n} ds[m, n] · (q_m · k_n) over this block's rows, from fp32 ds
-        tl.store(DSCALE_PARTIAL + bh * tl.num_programs(0) + pid_m, tl.sum(dscale, 0))
+        tl.store(DSCALE_PARTIAL + bh * tl.cdiv(N, BLOCK_M) + pid_m, tl.sum(dscale, 0))
     dq = dq * scale
     tl.store(_tile(DQ, b, h, rows, offs_d, stride_dqb, stride_dqh, stride_dqn),
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -260,24 +267,53 @@ def new_buffer(shape, *, device, dtype) -> Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def block_sizes(N: int, D: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a sequence length and head dim: the
-    smallest power-of-two tile (≥ 16, ≤ 64) that covers short sequences, narrower key tiles
-    for D = 128 to bound registers."""
-    block = min(64, max(16, triton.next_power_of_2(N)))
-    block_n = min(block, 32) if D == 128 else block
-    num_warps = 8 if block * D >= 64 * 128 else 4
-    return block, block_n, num_warps, 2
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by dot precision and head dim, chosen so that no
+# kernel spills on sm_80 or sm_90a (`mgit-fast inspect --shapes gate` checks every entry).
+# fp16/bf16 and tf32 feed the tensor cores; tf32 operands take twice the registers. "ieee" fp32
+# (PyTorch's default, TF32 off) runs on the FMA units, whose dot keeps a whole K = D slice of
+# each operand per thread: small tiles, and no software pipelining, which would hold two.
+TILES = {
+    "half": {16: (64, 64, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2)},
+    "tf32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
+    "ieee": {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (16, 16, 4, 1), 128: (16, 16, 8, 1)},
+}
+
+
+def block_sizes(N: int, D: int, precision: str = "half") -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a sequence length, head dim and dot
+    precision: the table's tile, shrunk to the smallest power of two (≥ 16) covering short
+    sequences."""
+    block_m, block_n, num_warps, num_stages = TILES.get(precision, TILES["half"])[D]
+    cover = max(16, triton.next_power_of_2(N))
+    return min(block_m, cover), min(block_n, cover), num_warps, num_stages
+
+
+def tf32_allowed() -> bool:
+    """Whether PyTorch lets fp32 matmuls use TF32, read through whichever API was used to set it
+    (torch ≥ 2.9 raises on the legacy getter once the new ``fp32_precision`` was set)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision != "none":
+        return precision == "tf32"
+    generic = getattr(torch.backends, "fp32_precision", "none")
+    if generic != "none":
+        return generic == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """tf32 tensor cores for fp32 inputs only when PyTorch's matmuls may use them; "upcast"
-    for bfloat16 under the CPU interpreter (see `_mm`)."""
+    """The tl.dot precision: "tf32" for fp32 inputs only when PyTorch's matmuls may use TF32,
+    else "ieee"; "upcast" for bfloat16 under the CPU interpreter (see `_mm`)."""
     if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         return "upcast"
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    if dtype == torch.float32:
+        return "tf32" if tf32_allowed() else "ieee"
+    return "half"
 
 
 def _bhn(t: Tensor) -> Tuple[int, int, int]:
@@ -304,17 +340,19 @@ def forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask) -> Tenso
     [B, H, N] (fp32, log2 units)."""
     B, H, N, D = q.shape
     lse = new_buffer((B, H, N), device=q.device, dtype=torch.float32)
-    block_m, block_n, num_warps, num_stages = block_sizes(N, D)
+    precision = _precision(q.dtype)
+    block_m, block_n, num_warps, num_stages = block_sizes(N, D, precision)
     scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
-    _attention_fwd_kernel[(triton.cdiv(N, block_m), B * H)](
-        q, k, v, out, lse, scale_t, bias, scale_v,
-        *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out),
-        stride_sh, *_bias_strides(bias),
-        H, N,
-        D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
-        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-    )
+    with on_device(q):
+        _attention_fwd_kernel[(triton.cdiv(N, block_m) * B * H,)](
+            q, k, v, out, lse, scale_t, bias, scale_v,
+            *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out),
+            stride_sh, *_bias_strides(bias),
+            H, N,
+            D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
+            PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        )
     return lse
 
 
@@ -323,13 +361,14 @@ def backward_into(
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias) when asked."""
     B, H, N, D = q.shape
-    block_m, block_n, num_warps, num_stages = block_sizes(N, D)
+    precision = _precision(q.dtype)
+    block_m, block_n, num_warps, num_stages = block_sizes(N, D, precision)
     delta = new_buffer((B, H, N), device=q.device, dtype=torch.float32)  # written by the dq kernel
     scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
     common = dict(
         D=D, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
-        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
     m_blocks = triton.cdiv(N, block_m)
     dscale_partial = new_buffer((B, H, m_blocks), device=q.device, dtype=torch.float32) if need_dscale else None
@@ -342,17 +381,19 @@ def backward_into(
         else:
             dbias_buffer = new_buffer((B, H, N, N), device=q.device, dtype=torch.float32)
     dbias_strides = _bias_strides(dbias_buffer) if atomic else (dbias_buffer.stride() if need_dbias else (0,) * 4)
-    _attention_bwd_dq_kernel[(m_blocks, B * H)](
-        q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, scale_v,
-        *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq),
-        stride_sh, *_bias_strides(bias), *dbias_strides, H, N,
-        NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic, **common,
-    )
-    _attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
-        q, k, v, dout, lse, delta, dk, dv, scale_t, bias, scale_v,
-        *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
-        stride_sh, *_bias_strides(bias), H, N, **common,
-    )
+    with on_device(q):
+        _attention_bwd_dq_kernel[(m_blocks * B * H,)](
+            q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, scale_v,
+            *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq),
+            stride_sh, *_bias_strides(bias), *dbias_strides, H, N,
+            NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic,
+            **dict(common, BLOCK_N=min(block_n, 32)) if need_dbias else common,  # ds also goes to memory
+        )
+        _attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n) * B * H,)](
+            q, k, v, dout, lse, delta, dk, dv, scale_t, bias, scale_v,
+            *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
+            stride_sh, *_bias_strides(bias), H, N, **common,
+        )
 
     dscale = None
     if need_dscale:

@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import on_device
+
 LN2 = 0.6931471805599453
 
 
@@ -92,7 +94,7 @@ def _mgit_loss_fwd_kernel(
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_CHUNK: tl.constexpr, TEMPERED: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+    rows = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # rows · stride can pass 2³¹
     offs = tl.arange(0, BLOCK_C)
     row_ok = rows < B
     y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int32)
@@ -188,7 +190,7 @@ def _mgit_loss_bwd_kernel(
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+    rows = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # rows · stride can pass 2³¹
     offs = tl.arange(0, BLOCK_C)
     row_ok = rows < B
     y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int32)
@@ -233,11 +235,13 @@ def new_buffer(shape, *, device, dtype) -> Tensor:
 
 
 def tile(B: int, C: int) -> Tuple[int, int, int]:
-    """(ROWS, BLOCK_C, num_warps): up to 4,096 classes of a row per chunk; several rows per
+    """(ROWS, BLOCK_C, num_warps): up to 2,048 classes of a row per chunk, at most 8 logits of
+    each model per thread, 4 when a program holds several rows (which costs more registers), so
+    that three or more programs stay resident per SM (`mgit-fast inspect`); several rows per
     program when C is small, but no more than keeps about two programs per SM busy."""
-    block_c = min(triton.next_power_of_2(C), 4096)
-    rows = max(1, min(4096 // block_c, triton.next_power_of_2(triton.cdiv(B, 264))))
-    num_warps = 8 if rows * block_c >= 2048 else 4
+    block_c = min(triton.next_power_of_2(C), 2048)
+    num_warps = 8 if block_c >= 2048 else 4
+    rows = max(1, min(4 * 32 * num_warps // block_c, triton.next_power_of_2(triton.cdiv(B, 264))))
     return rows, block_c, num_warps
 
 
@@ -245,29 +249,33 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("mgit_fast::mgit_loss_fwd", mutates_args=())
-def mgit_loss_fwd(
-    logits_primary: Tensor, logits_auxiliary: Tensor, target: Tensor, label_smoothing: float, temperature: float,
-    js_weight: float, ignore_index: int,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (outputs [4] = loss, ce_primary, ce_auxiliary, js; stats [B, 6]; counts [2])."""
-    z, w = logits_primary, logits_auxiliary
+def forward(z, w, target, label_smoothing, temperature, js_weight, ignore_index) -> Tuple[Tensor, Tensor, Tensor]:
+    """Launches the forward: (outputs [4] = loss, ce_primary, ce_auxiliary, js; stats [B, 6]; counts [2])."""
     B, C = z.shape
     rows, block_c, num_warps = tile(B, C)
     programs = triton.cdiv(B, rows)
     device = z.device
     stats = new_buffer((B, 6), device=device, dtype=torch.float32)
     partial = new_buffer((programs, 5), device=device, dtype=torch.float32)
-    _mgit_loss_fwd_kernel[(programs,)](
-        z, w, target, stats, partial,
-        B, C, z.stride(0), w.stride(0), ignore_index, label_smoothing, 1.0 / temperature,
-        ROWS=rows, BLOCK_C=block_c, SINGLE_CHUNK=C <= block_c, TEMPERED=temperature != 1.0,
-        num_warps=num_warps,
-    )
     out = new_buffer((4,), device=device, dtype=torch.float32)
     counts = new_buffer((2,), device=device, dtype=torch.float32)
-    _mgit_loss_finish_kernel[(1,)](partial, out, counts, programs, js_weight, BLOCK_P=256)
+    with on_device(z):
+        _mgit_loss_fwd_kernel[(programs,)](
+            z, w, target, stats, partial,
+            B, C, z.stride(0), w.stride(0), ignore_index, label_smoothing, 1.0 / temperature,
+            ROWS=rows, BLOCK_C=block_c, SINGLE_CHUNK=C <= block_c, TEMPERED=temperature != 1.0,
+            num_warps=num_warps,
+        )
+        _mgit_loss_finish_kernel[(1,)](partial, out, counts, programs, js_weight, BLOCK_P=256)
     return out, stats, counts
+
+
+@torch.library.custom_op("mgit_fast::mgit_loss_fwd", mutates_args=())
+def mgit_loss_fwd(
+    logits_primary: Tensor, logits_auxiliary: Tensor, target: Tensor, label_smoothing: float, temperature: float,
+    js_weight: float, ignore_index: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return forward(logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index)
 
 
 @mgit_loss_fwd.register_fake
@@ -277,23 +285,29 @@ def _(logits_primary, logits_auxiliary, target, label_smoothing, temperature, js
     return logits_primary.new_empty((4,), **f32), logits_primary.new_empty((B, 6), **f32), logits_primary.new_empty((2,), **f32)
 
 
+def backward(grad, z, w, target, stats, counts, label_smoothing, temperature, js_weight, ignore_index):
+    """Launches the backward: (dz, dw)."""
+    B, C = z.shape
+    rows, block_c, num_warps = tile(B, C)
+    dz = new_buffer((B, C), device=z.device, dtype=z.dtype)
+    dw = new_buffer((B, C), device=w.device, dtype=w.dtype)
+    with on_device(z):
+        _mgit_loss_bwd_kernel[(triton.cdiv(B, rows),)](
+            z, w, target, stats, counts, grad, dz, dw,
+            B, C, z.stride(0), w.stride(0), dz.stride(0), dw.stride(0), ignore_index, label_smoothing,
+            1.0 / temperature, js_weight,
+            ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+        )
+    return dz, dw
+
+
 @torch.library.custom_op("mgit_fast::mgit_loss_bwd", mutates_args=())
 def mgit_loss_bwd(
     grad: Tensor, logits_primary: Tensor, logits_auxiliary: Tensor, target: Tensor, stats: Tensor, counts: Tensor,
     label_smoothing: float, temperature: float, js_weight: float, ignore_index: int,
 ) -> Tuple[Tensor, Tensor]:
-    z, w = logits_primary, logits_auxiliary
-    B, C = z.shape
-    rows, block_c, num_warps = tile(B, C)
-    dz = new_buffer((B, C), device=z.device, dtype=z.dtype)
-    dw = new_buffer((B, C), device=w.device, dtype=w.dtype)
-    _mgit_loss_bwd_kernel[(triton.cdiv(B, rows),)](
-        z, w, target, stats, counts, grad, dz, dw,
-        B, C, z.stride(0), w.stride(0), dz.stride(0), dw.stride(0), ignore_index, label_smoothing,
-        1.0 / temperature, js_weight,
-        ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return dz, dw
+    return backward(grad, logits_primary, logits_auxiliary, target, stats, counts, label_smoothing, temperature,
+                    js_weight, ignore_index)
 
 
 @mgit_loss_bwd.register_fake

@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import on_device
+
 BLOCK = 1024
 
 
@@ -125,7 +127,7 @@ def _update_kernel(
 ):
     """ITEMS rows: (start, partner start or −1, model 0/1, decay bits: self | partner << 1)."""
     pid = tl.program_id(0)
-    start = tl.load(ITEMS + pid * 4)
+    start = tl.multiple_of(tl.load(ITEMS + pid * 4), BLOCK_SIZE)  # segments are whole blocks: 128-bit access
     partner = tl.load(ITEMS + pid * 4 + 1)
     model = tl.load(ITEMS + pid * 4 + 2)
     decay = tl.load(ITEMS + pid * 4 + 3)
@@ -148,7 +150,7 @@ def _update_kernel(
         m = tl.load(M + offs)
         v = tl.load(V + offs)
         if partner >= 0:  # a paired primary block: update its auxiliary partner here too
-            poffs = partner + tl.arange(0, BLOCK_SIZE)
+            poffs = tl.multiple_of(partner, BLOCK_SIZE) + tl.arange(0, BLOCK_SIZE)
             g_a = tl.load(G + poffs) * clip_a
             p_a, m_a, v_a = _adamw(
                 tl.load(P + poffs), g_a, tl.load(M + poffs), tl.load(V + poffs), lr_a,
@@ -257,23 +259,24 @@ class FlatLayout:
     ) -> Tuple[Tensor, Tensor]:
         """Runs the three kernels; returns (μ, n_P, n_A) as one fresh [3] tensor, and the skip flag."""
         blocks = self.total // BLOCK
-        _sumsq_kernel[(blocks,)](self.grads, self.partial, BLOCK_SIZE=BLOCK)
         out = torch.empty(3, device=self.device, dtype=torch.float32)
         skipped = torch.empty((), device=self.device, dtype=torch.bool)
         adaptive = isinstance(mix, str)
-        _scalars_kernel[(1,)](
-            self.partial, self.scalars, step, skipped_steps, last_mix, out, skipped,
-            ce_primary if adaptive else self.scalars, ce_auxiliary if adaptive else self.scalars,
-            self._log_betas(betas), grad_scale if grad_scale is not None else self.scalars,
-            self.primary_blocks, blocks, float(max_grad_norm or 0.0),
-            0.0 if adaptive else float(mix), float(mix_max),
-            CLIP=max_grad_norm is not None, ADAPTIVE=adaptive, UNSCALE=grad_scale is not None, CHUNK=1024,
-        )
-        _update_kernel[(self.items.shape[0],)](
-            self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.items, self.scalars, lr[0], lr[1],
-            float(weight_decay[0]), float(weight_decay[1]), float(betas[0]), float(betas[1]), float(eps),
-            float(average), AVERAGE=average != 0.0, BLOCK_SIZE=BLOCK, num_warps=4,
-        )
+        with on_device(self.grads):
+            _sumsq_kernel[(blocks,)](self.grads, self.partial, BLOCK_SIZE=BLOCK)
+            _scalars_kernel[(1,)](
+                self.partial, self.scalars, step, skipped_steps, last_mix, out, skipped,
+                ce_primary if adaptive else self.scalars, ce_auxiliary if adaptive else self.scalars,
+                self._log_betas(betas), grad_scale if grad_scale is not None else self.scalars,
+                self.primary_blocks, blocks, float(max_grad_norm or 0.0),
+                0.0 if adaptive else float(mix), float(mix_max),
+                CLIP=max_grad_norm is not None, ADAPTIVE=adaptive, UNSCALE=grad_scale is not None, CHUNK=1024,
+            )
+            _update_kernel[(self.items.shape[0],)](
+                self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.items, self.scalars, lr[0], lr[1],
+                float(weight_decay[0]), float(weight_decay[1]), float(betas[0]), float(betas[1]), float(eps),
+                float(average), AVERAGE=average != 0.0, BLOCK_SIZE=BLOCK, num_warps=8,
+            )
         return out, skipped
 
 

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="MGiT against the same primary trained alone, over several seeds",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    commands.add_parser(
+        "inspect", add_help=False,
+        help="compile every kernel for sm_90a/sm_80 here (no GPU) and report registers, spills, occupancy, "
+             "tensor cores, load widths, grids; `mgit-fast inspect --help`",
+    )
     add = train.add_argument
     d = _defaults()
     add("--dataset", choices=DATASETS, default=d.dataset)
@@ -65,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["inspect"]:
+        from .inspect import main as inspect_main
+
+        return inspect_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .train import TrainConfig, format_table, train
 

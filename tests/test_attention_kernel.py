@@ -231,3 +231,28 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         functional.attention(q, q, q, backend="triton")
+
+
+@pytest.mark.cuda
+def test_launches_on_the_tensors_device():
+    """Triton launches on the current device: with cuda:0 current, tensors on cuda:1 must still
+    be computed on cuda:1 (the launchers switch device), forward and backward."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    qkv = torch.randn(2, 65, 3 * 64, dtype=torch.float64)
+    ref = reference.attention_qkvpacked(qkv, 2)
+    with torch.cuda.device(0):
+        x = qkv.to("cuda:1", torch.float32).requires_grad_()
+        out = functional.attention_qkvpacked(x, 2, backend="triton")
+        out.sum().backward()
+    torch.cuda.synchronize(1)
+    assert out.device == torch.device("cuda:1") and x.grad.device == torch.device("cuda:1")
+    assert_rel_close(out.detach().cpu(), ref, 1e-3, "out on cuda:1")
+
+
+def test_device_guard_is_a_no_op_off_cuda():
+    from mgit_fast.kernels import on_device
+
+    for device in ("cpu", "meta"):
+        with on_device(torch.empty(1, device=device)):
+            pass
