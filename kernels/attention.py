@@ -19,6 +19,10 @@ per-block partial sums of dscale reduced afterwards in a fixed order), then one 
 (dk, dv), which reads the δ the first wrote. A bias shared over the batch (or heads) has its gradient summed with fp32 atomics, or,
 under `torch.use_deterministic_algorithms(True)`, written per batch and summed by torch.
 
+Launch geometry: a 1-D grid of (sequence block, b·h) pairs, sequence blocks fastest, so any
+batch fits CUDA's grid limits; head indices are int64, so offsets past 2³¹ do not wrap. Tiles
+come from `TILES` by dot precision and head dim (no kernel spills on sm_80 or sm_90a).
+
 Layouts: q, k, v, out are [B, H, N, D] views with unit stride on D and any other strides, so a
 packed qkv [B, N, 3·H·D] is read in place and the packed output [B, N, H·D] is written in
 place. Forward and backward are PyTorch custom ops, so torch.compile sees no graph break.
@@ -275,7 +279,7 @@ def new_buffer(shape, *, device, dtype) -> Tensor:
 TILES = {
     "half": {16: (64, 64, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2)},
     "tf32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
-    "ieee": {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (16, 16, 4, 1), 128: (16, 16, 8, 1)},
+    "ieee": {16: (32, 32, 4, 1), 32: (16, 16, 4, 1), 64: (16, 16, 4, 1), 128: (16, 16, 8, 1)},
 }
 
 

@@ -207,22 +207,16 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 
 @contextlib.contextmanager
 def tf32(allowed: bool):
-    """PyTorch's fp32 matmul choice, set through whichever API this torch has."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        saved = matmul.fp32_precision
-        matmul.fp32_precision = "tf32" if allowed else "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = saved
-    else:  # pragma: no cover - torch < 2.9
-        saved = matmul.allow_tf32
-        matmul.allow_tf32 = allowed
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = saved
+    """Launchers see PyTorch's fp32 matmul choice as `allowed`; torch's own setting is left alone
+    (setting it through the new API makes later legacy reads raise)."""
+    from mgit_fast.kernels import attention
+
+    saved = attention.tf32_allowed
+    attention.tf32_allowed = lambda: allowed
+    try:
+        yield
+    finally:
+        attention.tf32_allowed = saved
 
 
 def _precision_name(dtype: torch.dtype, allow_tf32: bool) -> str:
