@@ -4,8 +4,13 @@
   so a NaN can never pass a tolerance check); ``assert_rel_close(out, ref, tol)`` wraps it.
 - Tests marked ``@pytest.mark.cuda`` are skipped when no CUDA GPU is available; without one,
   ``TRITON_INTERPRET=1`` is set so the Triton kernels run (slowly) on the CPU.
+- Without a torchvision that imports, ``tests/stand_ins`` (a torchvision stand-in) goes on
+  ``sys.path`` so timm's model code imports.
 - Every test starts from a torch seed derived from its node id (``seed`` fixture, autouse), so
   inputs are random but reproducible and differ between tests.
+- Under the interpreter every kernel launch is memory-checked (``memcheck.py``: out-of-bounds
+  accesses, races between programs, atomic/plain mixes fail the launch); a test marked
+  ``@pytest.mark.no_memcheck`` runs unchecked, ``memcheck.allowed`` lists known (kernel, rule) pairs.
 
 Import the helpers with ``from conftest import rel_err, assert_rel_close`` (pytest puts this
 directory on ``sys.path``; keep ``tests/`` without an ``__init__.py``).
@@ -13,15 +18,29 @@ directory on ``sys.path``; keep ``tests/`` without an ``__init__.py``).
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 
 import pytest
 import torch
 
+import memcheck
+
 # Without a GPU the Triton kernels run on the CPU in Triton's interpreter; it must be chosen
 # before the kernels are defined (mgit_fast imports them on first use).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    memcheck.install()
+
+# timm imports torchvision at module level, and PyPI's torchvision does not import beside the
+# CPU torch: without a working one, timm gets the stand-in in tests/stand_ins.
+try:
+    import torchvision  # noqa: F401
+except Exception:  # ImportError, or a CUDA build's operator registration failing
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "stand_ins"))
 
 # The tests use tiny tensors: one intra-op thread is faster than two and cannot stall when
 # another process holds a core.
@@ -52,6 +71,10 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "no_memcheck: run the test's kernel launches without the memory checker")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -63,3 +86,11 @@ def seed(request: pytest.FixtureRequest) -> int:
     value = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture(autouse=True)
+def memory_check(request: pytest.FixtureRequest):
+    """Checks every interpreted launch of the test unless it is marked ``no_memcheck``."""
+    memcheck.enabled = request.node.get_closest_marker("no_memcheck") is None
+    yield
+    memcheck.enabled = True
