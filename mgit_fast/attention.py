@@ -113,10 +113,13 @@ class FusedAttention(nn.Module):
             with torch.no_grad():
                 self.scale.fill_(self.initial_scale)
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         """``x [B, N, C]``; ``attn_mask`` (timm's block argument): boolean (True = attend) or
         additive, broadcastable to ``[B, H, N, N]`` as ``[N, N]``, ``[H|1, N, N]`` or
-        ``[B|1, H|1, N, N]``; it is added to the bias."""
+        ``[B|1, H|1, N, N]``; it is added to the bias. ``is_causal`` (timm passes it) must be
+        False: ViT attention is bidirectional."""
+        if is_causal:
+            raise ValueError("is_causal=True is not supported: FusedAttention is bidirectional ViT attention")
         bias = self.gmm() if self.gmm is not None else None
         if attn_mask is not None:
             mask = _additive(attn_mask)
