@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
-from .data import DATASETS
+from .data import DATASETS, check_dataset_name
 
 
 def _mix(value: str):
@@ -24,9 +26,16 @@ def _defaults():
     return TrainConfig()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit code 2), like the argument checks."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mgit-fast", description="MGiT training with fused kernels.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="mgit-fast", description="MGiT training with fused kernels.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser(
         "train",
         help="MGiT against the same primary trained alone, over several seeds",
@@ -39,34 +48,131 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = train.add_argument
     d = _defaults()
-    add("--dataset", choices=DATASETS, default=d.dataset)
-    add("--epochs", type=int, default=d.epochs)
+    add("--dataset", default=d.dataset,
+        help=f"training data: {', '.join(DATASETS)}, or folder:PATH (one subfolder of images per class)")
+    add("--data-dir", default=None, help="where the cifar10, cifar100 and svhn files are, or are downloaded to "
+        "(default: $MGIT_FAST_DATA or ~/.cache/mgit_fast/data)")
+    add("--train-per-class", type=int, default=None, help="few-shot: train on this many images per class, "
+        "drawn per seed (default: all)")
+    add("--model", default=d.model, help="the primary: vit (the built-in ViT, shaped by the options below) or "
+        "timm:NAME (a timm ViT, e.g. timm:vit_tiny_patch16_224, built at the data's image size with --patch-size "
+        "and --drop-path)")
+    add("--epochs", type=int, default=d.epochs, help="passes over the training set")
     add("--seeds", type=int, default=len(d.seeds), help="number of seeds (0, 1, ...)")
-    add("--batch-size", type=int, default=d.batch_size)
-    add("--lr", type=float, default=d.lr)
-    add("--weight-decay", type=float, default=d.weight_decay)
-    add("--label-smoothing", type=float, default=d.label_smoothing)
-    add("--attention", choices=("standard", "lsa", "gmm"), default="standard")
+    add("--batch-size", type=int, default=d.batch_size, help="images per step")
+    add("--lr", type=float, default=d.lr, help="peak AdamW learning rate (warm-up, then cosine decay)")
+    add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (≥ 0)")
+    add("--label-smoothing", type=float, default=d.label_smoothing, help="ε of both cross-entropies, in [0, 1)")
+    add("--attention", choices=("standard", "lsa", "gmm"), default="standard", help="attention variant")
     add("--spt", action="store_true", help="shifted patch tokenization")
-    add("--patch-size", type=int, default=d.patch_size)
+    add("--patch-size", type=int, default=d.patch_size, help="patch side in pixels")
     add("--depth", type=int, default=d.depth, help="primary's encoder blocks")
-    add("--embed-dim", type=int, default=d.embed_dim)
-    add("--num-heads", type=int, default=d.num_heads)
-    add("--drop-path", type=float, default=d.drop_path)
-    add("--aux-depth", type=int, default=d.aux_depth, help="auxiliary's encoder blocks")
-    add("--js-weight", type=float, default=d.js_weight, help="λ on the JS divergence")
-    add("--temperature", type=float, default=d.temperature, help="softmax temperature of the JS term")
+    add("--embed-dim", type=int, default=d.embed_dim, help="token width")
+    add("--num-heads", type=int, default=d.num_heads, help="attention heads (must divide --embed-dim)")
+    add("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate, in [0, 1)")
+    add("--aux-depth", type=int, default=d.aux_depth, help="auxiliary's encoder blocks (1 to --depth)")
+    add("--js-weight", type=float, default=d.js_weight, help="λ on the JS divergence (≥ 0)")
+    add("--temperature", type=float, default=d.temperature, help="softmax temperature of the JS term (> 0)")
     add("--mix", type=_mix, default="adaptive", help="'adaptive' or a fixed μ in [0, 1]")
-    add("--mix-max", type=float, default=d.mix_max)
-    add("--pairing", choices=("head", "all", "none"), default="head")
-    add("--average", type=float, default=d.average, help="weighted averaging γ of paired weights")
-    add("--max-grad-norm", type=float, default=d.max_grad_norm)
+    add("--mix-max", type=float, default=d.mix_max, help="largest adaptive μ, in [0, 1]")
+    add("--pairing", choices=("head", "all", "none"), default="head", help="which parameters take the mixed gradient")
+    add("--average", type=float, default=d.average, help="weighted averaging γ of paired weights, in [0, 1]")
+    add("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip each model's gradient norm to this (> 0)")
     add("--no-baseline", action="store_true", help="skip the primary-alone arm")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (under torchrun: each rank's own GPU)")
-    add("--graph", action="store_true", help="capture MGiT's training step in a CUDA graph")
-    add("--out", default="runs/mgit", help="folder for metrics.json and training.png")
-    add("--no-progress", action="store_true")
+    add("--graph", action="store_true", help="capture MGiT's training step in a CUDA graph (needs CUDA)")
+    add("--out", default="runs/mgit", help="folder for metrics.json and training.png (created)")
+    add("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def _in(value: float, low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> bool:
+    if not math.isfinite(value):
+        return False
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    return above and below
+
+
+def validate(args: argparse.Namespace) -> Optional[str]:
+    """The first problem with the train arguments, as one line naming the option, or None.
+    Checks everything that would otherwise fail after training began; creates --out."""
+    inf = math.inf
+    ranges = [
+        ("--epochs", args.epochs, 1, inf), ("--seeds", args.seeds, 1, inf), ("--batch-size", args.batch_size, 1, inf),
+        ("--patch-size", args.patch_size, 1, inf), ("--depth", args.depth, 1, inf), ("--embed-dim", args.embed_dim, 1, inf),
+        ("--num-heads", args.num_heads, 1, inf), ("--weight-decay", args.weight_decay, 0, inf),
+        ("--js-weight", args.js_weight, 0, inf), ("--mix-max", args.mix_max, 0, 1), ("--average", args.average, 0, 1),
+    ]
+    for name, value, low, high in ranges:
+        if not _in(value, low, high):
+            bound = f"≥ {low}" if high == inf else f"in [{low}, {high}]"
+            return f"{name} must be {bound}, got {value}"
+    for name, value in (("--lr", args.lr), ("--temperature", args.temperature)):
+        if not _in(value, 0, inf, low_open=True):
+            return f"{name} must be > 0, got {value}"
+    for name, value in (("--label-smoothing", args.label_smoothing), ("--drop-path", args.drop_path)):
+        if not _in(value, 0, 1, high_open=True):
+            return f"{name} must be in [0, 1), got {value}"
+    if args.max_grad_norm is not None and not _in(args.max_grad_norm, 0, inf, low_open=True):
+        return f"--max-grad-norm must be > 0, got {args.max_grad_norm}"
+    if args.mix != "adaptive" and not _in(args.mix, 0, 1):
+        return f"--mix must be 'adaptive' or in [0, 1], got {args.mix}"
+    if args.train_per_class is not None and args.train_per_class < 1:
+        return f"--train-per-class must be ≥ 1, got {args.train_per_class}"
+    problem = check_dataset_name(args.dataset)
+    if problem:
+        return f"--dataset: {problem}"
+    if args.model != "vit":
+        if not args.model.startswith("timm:") or len(args.model) == 5:
+            return f"--model must be vit or timm:NAME, got {args.model!r}"
+        try:
+            import timm
+        except ImportError:
+            return "--model timm:...: timm is not installed (pip install --no-deps timm; see the README)"
+        if not timm.is_model(args.model[5:]):
+            return f"--model: timm has no model named {args.model[5:]!r}"
+    if args.embed_dim % args.num_heads:
+        return f"--num-heads ({args.num_heads}) must divide --embed-dim ({args.embed_dim})"
+    if not 1 <= args.aux_depth <= args.depth:
+        return f"--aux-depth must be in [1, --depth = {args.depth}], got {args.aux_depth}"
+    device = _device_problem(args.device)
+    if device:
+        return device
+    if args.graph and not (args.device.startswith("cuda") or (args.device == "auto" and _cuda_available())):
+        return f"--graph needs a CUDA device, got --device {args.device}" + (
+            " (no CUDA GPU here)" if args.device == "auto" else "")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as exc:
+        return f"--out: cannot write to {args.out}: {exc.strerror or exc}"
+    return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _device_problem(name: str) -> Optional[str]:
+    if name in ("auto", "cpu"):
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"
+    if device.type != "cuda":
+        return f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"
+    if not torch.cuda.is_available():
+        return f"--device {name}: no CUDA GPU is available here"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here"
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -78,11 +184,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .train import TrainConfig, format_table, train
 
-    if args.epochs < 1 or args.seeds < 1 or args.batch_size < 1:
-        print("mgit-fast: --epochs, --seeds and --batch-size must be positive", file=sys.stderr)
+    problem = validate(args)
+    if problem:
+        print(f"mgit-fast train: {problem}", file=sys.stderr)
         return 2
     cfg = TrainConfig(
         dataset=args.dataset,
+        data_dir=args.data_dir,
+        train_per_class=args.train_per_class,
+        model=args.model,
         epochs=args.epochs,
         seeds=list(range(args.seeds)),
         batch_size=args.batch_size,

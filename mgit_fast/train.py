@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from .data import load_dataset, random_shift
+from .data import load_dataset, per_class_subset, random_shift
 from .mgit import FusedMGiT
 from .models import ViT, make_auxiliary
 from .optim import MultiGradientAdamW
@@ -41,6 +41,9 @@ class TrainConfig:
     """Everything a run depends on (written to ``metrics.json``)."""
 
     dataset: str = "digits"
+    data_dir: Optional[str] = None  # cifar10, cifar100, svhn files (default ~/.cache/mgit_fast/data)
+    train_per_class: Optional[int] = None  # few-shot: this many training images per class, drawn per seed
+    model: str = "vit"  # the built-in ViT, or "timm:NAME" (a timm model at the data's image size)
     epochs: int = 20
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     batch_size: int = 32
@@ -147,6 +150,7 @@ class BaselineStep:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent (the unit of every accuracy the main job reports)."""
     was_training = model.training
     model.eval()
     correct = sum(
@@ -154,7 +158,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
         for i in range(0, len(x), batch_size)
     )
     model.train(was_training)
-    return correct / len(x)
+    return 100.0 * correct / len(x)
 
 
 def _run_arm(
@@ -207,6 +211,52 @@ def _summary(values: List[float]) -> Dict[str, float]:
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
 
 
+def paired_statistics(treated: List[float], control: List[float]) -> Dict[str, object]:
+    """Per-seed differences ``treated − control`` with their mean, sample std, 95 % confidence
+    interval of the mean (Student t, n − 1 degrees of freedom) and the two-sided paired t-test
+    p-value; interval and p are None below two seeds."""
+    from scipy import stats
+
+    diffs = [a - b for a, b in zip(treated, control)]
+    n = len(diffs)
+    summary = _summary(diffs) if diffs else {"mean": float("nan"), "std": 0.0}
+    out: Dict[str, object] = {"differences": diffs, "n": n, **summary, "ci95": None, "t": None, "p_value": None}
+    if n >= 2:
+        sem = summary["std"] / math.sqrt(n)
+        half = float(stats.t.ppf(0.975, n - 1)) * sem
+        out["ci95"] = [summary["mean"] - half, summary["mean"] + half]
+        if sem > 0:
+            t = summary["mean"] / sem
+            out["t"], out["p_value"] = t, float(2 * stats.t.sf(abs(t), n - 1))
+        else:  # identical differences: no spread to test against
+            out["p_value"] = 1.0 if summary["mean"] == 0 else 0.0
+    return out
+
+
+def build_model(cfg: TrainConfig, data) -> nn.Module:
+    """The primary for ``data``'s image size, channels and classes: the built-in ViT from the
+    config, or ``timm:NAME`` through ``timm.create_model`` (no pretrained weights)."""
+    size, chans, classes = data.x_train.shape[-1], data.x_train.shape[1], data.num_classes
+    if cfg.model.startswith("timm:"):
+        import timm
+
+        return timm.create_model(cfg.model[5:], pretrained=False, img_size=size, in_chans=chans, num_classes=classes,
+                                 patch_size=cfg.patch_size, drop_path_rate=cfg.drop_path)
+    return ViT(
+        img_size=size,
+        patch_size=cfg.patch_size,
+        in_chans=chans,
+        num_classes=classes,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        attention=cfg.attention,
+        spt=cfg.spt,
+        drop_path=cfg.drop_path,
+    )
+
+
 def train(cfg: TrainConfig, out_dir: Optional[Union[str, Path]] = None, *, show_progress: bool = True) -> dict:
     """Runs both arms over ``cfg.seeds``; writes ``metrics.json`` and ``training.png`` to
     ``out_dir`` when given (rank 0), and returns the metrics dict (on every rank)."""
@@ -223,7 +273,7 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
     from tqdm.auto import tqdm
 
     device = ranks.device
-    data = load_dataset(cfg.dataset)
+    full = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
     results = {
         "baseline": {"test_accuracy": [], "history": []},
         "mgit": {"test_accuracy": [], "aux_test_accuracy": [], "history": []},
@@ -232,20 +282,12 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
     start = time.perf_counter()
     with tqdm(total=arms * cfg.epochs * len(cfg.seeds), desc="mgit-fast train", disable=not show_progress) as bar:
         for seed in cfg.seeds:
+            data = full
+            if cfg.train_per_class is not None:  # few-shot: a per-class draw of its own for each seed
+                keep = per_class_subset(full.y_train, cfg.train_per_class, seed)
+                data = full._replace(x_train=full.x_train[keep], y_train=full.y_train[keep])
             torch.manual_seed(seed)
-            initial = ViT(
-                img_size=data.x_train.shape[-1],
-                patch_size=cfg.patch_size,
-                in_chans=data.x_train.shape[1],
-                num_classes=data.num_classes,
-                embed_dim=cfg.embed_dim,
-                depth=cfg.depth,
-                num_heads=cfg.num_heads,
-                mlp_ratio=cfg.mlp_ratio,
-                attention=cfg.attention,
-                spt=cfg.spt,
-                drop_path=cfg.drop_path,
-            ).to(device)
+            initial = build_model(cfg, data).to(device)
             if cfg.baseline:
                 bar.set_postfix(seed=seed, arm="baseline")
                 model = copy.deepcopy(initial)
@@ -281,6 +323,12 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
     for arm in results.values():
         for key in [k for k in arm if k.endswith("accuracy")]:
             arm[key.replace("accuracy", "summary")] = _summary(arm[key]) if arm[key] else None
+    if cfg.baseline:
+        results["paired"] = {
+            "mgit_minus_baseline": paired_statistics(results["mgit"]["test_accuracy"],
+                                                     results["baseline"]["test_accuracy"]),
+        }
+    results["accuracy_unit"] = "%"
     results["config"] = dataclasses.asdict(cfg)
     results["config"].update(
         device=str(device),
@@ -288,6 +336,7 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
         train_images=len(data.x_train),
         test_images=len(data.x_test),
         torch=torch.__version__,
+        mgit_fast=_version(),
     )
     results["seconds"] = time.perf_counter() - start
     if out_dir is not None and ranks.rank == 0:
@@ -298,14 +347,24 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
     return results
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mgit-fast")
+    except Exception:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
 def format_table(results: dict) -> str:
-    """The closing table: mean ± std per arm and the per-seed accuracies, in percent."""
+    """The closing table: mean ± std per arm and the per-seed accuracies (percent), then the
+    paired MGiT − baseline statistics."""
     seeds = results["config"]["seeds"]
     rows = [("arm", "test accuracy (%)", "per seed " + ", ".join(str(s) for s in seeds))]
 
     def row(name, values):
         s = _summary(values)
-        return (name, f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}", " ".join(f"{100 * v:.2f}" for v in values))
+        return (name, f"{s['mean']:.2f} ± {s['std']:.2f}", " ".join(f"{v:.2f}" for v in values))
 
     if results["baseline"]["test_accuracy"]:
         rows.append(row("baseline (primary alone)", results["baseline"]["test_accuracy"]))
@@ -317,40 +376,57 @@ def format_table(results: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    paired = results.get("paired", {}).get("mgit_minus_baseline")
+    if paired and paired["ci95"] is not None:
+        lo, hi = paired["ci95"]
+        t = f"t = {paired['t']:.2f}, " if paired["t"] is not None else ""
+        lines.append(f"paired MGiT − baseline over {paired['n']} seeds: {paired['mean']:+.2f} points, "
+                     f"95 % CI [{lo:+.2f}, {hi:+.2f}], {t}p = {paired['p_value']:.3f} (two-sided paired t-test)")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    """Loss, test accuracy, JS and μ per epoch (mean over seeds) for both arms."""
+    """Training cross-entropy, test accuracy, JS and μ per epoch for both arms: the mean over
+    seeds as a line, the range over seeds as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def mean_curve(histories, key):
-        curves = [h[key] for h in histories if key in h]
-        return torch.tensor(curves, dtype=torch.float64).mean(0).tolist() if curves else None
+    def curves(histories, key):
+        rows = [h[key] for h in histories if key in h]
+        return torch.tensor(rows, dtype=torch.float64) if rows else None
+
+    def draw(ax, values, label, **style):
+        epochs = range(1, values.shape[1] + 1)
+        line = ax.plot(epochs, values.mean(0).tolist(), label=label, **style)[0]
+        if values.shape[0] > 1:
+            ax.fill_between(epochs, values.min(0).values.tolist(), values.max(0).values.tolist(),
+                            color=line.get_color(), alpha=0.2, linewidth=0)
 
     panels = [
-        ("ce_primary", "primary's training cross-entropy"),
-        ("test_accuracy", "test accuracy"),
-        ("js", "JS divergence (training)"),
-        ("mix", "mixing weight μ"),
+        ("ce_primary", "primary's training cross-entropy", "cross-entropy (nats)"),
+        ("test_accuracy", "test accuracy", "accuracy (%)"),
+        ("js", "JS divergence (training)", "JS divergence (nats)"),
+        ("mix", "mixing weight μ", "μ"),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, (key, title) in zip(axes, panels):
-        for arm, label in (("baseline", "baseline"), ("mgit", "MGiT primary" if key in ("ce_primary", "test_accuracy") else "MGiT")):
-            curve = mean_curve(results[arm]["history"], key)
-            if curve is not None:
-                ax.plot(range(1, len(curve) + 1), curve, label=label)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (key, title, ylabel) in zip(axes, panels):
+        for arm, label in (("baseline", "baseline"),
+                           ("mgit", "MGiT primary" if key in ("ce_primary", "test_accuracy") else "MGiT")):
+            values = curves(results[arm]["history"], key)
+            if values is not None:
+                draw(ax, values, label)
         if key == "test_accuracy":
-            curve = mean_curve(results["mgit"]["history"], "aux_test_accuracy")
-            if curve is not None:
-                ax.plot(range(1, len(curve) + 1), curve, label="MGiT auxiliary", linestyle="--")
+            values = curves(results["mgit"]["history"], "aux_test_accuracy")
+            if values is not None:
+                draw(ax, values, "MGiT auxiliary", linestyle="--")
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{results['config']['dataset']}: mean over seeds {results['config']['seeds']}")
+    seeds = results["config"]["seeds"]
+    fig.suptitle(f"{results['config']['dataset']}: mean over {len(seeds)} seeds (line) and their range (band)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

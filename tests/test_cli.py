@@ -1,9 +1,11 @@
 """The main job: end to end with tiny settings, and the fairness of its comparison."""
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from mgit_fast.cli import main
 from mgit_fast.train import TrainConfig, train
@@ -27,6 +29,12 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert (out / "training.png").stat().st_size > 10_000
     table = capsys.readouterr().out
     assert "baseline" in table and "MGiT primary" in table and "±" in table
+    paired = metrics["paired"]["mgit_minus_baseline"]
+    diffs = [m - b for m, b in zip(metrics["mgit"]["test_accuracy"], metrics["baseline"]["test_accuracy"])]
+    assert paired["differences"] == pytest.approx(diffs) and paired["n"] == 2
+    assert "95 % CI" in table and "p = " in table
+    assert metrics["accuracy_unit"] == "%" and all(0 <= a <= 100 for a in metrics["mgit"]["test_accuracy"])
+    assert metrics["config"]["mgit_fast"] not in ("", None)
 
 
 def test_cli_rejects_bad_options(tmp_path):
@@ -46,7 +54,7 @@ def test_uncoupled_mgit_primary_is_the_baseline(drop_path):
     fair protocol (same weights, batches, augmentation and RNG) the arms agree per seed."""
     cfg = TrainConfig(seeds=[0, 1], js_weight=0.0, mix=0.0, drop_path=drop_path, **TINY)
     results = train(cfg, show_progress=False)
-    one_image = 1 / results["config"]["test_images"]
+    one_image = 100 / results["config"]["test_images"]  # percent
     for base, mgit in zip(results["baseline"]["test_accuracy"], results["mgit"]["test_accuracy"]):
         assert abs(base - mgit) <= one_image
     for base, mgit in zip(results["baseline"]["history"], results["mgit"]["history"]):
@@ -60,3 +68,76 @@ def test_coupled_mgit_primary_differs_from_the_baseline():
     base, mgit = results["baseline"]["history"][0], results["mgit"]["history"][0]
     assert base["ce_primary"] != pytest.approx(mgit["ce_primary"], rel=1e-6)
     assert all(0 < m <= 0.5 for m in mgit["mix"])
+
+
+@pytest.mark.parametrize("bad, option", [
+    (["--epochs", "0"], "--epochs"), (["--seeds", "0"], "--seeds"), (["--batch-size", "0"], "--batch-size"),
+    (["--mix", "2"], "--mix"), (["--mix", "foo"], "--mix"), (["--mix-max", "1.5"], "--mix-max"),
+    (["--js-weight", "-1"], "--js-weight"), (["--aux-depth", "0"], "--aux-depth"), (["--aux-depth", "5"], "--aux-depth"),
+    (["--num-heads", "3"], "--num-heads"), (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--temperature", "0"], "--temperature"), (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--max-grad-norm", "0"], "--max-grad-norm"), (["--average", "-0.1"], "--average"),
+    (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device"), (["--graph", "--device", "cpu"], "--graph"),
+    (["--out", "/proc/forbidden/run"], "--out"), (["--epochs", "x"], "--epochs"),
+    (["--train-per-class", "0"], "--train-per-class"), (["--model", "resnet"], "--model"),
+    (["--model", "timm:no_such_model"], "--model"), (["--dataset", "cifar11"], "--dataset"),
+    (["--dataset", "folder:/no/such/folder"], "--dataset"),
+])
+def test_bad_arguments_fail_at_once_with_one_line(bad, option, tmp_path, capsys):
+    """Each bad argument: exit code 2, one line naming the option, before any training."""
+    out = ["--out", str(tmp_path / "run")] if "--out" not in bad else []
+    try:
+        code = main(["train", "--no-progress", *out, *bad])
+    except SystemExit as exc:  # argparse's own type errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and option in err, err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_every_option_says_what_it_is_and_its_default():
+    from mgit_fast.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.option_strings
+        if not isinstance(action, argparse._StoreTrueAction):
+            assert "%(default)" in train.formatter_class(prog="x")._get_help_string(action), action.option_strings
+
+
+def test_cli_error_runs_as_a_process_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mgit_fast", "train", "--js-weight", "-1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip() == "mgit-fast train: --js-weight must be ≥ 0, got -1.0"
+
+
+def test_paired_statistics_match_scipy():
+    from scipy import stats
+
+    from mgit_fast.train import paired_statistics
+
+    rng = torch.Generator().manual_seed(3)
+    a, b = (torch.rand(10, generator=rng, dtype=torch.float64).mul(100).tolist() for _ in range(2))
+    out = paired_statistics(a, b)
+    ref = stats.ttest_rel(a, b)
+    assert out["t"] == pytest.approx(ref.statistic, rel=1e-9) and out["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    diffs = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    lo, hi = stats.t.interval(0.95, 9, loc=float(diffs.mean()), scale=float(diffs.std() / 10**0.5))
+    assert out["ci95"] == pytest.approx([lo, hi], rel=1e-9)
+    assert paired_statistics([1.0, 2.0], [1.0, 2.0])["p_value"] == 1.0
+    assert paired_statistics([1.0], [0.5])["ci95"] is None
+
+
+def test_few_shot_with_a_timm_model_end_to_end(tmp_path):
+    """--train-per-class draws N images per class per seed; --model timm:NAME trains timm's ViT
+    (beside the built-in auxiliary-making path) and the report carries the paired statistics."""
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "synthetic", "--train-per-class", "3", "--model", "timm:vit_tiny_patch16_224",
+                 "--epochs", "1", "--seeds", "2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["train_images"] == 30 and metrics["config"]["model"] == "timm:vit_tiny_patch16_224"
+    assert metrics["paired"]["mgit_minus_baseline"]["n"] == 2

@@ -440,3 +440,22 @@ def test_vit_rejects_bad_images():
             model(x)
     with pytest.raises(TypeError, match="^x"):
         model([[0.0]])
+
+
+def test_input_dtype_is_checked_and_named():
+    """float64 (or integer) images get a TypeError naming x, not layer_norm's message; under
+    autocast a lower precision passes; the model's own dtype always does."""
+    from mgit_fast import FusedMGiT
+
+    model = ViT(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2)
+    for bad in (torch.float64, torch.int64):
+        with pytest.raises(TypeError, match="^x must have the model's dtype"):
+            model(torch.zeros(2, 1, 8, 8, dtype=bad))
+    with pytest.raises(ValueError, match="^x must have shape"):
+        model(torch.zeros(2, 3, 8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)).shape == (2, 3)
+    assert model.double()(torch.randn(2, 1, 8, 8, dtype=torch.float64)).shape == (2, 3)
+    mgit = FusedMGiT(ViT(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2))
+    with pytest.raises(TypeError, match="^x must have the models' dtype"):
+        mgit.training_step(torch.zeros(2, 1, 8, 8, dtype=torch.float64), torch.zeros(2, dtype=torch.int64))

@@ -1,4 +1,23 @@
-"""Small datasets for the main job: scikit-learn's bundled digits, and a synthetic set."""
-from .datasets import DATASETS, Split, load_dataset, random_shift
+"""Small datasets for the main job: scikit-learn's bundled digits, a synthetic set, CIFAR-10/100
+and SVHN from their standard files, and image folders (``folder:PATH``)."""
+from .datasets import (
+    DATASETS,
+    Split,
+    check_dataset_name,
+    dataset_choices_help,
+    default_data_dir,
+    load_dataset,
+    per_class_subset,
+    random_shift,
+)
 
-__all__ = ["DATASETS", "Split", "load_dataset", "random_shift"]
+__all__ = [
+    "DATASETS",
+    "Split",
+    "check_dataset_name",
+    "dataset_choices_help",
+    "default_data_dir",
+    "load_dataset",
+    "per_class_subset",
+    "random_shift",
+]

@@ -238,6 +238,11 @@ class ViT(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
+        dtype = self.cls_token.dtype
+        if x.dtype != dtype and (x.dtype == torch.float64 or not x.is_floating_point()
+                                 or not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"x must have the model's dtype {dtype} (or a lower precision under autocast), "
+                            f"got {x.dtype}")
         tokens = self.patch_embed(x)
         cls_tokens = self.cls_token.expand(tokens.shape[0], -1, -1)
         tokens = torch.cat([cls_tokens, tokens], dim=1) + self.pos_embed
