@@ -29,7 +29,6 @@ caller to raise on at its next synchronisation.
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch

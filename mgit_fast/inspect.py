@@ -504,7 +504,7 @@ def row(launch: Launch, facts: Dict[str, Any], target: Target) -> Dict[str, Any]
     out: Dict[str, Any] = {
         "kernel": launch.kernel.strip("_").replace("_kernel", ""), "label": launch.label, "arch": target.arch,
         "grid": list(launch.grid), "num_warps": launch.options["num_warps"],
-        "num_stages": launch.options["num_stages"], "constexprs": {k: v for k, v in launch.constants.items()},
+        "num_stages": launch.options["num_stages"], "constexprs": launch.constants,
         "grid_problems": grid_problems(launch), **facts,
     }
     if facts.get("status") != "ok":

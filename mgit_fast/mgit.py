@@ -177,8 +177,7 @@ class FusedMGiT(nn.Module):
     def training_step(self, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
         """One MGiT step on the batch ``(x, y)``; returns detached 0-dim device tensors."""
         _checks.tensor("x", x)
-        dtype = next(self.primary.parameters()).dtype
-        if x.dtype == torch.float64 and dtype != torch.float64:
+        if x.dtype == torch.float64 and (dtype := next(self.primary.parameters()).dtype) != torch.float64:
             raise TypeError(f"x must have the models' dtype {dtype} (or a lower precision under autocast), got float64")
         _checks.tensor("y", y, ndim=1, dtypes=_checks.LABEL_DTYPES)
         if y.shape[0] != x.shape[0]:
