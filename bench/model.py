@@ -865,13 +865,13 @@ def build(target: insp.Target, *, quick: bool = False, jobs: int = 1, cache_dir:
 
 
 def _git_head() -> str:
-    """The commit the kernels come from (with "+changes" when kernels/ differs from it)."""
+    """The last commit that changed kernels/ (with "+changes" when the working tree differs)."""
     import subprocess
 
     def git(*args):
         return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True).stdout.strip()
 
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    head = git("log", "-1", "--format=%h", "--", "kernels") or "unknown"
     return head + ("+changes" if git("status", "--porcelain", "--", "kernels") else "")
 
 

@@ -127,3 +127,18 @@ def test_table_builds_for_small_shapes(tmp_path):
     assert "modeled" in text and "tiny bf16 plain" in text
     compared = model.format_comparison(built, built)
     assert compared.count("→") >= 4 * len(parts)
+
+
+def test_full_size_capture_regions_match_a_direct_recording():
+    """The capture path (kernels not run, argument sizes from the real tensors) predicts what
+    the interpreter records at that size."""
+    N, D = 33, 16
+    full, torch_ops = model.run_full(lambda: model.attention_part(3, N, 2, D, "bias", real=False), H100)
+    small = model.run_recorded(lambda: model.attention_part(1, N, 1, D, "bias"))
+    direct = model.run_recorded(lambda: model.attention_part(3, N, 2, D, "bias"))
+    combined = model.combine(full, [small])
+    assert [c["launch"].kernel for c in combined] == [r.kernel for r in direct]
+    for c, r in zip(combined, direct):
+        recorded = sum(x["read"] + x["write"] + 2 * x["atomic"] for x in r.regions.values())
+        assert abs(c["bytes"]["hbm"] - recorded) <= 0.02 * recorded, (r.kernel, c["bytes"]["hbm"], recorded)
+    assert any(op.name in ("zeros", "zero_") for op in torch_ops)  # the zeroed bias-gradient buffer
