@@ -138,10 +138,7 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
 
         device = self.named_primary[0][1].device
-        for name in HYPERPARAMETERS:
-            value = getattr(self, name)
-            if isinstance(value, Tensor) and value.device != device:
-                raise ValueError(f"{name} is on {value.device} but the parameters are on {device}")
+        self._check_hyperparameter_devices(device)
         self.use_kernel = functional.resolve_backend(backend, device.type) == "triton"
         if self.use_kernel:
             for name, p in self.named_primary + self.named_auxiliary:
@@ -170,11 +167,7 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         scaling); they are divided by S (an overflow is non-finite, so it skips the step).
         Returns μ, the two gradient norms (unscaled) and the skip flag, all device tensors;
         nothing synchronises."""
-        device = self.step_count.device
-        for name in HYPERPARAMETERS:
-            value = getattr(self, name)
-            if isinstance(value, Tensor) and value.device != device:
-                raise ValueError(f"{name} is on {value.device} but the parameters are on {device}")
+        self._check_hyperparameter_devices(self.step_count.device)
         mix = self.mix if self.named_auxiliary else 0.0
         if isinstance(mix, str):
             if ce_primary is None or ce_auxiliary is None:
@@ -226,6 +219,12 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         )
         self.last_mix.copy_(out.mix)
         return out
+
+    def _check_hyperparameter_devices(self, device: torch.device) -> None:
+        for name in HYPERPARAMETERS:
+            value = getattr(self, name)
+            if isinstance(value, Tensor) and value.device != device:
+                raise ValueError(f"{name} is on {value.device} but the parameters are on {device}")
 
     # ---------------------------------------------------------------- the Triton backend
     # Parameters and moments of both models live in three flat buffers (the kernel's FlatLayout)
