@@ -717,6 +717,15 @@ def _ops_totals(ops: Sequence[Op], target: insp.Target) -> Dict[str, float]:
                 launches=sum(o.launches for o in ops), modeled_us=us)
 
 
+def _by_name(ops: Sequence[Op]) -> Dict[str, Dict[str, float]]:
+    """Launches and bytes per op name."""
+    out: Dict[str, Dict[str, float]] = defaultdict(lambda: dict(launches=0, bytes=0))
+    for o in ops:
+        out[o.name]["launches"] += o.launches
+        out[o.name]["bytes"] += o.read + o.write
+    return dict(out)
+
+
 def ours_part(name: str, shape: str, full_make: Callable, small_makes: Sequence[Tuple[Any, Callable]],
               work: List[insp.Launch], target: insp.Target, facts: Dict[str, List],
               useful: Optional[float] = None) -> Dict[str, Any]:
@@ -818,13 +827,15 @@ def model_part(part: str, shape: str, a: Dict[str, Any], target: insp.Target, fa
         eager = eager_attention(B, N, H, D, variant)
         sdpa = sdpa_kernel_ops(B, N, H, D, variant) + sdpa_layout_ops(B, N, H, D, variant)
         result["peers"] = {"eager": _ops_totals(eager, target), "sdpa": _ops_totals(sdpa, target)}
-        result["peer_ops"] = {"sdpa": [dataclasses.asdict(o) for o in sdpa]}
+        result["peer_ops"] = {"sdpa": [dataclasses.asdict(o) for o in sdpa], "eager": _by_name(eager)}
     elif part == "loss":
         B, C = a["B"], a["C"]
         work = insp.loss_launches(B, C, target=target)
         result = ours_part(part, shape, lambda: loss_part(B, C, real=False),
                            [(("loss", b, C), lambda b=b: loss_part(b, C)) for b in SMALL_LOSS], work, target, facts)
-        result["peers"] = {"eager": _ops_totals(eager_loss(B, C), target)}
+        eager = eager_loss(B, C)
+        result["peers"] = {"eager": _ops_totals(eager, target)}
+        result["peer_ops"] = {"eager": _by_name(eager)}
     else:
         dim, depth, heads = a["dim"], a["depth"], a["heads"]
         work = insp.update_launches(shape, dim, depth, heads, target)
@@ -930,8 +941,8 @@ def format_markdown(model: Dict[str, Any]) -> str:
         "zero_grad(set_to_none) and gradient accumulation (stolen, free).",
         "",
         "| part | shape | ours MB | ours GFLOP exec (useful) | ours launches | ours regs · blk/SM | "
-        "ours µs* | peer | peer MB | peer GFLOP exec (useful) | peer launches | peer µs* |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "ours µs* | peer | peer MB | peer GFLOP exec (useful) | peer launches | peer µs* | ours / peer µs* |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in t["parts"]:
         o = p["total"]
@@ -943,7 +954,8 @@ def format_markdown(model: Dict[str, Any]) -> str:
                     if first else " | | | | ")
             lines.append(f"| {p['part'] if first else ''} | {p['shape'] if first else ''} | {ours} | {peer} | "
                          f"{v['bytes'] / 1e6:.2f} | {(v['tc_flops'] + v['fma_flops']) / 1e9:.3g} "
-                         f"({v['useful_flops'] / 1e9:.3g}) | {v['launches']} | {v['modeled_us']:.1f} |")
+                         f"({v['useful_flops'] / 1e9:.3g}) | {v['launches']} | {v['modeled_us']:.1f} | "
+                         f"{o['modeled_us'] / v['modeled_us']:.2f} |")
             first = False
     lines += ["", "µs* = modeled. regs·blk/SM: per Triton launch of ours, in launch order, from the sm_90a cubin.",
               "", "## Update traffic per parameter per step (modeled)", "",
