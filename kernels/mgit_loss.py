@@ -378,17 +378,19 @@ def new_buffer(shape, *, device, dtype) -> Tensor:
 
 
 def tile(B: int, C: int) -> Tuple[int, int, int, int]:
-    """(ROWS, BLOCK_C, num_warps, programs): up to 2,048 classes of a row per chunk. One program
+    """(ROWS, BLOCK_C, num_warps, programs): a row of up to 2,048 classes in one chunk, a longer
+    one in chunks of 1,024 (its three passes hold more state in registers). One program
     of 8 warps walks every row when B·C ≤ SINGLE_PROGRAM_ELEMENTS, in tiles of 512 logits of
     each model (2 per thread; more rows per tile cost registers for every row's statistics)
     or of one row's chunk. Otherwise each program takes one tile: at most 8 logits of each model
-    per thread, 4 when a tile holds several rows (which costs more registers), several rows when
-    C is small but no more than keeps about two programs per SM busy (`mgit-fast inspect`)."""
-    block_c = min(triton.next_power_of_2(C), 2048)
+    per thread, 4 up to 1,024 classes or when a tile holds several rows (more would cost
+    registers), several rows when C is small but no more than keeps about two programs per SM
+    busy (`mgit-fast inspect`)."""
+    block_c = triton.next_power_of_2(C) if C <= 2048 else 1024
     if B * C <= SINGLE_PROGRAM_ELEMENTS:
         rows = max(1, min(512 // block_c, triton.next_power_of_2(max(B, 1))))
         return rows, block_c, 8, 1
-    num_warps = 8 if block_c >= 2048 else 4
+    num_warps = 8 if block_c >= 1024 else 4
     rows = max(1, min(4 * 32 * num_warps // block_c, triton.next_power_of_2(triton.cdiv(B, 264))))
     return rows, block_c, num_warps, triton.cdiv(B, rows)
 
