@@ -276,17 +276,20 @@ def loss_launches(B: int, C: int, dtype: torch.dtype = torch.bfloat16, target: T
 
     z, w = (torch.empty(B, C, device=META, dtype=dtype) for _ in range(2))
     y = torch.empty(B, device=META, dtype=torch.int64)
-    with capture(target) as launches:
-        _, stats, counts = kernel.forward(z, w, y, 0.1, 2.0, 0.1, -100)
-        kernel.backward(torch.empty(4, device=META), z, w, y, stats, counts, 0.1, 2.0, 0.1, -100)
+    with capture(target) as launches:  # with gradients: stored (C ≤ 2,048) and scaled, or recomputed from row stats
+        _, aux, saved_z, saved_w = kernel.forward(z, w, y, 0.1, 2.0, 0.1, -100, needs_grad=True)
+        kernel.backward(torch.empty(4, device=META), aux, saved_z, saved_w, z, w, y, 0.1, -100, tempered=True)
     size = torch.finfo(dtype).bits // 8
-    reads = 2 if C > 2048 else 1
+    stored = kernel.stores_gradients(C, True)
+    reads = 1 if stored else 2  # a row longer than a chunk: a log-sum-exp pass and a JS pass
     for launch in launches:
         launch.label = f"loss B={B} C={C} {_DTYPE_NAMES[dtype]}"
         if launch.kernel == "_mgit_loss_fwd_kernel":
-            launch.work = dict(bytes=2 * reads * B * C * size + 32 * B, flops=30 * B * C, precision="fp32")
+            launch.work = dict(bytes=2 * (reads + stored) * B * C * size + (8 if stored else 32) * B,
+                               flops=30 * B * C, precision="fp32")
         elif launch.kernel == "_mgit_loss_bwd_kernel":
-            launch.work = dict(bytes=4 * B * C * size + 32 * B, flops=30 * B * C, precision="fp32")
+            launch.work = dict(bytes=4 * B * C * size + (0 if stored else 24 * B),
+                               flops=(2 if stored else 20) * B * C, precision="fp32")
     return launches
 
 

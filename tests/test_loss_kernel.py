@@ -218,12 +218,11 @@ def _grads_with_logits_poisoned_after_forward(weights, C=12):
 
 
 @pytest.mark.parametrize("weights", [(3.7, 0.0, 0.0, 0.0), (1.0, 1.0, 1.0, 0.3), (-2.0, 0.5, 0.5, 0.15)])
-@pytest.mark.parametrize("C", [12, 3000])
-def test_backward_only_scales_the_forwards_gradients(programs, launches, weights, C):
-    """Upstream gradients proportional to `loss` (or to ce + ce + λ·js, λ = 0.3): the backward
-    reads no logit, so poisoning them after the forward changes nothing; same grid as the
-    forward, one launch."""
-    grads, ref_grads = _grads_with_logits_poisoned_after_forward(weights, C)
+def test_backward_only_scales_the_forwards_gradients(programs, launches, weights):
+    """Upstream gradients proportional to `loss` (or to ce + ce + λ·js, λ = 0.3), rows of one
+    chunk: the backward reads no logit, so poisoning them after the forward changes nothing;
+    same grid as the forward, one launch."""
+    grads, ref_grads = _grads_with_logits_poisoned_after_forward(weights, 12)
     for name, g, r in zip(("d_primary", "d_auxiliary"), grads, ref_grads):
         assert_rel_close(g, r, 1e-5, name)
     forward, backward = launches[:-1], launches[-1]
@@ -231,6 +230,18 @@ def test_backward_only_scales_the_forwards_gradients(programs, launches, weights
     expected = ["_mgit_loss_fwd_kernel"] + (["_mgit_loss_finish_kernel"] if programs == "several programs" else [])
     assert [name for name, _ in forward] == expected
     assert (forward[0][1] == (1,)) == (programs == "one program")
+
+
+@pytest.mark.parametrize("C", [2048, 3000])
+def test_gradients_are_stored_only_for_rows_of_one_chunk(poison, C):
+    """C ≤ 2,048: the forward writes both [B, C] gradients; a longer row writes none and its
+    backward recomputes from the logits (so poisoning them after the forward shows)."""
+    z, w, y = batch(3, C)
+    functional.mgit_loss(z.requires_grad_(), w.requires_grad_(), y, backend="triton")
+    assert poison.count((3, C)) == (2 if C <= 2048 else 0)
+    if C > 2048:
+        grads, _ = _grads_with_logits_poisoned_after_forward((3.7, 0.0, 0.0, 0.0), C)
+        assert all(torch.isnan(g).any() for g in grads)
 
 
 def test_other_weightings_recompute_from_the_logits():
