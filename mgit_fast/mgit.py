@@ -22,6 +22,10 @@ def _world_size() -> int:
     return 1
 
 
+def _is_cuda(x: Tensor) -> bool:
+    return x.is_cuda
+
+
 def autocast_dtype(amp_dtype: Optional[torch.dtype], device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype for a step: ``None`` → bfloat16 on CUDA GPUs that support it, else no
     autocast; ``torch.float32`` → no autocast; ``torch.bfloat16``/``torch.float16`` → that."""
@@ -78,7 +82,8 @@ class FusedMGiT(nn.Module):
     another shape (a short last batch) runs eagerly. Learning rates are read from device
     tensors refreshed before each replay, so schedulers work; a change of any other
     hyperparameter re-captures. Call ``reset_graph()`` after replacing parameters by hand.
-    ``overlap=True`` runs the auxiliary's forward and backward on a second CUDA stream.
+    ``overlap=True`` (CUDA) runs the auxiliary's forward and backward on a second CUDA stream,
+    concurrently with the primary's (the results are those of ``overlap=False``).
 
     Under ``torch.distributed`` (e.g. ``torchrun``; initialise the process group first), both
     models are wrapped in ``DistributedDataParallel``: each rank passes its share of the batch,
@@ -200,24 +205,23 @@ class FusedMGiT(nn.Module):
         else:  # no cast cache: the cached copies would outlive a graph capture
             autocast = torch.autocast(x.device.type, dtype=amp, cache_enabled=not self.graph)
         primary, auxiliary = self._replicas or (self.primary, self.auxiliary)
+        streams = self._fork(x)  # overlap: before the primary's forward, so both models run at once
         with autocast:
             logits_primary = primary(x)
-        if self.overlap and x.is_cuda:
-            # the auxiliary on a second stream; autograd runs its backward there too and joins
-            # the streams again at the end of backward()
-            current = torch.cuda.current_stream()
-            if self._side_stream is None or self._side_stream.device != x.device:
-                self._side_stream = torch.cuda.Stream(x.device)
-            self._side_stream.wait_stream(current)
-            with torch.cuda.stream(self._side_stream), autocast:
-                logits_auxiliary = auxiliary(x)
-            current.wait_stream(self._side_stream)
-        else:
+        if streams is None:
             with autocast:
                 logits_auxiliary = auxiliary(x)
+        else:  # the auxiliary on the side stream; autograd runs its backward there too
+            current, side = streams
+            with torch.cuda.stream(side), autocast:
+                logits_auxiliary = auxiliary(x)
+            current.wait_stream(side)  # the loss reads both logits
+            logits_auxiliary.record_stream(current)
         out = self.criterion(logits_primary, logits_auxiliary, y)
         scale = self.loss_scale.scale if amp == torch.float16 else None
         (out.loss if scale is None else out.loss * scale).backward()
+        if streams is not None:
+            current.wait_stream(side)  # the auxiliary's gradients are complete before the update
         stats = torch.stack([o.detach() for o in out])  # loss, ce_primary, ce_auxiliary, js
         if self._replicas is not None:  # μ and the reported values from the global batch
             torch.distributed.all_reduce(stats)
@@ -234,6 +238,20 @@ class FusedMGiT(nn.Module):
             "mix": update.mix,
             "skipped": update.skipped,
         }
+
+    def _fork(self, x: Tensor) -> Optional[Tuple[Any, Any]]:
+        """With ``overlap`` on CUDA: (current stream, side stream), the side stream ordered after
+        everything the current one has queued (the batch, the zeroed gradients, the last
+        update); else None."""
+        if not (self.overlap and _is_cuda(x)):
+            return None
+        current = torch.cuda.current_stream(x.device)
+        if self._side_stream is None or self._side_stream.device != x.device:
+            self._side_stream = torch.cuda.Stream(x.device)
+        side = self._side_stream
+        side.wait_stream(current)
+        x.record_stream(side)  # the auxiliary reads x on the side stream, forward and backward
+        return current, side
 
     # ---------------------------------------------------------------- CUDA graphs
     def _signature(self, x: Tensor, y: Tensor) -> Tuple[Any, Any]:

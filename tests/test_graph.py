@@ -12,7 +12,7 @@ from mgit_fast.train import TrainConfig, train
 def build(device="cpu", seed=0, **kwargs):
     torch.manual_seed(seed)
     primary = ViT(img_size=16, patch_size=4, in_chans=3, num_classes=7, embed_dim=64, depth=2, num_heads=2,
-                  attention=kwargs.pop("attention", "lsa"))
+                  attention=kwargs.pop("attention", "lsa"), drop_path=kwargs.pop("drop_path_primary", 0.0))
     defaults = dict(aux_seed=seed + 1, lr=3e-3, js_weight=0.3, pairing="all", max_grad_norm=1.0)
     defaults.update(kwargs)
     return FusedMGiT(primary.to(device), **defaults).to(device)
@@ -59,6 +59,111 @@ def test_graph_and_overlap_leave_cpu_steps_eager():
     assert options._captured is None
 
 
+class _FakeStreams:
+    """torch.cuda's stream API where no GPU exists: streams that log what is asked of them
+    (the work itself runs on the CPU, in order)."""
+
+    class Stream:
+        def __init__(self, name, device=None):
+            self.name, self.device = name, device
+
+        def wait_stream(self, other):
+            _FakeStreams.log.append(("wait", self.name, other.name))
+
+    log = []
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        import mgit_fast.mgit as mgit_module
+
+        _FakeStreams.log = self.log = []
+        self.active = self.default = self.Stream("current")
+        self.made = []
+
+        def make(device=None):
+            self.made.append(self.Stream("side", device))
+            return self.made[-1]
+
+        @contextlib.contextmanager
+        def stream(s):
+            before, self.active = self.active, s
+            try:
+                yield
+            finally:
+                self.active = before
+
+        monkeypatch.setattr(mgit_module, "_is_cuda", lambda x: True)  # the one thing a CPU tensor is not
+        monkeypatch.setattr(torch.cuda, "Stream", make)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.active)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.Tensor, "record_stream",
+                            lambda t, s: self.log.append(("record", self.names.get(id(t), "?"), s.name)))
+        self.names = {}
+
+    def watch(self, mgit):
+        """Logs the models' forwards, the loss, the auxiliary's gradients and the update, each
+        with the stream that is current when it runs."""
+
+        def forward(name):
+            return lambda module, args: self.log.append((name + " forward", self.active.name))
+
+        def auxiliary_output(module, args, out):
+            self.names[id(out)] = "logits_auxiliary"
+            out.register_hook(lambda g: self.log.append(("auxiliary backward", self.active.name)))
+
+        mgit.primary.register_forward_pre_hook(forward("primary"))
+        mgit.auxiliary.register_forward_pre_hook(forward("auxiliary"))
+        mgit.auxiliary.register_forward_hook(auxiliary_output)
+        mgit.criterion.register_forward_pre_hook(forward("loss"))
+        for p in mgit.auxiliary.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: self.log.append(("auxiliary gradient", self.active.name)))
+        step = mgit.optimizer.step
+
+        def update(*args, **kwargs):
+            self.log.append(("update", self.active.name))
+            return step(*args, **kwargs)
+
+        mgit.optimizer.step = update
+
+
+def test_overlap_forks_before_the_primary_forward_and_joins_before_the_loss_and_the_update(monkeypatch):
+    """The stream protocol of overlap=True, on fake streams; its results equal overlap=False's
+    (with drop path, so the models' random draws keep their order)."""
+    data = batches("cpu", sizes=(8, 8, 3))
+    plain = build(drop_path_primary=0.2)
+    overlapped = build(overlap=True, drop_path_primary=0.2)
+    fake = _FakeStreams(monkeypatch)
+    stats_plain, stats_overlap = [], []
+    for step, (x, y) in enumerate(data):
+        torch.manual_seed(100 + step)
+        stats_plain.append(plain.training_step(x, y))
+        fake.log.clear()
+        if step == 0:
+            fake.watch(overlapped)
+        fake.names[id(x)] = "x"
+        torch.manual_seed(100 + step)
+        stats_overlap.append(overlapped.training_step(x, y))
+        log = [e for e in fake.log if e[0] != "auxiliary gradient"]
+        last_gradient = max(i for i, e in enumerate(fake.log) if e[0] == "auxiliary gradient")
+        assert log == [
+            ("wait", "side", "current"),  # fork: after the batch, the zeroed gradients, the last update
+            ("record", "x", "side"),
+            ("primary forward", "current"),
+            ("auxiliary forward", "side"),
+            ("wait", "current", "side"),  # join: the loss reads both logits
+            ("record", "logits_auxiliary", "current"),
+            ("loss forward", "current"),
+            ("auxiliary backward", "current"),  # (autograd picks the real backward streams)
+            ("wait", "current", "side"),  # join before the update
+            ("update", "current"),
+        ], step
+        joins = [i for i, e in enumerate(fake.log) if e == ("wait", "current", "side")]
+        assert last_gradient < joins[-1] < fake.log.index(("update", "current"))
+    assert len(fake.made) == 1 and overlapped._side_stream is fake.made[0]  # one side stream, kept
+    assert_same_run(plain, overlapped, stats_plain, stats_overlap, rtol=0, atol=0)
+
+
 # -------------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("overlap", [False, True])
@@ -70,6 +175,35 @@ def test_cuda_graph_replay_equals_eager_steps(overlap):
     assert graphed._captured is not None and graphed._captured.x.shape[0] == 16
     assert_same_run(eager, graphed, stats_eager, stats_graph, rtol=1e-4, atol=1e-5)
     assert int(graphed.optimizer.step_count) == len(data)
+
+
+@pytest.mark.cuda
+def test_cuda_overlap_runs_each_model_on_its_own_stream():
+    """overlap=True: the auxiliary's forward and backward on the side stream, the primary's on
+    the current one, and the steps equal overlap=False's."""
+    data = batches("cuda")
+    plain, overlapped = build("cuda", drop_path_primary=0.2), build("cuda", overlap=True, drop_path_primary=0.2)
+    seen = []
+
+    def record(name):
+        return lambda *args: seen.append((name, torch.cuda.current_stream()))
+
+    for name, model in (("primary", overlapped.primary), ("auxiliary", overlapped.auxiliary)):
+        model.register_forward_pre_hook(record(name + " forward"))
+        model.register_forward_hook(lambda m, a, out, name=name: out.register_hook(record(name + " backward")))
+    stats_plain, stats_overlap = [], []
+    for step, (x, y) in enumerate(data):
+        torch.manual_seed(step)
+        stats_plain.append(plain.training_step(x, y))
+        torch.manual_seed(step)
+        stats_overlap.append(overlapped.training_step(x, y))
+    main, side = torch.cuda.current_stream(), overlapped._side_stream
+    assert side is not None and side != main
+    expected = {"primary forward": main, "auxiliary forward": side, "primary backward": main, "auxiliary backward": side}
+    assert len(seen) == 4 * len(data)
+    for name, stream in seen:
+        assert stream == expected[name], name
+    assert_same_run(plain, overlapped, stats_plain, stats_overlap, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.cuda
