@@ -188,9 +188,15 @@ def test_cuda_overlap_runs_each_model_on_its_own_stream():
     def record(name):
         return lambda *args: seen.append((name, torch.cuda.current_stream()))
 
+    def on_output(name):
+        def hook(module, args, out):
+            out.register_hook(record(name + " backward"))  # runs where autograd runs that node
+
+        return hook
+
     for name, model in (("primary", overlapped.primary), ("auxiliary", overlapped.auxiliary)):
         model.register_forward_pre_hook(record(name + " forward"))
-        model.register_forward_hook(lambda m, a, out, name=name: out.register_hook(record(name + " backward")))
+        model.register_forward_hook(on_output(name))
     stats_plain, stats_overlap = [], []
     for step, (x, y) in enumerate(data):
         torch.manual_seed(step)
