@@ -2,26 +2,40 @@
 forward and backward, reading both logits [B, C] in one kernel.
 
 Per kept row i (target y ≠ ignore_index), with z = logits_primary, w = logits_auxiliary,
-ε = label_smoothing, T = temperature, C classes:
+ε = label_smoothing, T = temperature, λ = js_weight, C classes:
 
     ce_z   = (1 − ε)(lse(z) − z_y) + ε(lse(z) − mean(z))            (and ce_w alike)
     log p  = z/T − lse(z/T),  log q = w/T − lse(w/T),  log m = log ½(p + q)
     kl_p   = Σ p (log p − log m),  kl_q = Σ q (log q − log m),  js = ½ kl_p + ½ kl_q
 
-The four outputs are means over the kept rows: ce_primary, ce_auxiliary, js and
-loss = ce_primary + ce_auxiliary + λ·js. Gradients, for upstream g_loss, g_cp, g_ca, g_js and
-n kept rows:
+The four outputs are means over the n kept rows: ce_primary, ce_auxiliary, js and
+loss = ce_primary + ce_auxiliary + λ·js. Their gradients, per row:
 
     ∂ce_z/∂z_j = softmax(z)_j − (1 − ε)[j = y] − ε/C
     ∂js/∂z_j   = (1/T) · p_j · (½(log p_j − log m_j) − ½ kl_p)          (and w with q, kl_q)
-    dz = ((g_loss + g_cp)·∂ce_z + (λ·g_loss + g_js)·∂js) / n
 
-Forward: each program owns a tile of ROWS rows and walks C in BLOCK_C chunks: one pass when
-a row fits in one chunk; otherwise a first pass for the log-sum-exps (online) and a second
-for the JS sums, so each logit is read at most twice. Each program writes its partial sums
-(ce_z, ce_w, js, kept rows, invalid labels); a one-program kernel reduces them in a fixed order
-and divides, so no count ever reaches the host. Per-row statistics (four lse, kl_p, kl_q) are
-saved for the backward, which reads each logit once and writes each gradient once.
+One pass: when a logit needs a gradient, the forward, which holds the row in registers,
+also writes G_z = ∂ce_z/∂z + λ·∂js/∂z (and G_w) for every kept row (0 elsewhere), not yet
+divided by n. For upstream gradients (g_loss, g_cp, g_ca, g_js) the gradient is
+
+    dz = ((g_loss + g_cp)·∂ce_z + (λ·g_loss + g_js)·∂js) / n  =  (g_loss + g_cp)/n · G_z
+
+whenever g_js = λ·g_cp and g_js = λ·g_ca (a loss built from `loss`, or from
+`ce_primary + ce_auxiliary + λ·js`, times any factor): then the backward only scales G. Any
+other weighting of the four outputs (decided on the device, no synchronisation) recomputes
+the rows from the saved logits in the same launch.
+
+Tiling: each program owns tiles of ROWS rows and walks C in BLOCK_C chunks. A row that fits
+in one chunk is read once and every exponential is computed once (softmax, p and q reuse the
+log-sum-exp's). A longer row takes a pass for the log-sum-exps (online), one for the JS sums
+and, with gradients, one that writes them. When B·C is small one program does every row and
+writes the four outputs itself: one launch. Otherwise each program writes its partial sums
+(ce_z, ce_w, js, kept rows, invalid labels) and a one-program kernel reduces them in a fixed
+order, so no count ever reaches the host.
+
+temperature and js_weight are Python floats or 0-dim float32 tensors read by the kernels from
+device memory (a CUDA graph replays later in-place changes). The values a forward used are
+saved with the row count for its backward.
 
 A label outside [0, C) that is not ignore_index counts as invalid: the row is left out, every
 output becomes NaN (so a MultiGradientAdamW step skips), and the count is returned for the
@@ -29,7 +43,7 @@ caller to raise on at its next synchronisation.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -39,6 +53,16 @@ from torch import Tensor
 from . import on_device
 
 LN2 = 0.6931471805599453
+SINGLE_PROGRAM_ELEMENTS = 8192  # B·C up to this: one program, one launch
+
+
+@triton.jit
+def _scalar(X, FROM_POINTER: tl.constexpr):
+    """A float argument, or the value of a 0-dim tensor when X points at one."""
+    if FROM_POINTER:
+        return tl.load(X).to(tl.float32)
+    else:
+        return X
 
 
 @triton.jit
@@ -57,119 +81,160 @@ def _online_lse(m, s, x):
 
 
 @triton.jit
+def _log_m(log_p, log_q):
+    """log ½(p + q) from log p and log q, stable when both underflow."""
+    hi = tl.maximum(log_p, log_q)
+    return hi + tl.log(1.0 + tl.exp(-tl.abs(log_p - log_q))) - 0.6931471805599453
+
+
+@triton.jit
 def _js_terms(z, w, lse_zt, lse_wt, inv_t, ok):
     """log p, log q, p, q and log m for a tile; zeros (not NaN) outside the row."""
     log_p = tl.where(ok, z * inv_t - lse_zt[:, None], 0.0)
     log_q = tl.where(ok, w * inv_t - lse_wt[:, None], 0.0)
     p = tl.where(ok, tl.exp(log_p), 0.0)
     q = tl.where(ok, tl.exp(log_q), 0.0)
-    hi = tl.maximum(log_p, log_q)
-    log_m = hi + tl.log(1.0 + tl.exp(-tl.abs(log_p - log_q))) - 0.6931471805599453
-    return log_p, log_q, p, q, log_m
+    return log_p, log_q, p, q, _log_m(log_p, log_q)
 
 
 @triton.jit
-def _log_sum_exps(m_z, s_z, m_w, s_w, m_zt, s_zt, m_wt, s_wt, TEMPERED: tl.constexpr):
-    """lse(z), lse(w), lse(z/T), lse(w/T) from the running (max, sum) pairs."""
-    lse_z = m_z + tl.log(s_z)
-    lse_w = m_w + tl.log(s_w)
-    if TEMPERED:
-        return lse_z, lse_w, m_zt + tl.log(s_zt), m_wt + tl.log(s_wt)
-    else:
-        return lse_z, lse_w, lse_z, lse_w
+def _store_grad(D, rows, cols, stride_d, B, C, keep, c_ce, c_js, d_ce, p, log_p, log_m, kl):
+    """D[rows, cols] = c_ce·∂ce + c_js·∂js on the kept rows, 0 on the others (d_js below lacks
+    ∂js's factor 1/T: c_js carries it)."""
+    d_js = p * (0.5 * (log_p - log_m) - 0.5 * kl[:, None])
+    g = tl.where(keep, c_ce * d_ce + c_js * d_js, 0.0)
+    store_ok = (rows[:, None] < B) & (cols[None, :] < C)
+    tl.store(D + rows[:, None] * stride_d + cols[None, :], g.to(D.dtype.element_ty), mask=store_ok)
 
 
 @triton.jit
-def _kl_sums(z, w, lse_zt, lse_wt, inv_t, ok):
-    """Σ p (log p − log m) and Σ q (log q − log m) over a tile, per row."""
-    log_p, log_q, p, q, log_m = _js_terms(z, w, lse_zt, lse_wt, inv_t, ok)
-    return tl.sum(p * (log_p - log_m), 1), tl.sum(q * (log_q - log_m), 1)
-
-
-@triton.jit
-def _mgit_loss_fwd_kernel(
-    Z, W, Y, STATS, PARTIAL,
-    B, C, stride_z, stride_w, ignore_index, label_smoothing, inv_t,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_CHUNK: tl.constexpr, TEMPERED: tl.constexpr,
+def _row_tile(
+    Z, W, Y, DZ, DW, rows, B, C, stride_z, stride_w, stride_d, ignore_index, label_smoothing, inv_t,
+    c_z, c_w, c_js,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_CHUNK: tl.constexpr, TEMPERED: tl.constexpr, WRITE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # rows · stride can pass 2³¹
+    """One tile of rows: per row ce_z, ce_w, js and the kept / invalid masks. With WRITE, also
+    DZ = c_z·∂ce_z + c_js·∂js/∂z and DW = c_w·∂ce_w + c_js·∂js/∂w for these rows."""
     offs = tl.arange(0, BLOCK_C)
     row_ok = rows < B
-    y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int32)
-    invalid = row_ok & (y != ignore_index) & ((y < 0) | (y >= C))
-    kept = row_ok & (y != ignore_index) & ~invalid
-
-    neg_inf = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    zero = tl.zeros([ROWS], dtype=tl.float32)
-    m_z, s_z, m_w, s_w = neg_inf, zero, neg_inf, zero
-    m_zt, s_zt, m_wt, s_wt = neg_inf, zero, neg_inf, zero
-    sum_z, sum_w, z_y, w_y = zero, zero, zero, zero
-    kl_p, kl_q = zero, zero
-    # pass 1 (the only one when a row fits in one chunk): log-sum-exps, sums, target logits
-    for start in range(0, C, BLOCK_C):
-        cols = start + offs
-        ok = row_ok[:, None] & (cols[None, :] < C)
-        z = _load_tile(Z, rows, cols, stride_z, B, C)
-        w = _load_tile(W, rows, cols, stride_w, B, C)
-        m_z, s_z = _online_lse(m_z, s_z, z)
-        m_w, s_w = _online_lse(m_w, s_w, w)
+    y = tl.load(Y + rows, mask=row_ok, other=ignore_index)
+    listed = row_ok & (y != ignore_index)
+    invalid = listed & ((y < 0) | (y >= C))
+    kept = listed & ~invalid
+    y = tl.where(kept, y, -1).to(tl.int32)  # in [0, C) on kept rows, so int32 is exact
+    eps_c = label_smoothing / C
+    c_js_t = c_js * inv_t
+    if SINGLE_CHUNK:  # the row is in registers: every exponential once
+        ok = row_ok[:, None] & (offs[None, :] < C)
+        z = _load_tile(Z, rows, offs, stride_z, B, C)
+        w = _load_tile(W, rows, offs, stride_w, B, C)
+        m_z = tl.max(z, 1)
+        m_w = tl.max(w, 1)
+        m_z = tl.where(row_ok, m_z, 0.0)
+        m_w = tl.where(row_ok, m_w, 0.0)
+        d_z = z - m_z[:, None]  # −∞ outside the row
+        d_w = w - m_w[:, None]
+        e_z = tl.exp(d_z)
+        e_w = tl.exp(d_w)
+        s_z = tl.sum(e_z, 1)
+        s_w = tl.sum(e_w, 1)
         if TEMPERED:
-            m_zt, s_zt = _online_lse(m_zt, s_zt, z * inv_t)
-            m_wt, s_wt = _online_lse(m_wt, s_wt, w * inv_t)
-        sum_z += tl.sum(tl.where(ok, z, 0.0), 1)
-        sum_w += tl.sum(tl.where(ok, w, 0.0), 1)
-        is_y = cols[None, :] == y[:, None]
-        z_y += tl.sum(tl.where(is_y & ok, z, 0.0), 1)
-        w_y += tl.sum(tl.where(is_y & ok, w, 0.0), 1)
-        if SINGLE_CHUNK:  # the whole row is in this tile: the JS sums need no second pass
-            _, _, lse_zt1, lse_wt1 = _log_sum_exps(m_z, s_z, m_w, s_w, m_zt, s_zt, m_wt, s_wt, TEMPERED)
-            kl_p, kl_q = _kl_sums(z, w, lse_zt1, lse_wt1, inv_t, ok)
-    lse_z, lse_w, lse_zt, lse_wt = _log_sum_exps(m_z, s_z, m_w, s_w, m_zt, s_zt, m_wt, s_wt, TEMPERED)
-    if not SINGLE_CHUNK:  # pass 2: the JS sums need the tempered log-sum-exps
-        for start in range(0, C, BLOCK_C):
+            e_zt = tl.exp(d_z * inv_t)
+            e_wt = tl.exp(d_w * inv_t)
+            s_zt = tl.sum(e_zt, 1)
+            s_wt = tl.sum(e_wt, 1)
+            log_p = tl.where(ok, d_z * inv_t - tl.log(s_zt)[:, None], 0.0)
+            log_q = tl.where(ok, d_w * inv_t - tl.log(s_wt)[:, None], 0.0)
+        else:
+            e_zt, e_wt, s_zt, s_wt = e_z, e_w, s_z, s_w
+            log_p = tl.where(ok, d_z - tl.log(s_z)[:, None], 0.0)
+            log_q = tl.where(ok, d_w - tl.log(s_w)[:, None], 0.0)
+        p = e_zt * (1.0 / s_zt)[:, None]
+        q = e_wt * (1.0 / s_wt)[:, None]
+        log_m = _log_m(log_p, log_q)
+        kl_p = tl.sum(p * (log_p - log_m), 1)
+        kl_q = tl.sum(q * (log_q - log_m), 1)
+        lse_z = m_z + tl.log(s_z)
+        lse_w = m_w + tl.log(s_w)
+        is_y = offs[None, :] == y[:, None]
+        sum_z = tl.sum(tl.where(ok, z, 0.0), 1)
+        sum_w = tl.sum(tl.where(ok, w, 0.0), 1)
+        z_y = tl.sum(tl.where(is_y, z, 0.0), 1)
+        w_y = tl.sum(tl.where(is_y, w, 0.0), 1)
+        if WRITE:
+            keep = kept[:, None] & (offs[None, :] < C)
+            hot = tl.where(is_y, 1.0 - label_smoothing, 0.0) + eps_c
+            if TEMPERED:
+                d_ce_z = e_z * (1.0 / s_z)[:, None] - hot
+                d_ce_w = e_w * (1.0 / s_w)[:, None] - hot
+            else:
+                d_ce_z = p - hot
+                d_ce_w = q - hot
+            _store_grad(DZ, rows, offs, stride_d, B, C, keep, c_z, c_js_t, d_ce_z, p, log_p, log_m, kl_p)
+            _store_grad(DW, rows, offs, stride_d, B, C, keep, c_w, c_js_t, d_ce_w, q, log_q, log_m, kl_q)
+    else:
+        neg_inf = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        zero = tl.zeros([ROWS], dtype=tl.float32)
+        m_z, s_z, m_w, s_w = neg_inf, zero, neg_inf, zero
+        m_zt, s_zt, m_wt, s_wt = neg_inf, zero, neg_inf, zero
+        sum_z, sum_w, z_y, w_y = zero, zero, zero, zero
+        for start in range(0, C, BLOCK_C):  # pass 1: log-sum-exps, sums, target logits
             cols = start + offs
             ok = row_ok[:, None] & (cols[None, :] < C)
             z = _load_tile(Z, rows, cols, stride_z, B, C)
             w = _load_tile(W, rows, cols, stride_w, B, C)
-            chunk_p, chunk_q = _kl_sums(z, w, lse_zt, lse_wt, inv_t, ok)
-            kl_p += chunk_p
-            kl_q += chunk_q
-
+            m_z, s_z = _online_lse(m_z, s_z, z)
+            m_w, s_w = _online_lse(m_w, s_w, w)
+            if TEMPERED:
+                m_zt, s_zt = _online_lse(m_zt, s_zt, z * inv_t)
+                m_wt, s_wt = _online_lse(m_wt, s_wt, w * inv_t)
+            is_y = cols[None, :] == y[:, None]
+            sum_z += tl.sum(tl.where(ok, z, 0.0), 1)
+            sum_w += tl.sum(tl.where(ok, w, 0.0), 1)
+            z_y += tl.sum(tl.where(is_y, z, 0.0), 1)
+            w_y += tl.sum(tl.where(is_y, w, 0.0), 1)
+        lse_z = m_z + tl.log(s_z)
+        lse_w = m_w + tl.log(s_w)
+        if TEMPERED:
+            lse_zt = m_zt + tl.log(s_zt)
+            lse_wt = m_wt + tl.log(s_wt)
+        else:
+            lse_zt, lse_wt = lse_z, lse_w
+        kl_p, kl_q = zero, zero
+        for start in range(0, C, BLOCK_C):  # pass 2: the JS sums
+            cols = start + offs
+            ok = row_ok[:, None] & (cols[None, :] < C)
+            z = _load_tile(Z, rows, cols, stride_z, B, C)
+            w = _load_tile(W, rows, cols, stride_w, B, C)
+            log_p, log_q, p, q, log_m = _js_terms(z, w, lse_zt, lse_wt, inv_t, ok)
+            kl_p += tl.sum(p * (log_p - log_m), 1)
+            kl_q += tl.sum(q * (log_q - log_m), 1)
+        if WRITE:
+            for start in range(0, C, BLOCK_C):  # pass 3: the gradients
+                cols = start + offs
+                ok = row_ok[:, None] & (cols[None, :] < C)
+                keep = kept[:, None] & (cols[None, :] < C)
+                z = _load_tile(Z, rows, cols, stride_z, B, C)
+                w = _load_tile(W, rows, cols, stride_w, B, C)
+                log_p, log_q, p, q, log_m = _js_terms(z, w, lse_zt, lse_wt, inv_t, ok)
+                hot = tl.where(cols[None, :] == y[:, None], 1.0 - label_smoothing, 0.0) + eps_c
+                if TEMPERED:
+                    d_ce_z = tl.exp(tl.where(ok, z - lse_z[:, None], float("-inf"))) - hot
+                    d_ce_w = tl.exp(tl.where(ok, w - lse_w[:, None], float("-inf"))) - hot
+                else:
+                    d_ce_z = p - hot
+                    d_ce_w = q - hot
+                _store_grad(DZ, rows, cols, stride_d, B, C, keep, c_z, c_js_t, d_ce_z, p, log_p, log_m, kl_p)
+                _store_grad(DW, rows, cols, stride_d, B, C, keep, c_w, c_js_t, d_ce_w, q, log_q, log_m, kl_q)
     ce_z = (1.0 - label_smoothing) * (lse_z - z_y) + label_smoothing * (lse_z - sum_z / C)
     ce_w = (1.0 - label_smoothing) * (lse_w - w_y) + label_smoothing * (lse_w - sum_w / C)
-    js = 0.5 * kl_p + 0.5 * kl_q
-    stats = STATS + rows * 6
-    tl.store(stats + 0, lse_z, mask=row_ok)
-    tl.store(stats + 1, lse_w, mask=row_ok)
-    tl.store(stats + 2, lse_zt, mask=row_ok)
-    tl.store(stats + 3, lse_wt, mask=row_ok)
-    tl.store(stats + 4, kl_p, mask=row_ok)
-    tl.store(stats + 5, kl_q, mask=row_ok)
-    out = PARTIAL + pid * 5
-    tl.store(out + 0, tl.sum(tl.where(kept, ce_z, 0.0), 0))
-    tl.store(out + 1, tl.sum(tl.where(kept, ce_w, 0.0), 0))
-    tl.store(out + 2, tl.sum(tl.where(kept, js, 0.0), 0))
-    tl.store(out + 3, tl.sum(kept.to(tl.float32), 0))
-    tl.store(out + 4, tl.sum(invalid.to(tl.float32), 0))
+    return ce_z, ce_w, 0.5 * kl_p + 0.5 * kl_q, kept, invalid
 
 
 @triton.jit
-def _mgit_loss_finish_kernel(PARTIAL, OUT, COUNTS, P, js_weight, BLOCK_P: tl.constexpr):
-    """Sums the per-program partials in a fixed order; OUT = (loss, ce_z, ce_w, js) means,
-    COUNTS = (kept rows, invalid labels)."""
-    acc = tl.zeros([BLOCK_P, 8], dtype=tl.float32)
-    lanes = tl.arange(0, 8)
-    for start in range(0, P, BLOCK_P):
-        progs = start + tl.arange(0, BLOCK_P)
-        ok = (progs[:, None] < P) & (lanes[None, :] < 5)
-        acc += tl.load(PARTIAL + progs[:, None] * 5 + lanes[None, :], mask=ok, other=0.0)
-    totals = tl.sum(acc, 0)
-    ce_z = tl.sum(tl.where(lanes == 0, totals, 0.0), 0)
-    ce_w = tl.sum(tl.where(lanes == 1, totals, 0.0), 0)
-    js = tl.sum(tl.where(lanes == 2, totals, 0.0), 0)
-    kept = tl.sum(tl.where(lanes == 3, totals, 0.0), 0)
-    invalid = tl.sum(tl.where(lanes == 4, totals, 0.0), 0)
+def _write_outputs(OUT, AUX, ce_z, ce_w, js, kept, invalid, js_weight, temperature):
+    """OUT = (loss, ce_z, ce_w, js) from the sums over the kept rows (NaN after an invalid
+    label); AUX = (kept rows, invalid labels, js_weight, temperature) for the backward."""
     scale = tl.where(invalid > 0, float("nan"), 1.0 / tl.maximum(kept, 1.0))
     ce_z = ce_z * scale
     ce_w = ce_w * scale
@@ -178,165 +243,286 @@ def _mgit_loss_finish_kernel(PARTIAL, OUT, COUNTS, P, js_weight, BLOCK_P: tl.con
     tl.store(OUT + 1, ce_z)
     tl.store(OUT + 2, ce_w)
     tl.store(OUT + 3, js)
-    tl.store(COUNTS + 0, kept)
-    tl.store(COUNTS + 1, invalid)
+    tl.store(AUX + 0, kept)
+    tl.store(AUX + 1, invalid)
+    tl.store(AUX + 2, js_weight)
+    tl.store(AUX + 3, temperature)
+
+
+@triton.jit
+def _mgit_loss_fwd_kernel(
+    Z, W, Y, GZ, GW, PARTIAL, OUT, AUX, TEMPERATURE, JS_WEIGHT,
+    B, C, stride_z, stride_w, ignore_index, label_smoothing,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_CHUNK: tl.constexpr, TEMPERED: tl.constexpr,
+    T_POINTER: tl.constexpr, JS_POINTER: tl.constexpr, WRITE: tl.constexpr, SINGLE_PROGRAM: tl.constexpr,
+):
+    """Per-row sums, and with WRITE the unscaled gradients GZ, GW [B, C] (contiguous). One
+    program: every tile, then OUT and AUX; several: one tile each, then PARTIAL[pid]."""
+    temperature = _scalar(TEMPERATURE, T_POINTER)
+    js_weight = _scalar(JS_WEIGHT, JS_POINTER)
+    inv_t = 1.0 / temperature
+    lanes = tl.arange(0, ROWS)
+    sum_z = tl.zeros([ROWS], dtype=tl.float32)
+    sum_w, sum_js, n_kept, n_invalid = sum_z, sum_z, sum_z, sum_z
+    if SINGLE_PROGRAM:
+        first, last = 0, tl.cdiv(B, ROWS)
+    else:
+        first = tl.program_id(0)
+        last = first + 1
+    for tile_index in range(first, last):
+        rows = (tile_index * ROWS + lanes).to(tl.int64)  # rows · stride can pass 2³¹
+        ce_z, ce_w, js, kept, invalid = _row_tile(
+            Z, W, Y, GZ, GW, rows, B, C, stride_z, stride_w, C, ignore_index, label_smoothing, inv_t,
+            1.0, 1.0, js_weight, ROWS, BLOCK_C, SINGLE_CHUNK, TEMPERED, WRITE,
+        )
+        sum_z += tl.where(kept, ce_z, 0.0)
+        sum_w += tl.where(kept, ce_w, 0.0)
+        sum_js += tl.where(kept, js, 0.0)
+        n_kept += kept.to(tl.float32)
+        n_invalid += invalid.to(tl.float32)
+    sum_z = tl.sum(sum_z, 0)
+    sum_w = tl.sum(sum_w, 0)
+    sum_js = tl.sum(sum_js, 0)
+    n_kept = tl.sum(n_kept, 0)
+    n_invalid = tl.sum(n_invalid, 0)
+    if SINGLE_PROGRAM:
+        _write_outputs(OUT, AUX, sum_z, sum_w, sum_js, n_kept, n_invalid, js_weight, temperature)
+    else:
+        out = PARTIAL + first * 5
+        tl.store(out + 0, sum_z)
+        tl.store(out + 1, sum_w)
+        tl.store(out + 2, sum_js)
+        tl.store(out + 3, n_kept)
+        tl.store(out + 4, n_invalid)
+
+
+@triton.jit
+def _mgit_loss_finish_kernel(
+    PARTIAL, OUT, AUX, TEMPERATURE, JS_WEIGHT, P,
+    T_POINTER: tl.constexpr, JS_POINTER: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Sums the per-program partials in a fixed order into OUT and AUX."""
+    acc = tl.zeros([BLOCK_P, 8], dtype=tl.float32)
+    lanes = tl.arange(0, 8)
+    for start in range(0, P, BLOCK_P):
+        progs = start + tl.arange(0, BLOCK_P)
+        ok = (progs[:, None] < P) & (lanes[None, :] < 5)
+        acc += tl.load(PARTIAL + progs[:, None] * 5 + lanes[None, :], mask=ok, other=0.0)
+    totals = tl.sum(acc, 0)
+    _write_outputs(
+        OUT, AUX,
+        tl.sum(tl.where(lanes == 0, totals, 0.0), 0),
+        tl.sum(tl.where(lanes == 1, totals, 0.0), 0),
+        tl.sum(tl.where(lanes == 2, totals, 0.0), 0),
+        tl.sum(tl.where(lanes == 3, totals, 0.0), 0),
+        tl.sum(tl.where(lanes == 4, totals, 0.0), 0),
+        _scalar(JS_WEIGHT, JS_POINTER),
+        _scalar(TEMPERATURE, T_POINTER),
+    )
 
 
 @triton.jit
 def _mgit_loss_bwd_kernel(
-    Z, W, Y, STATS, COUNTS, GRAD, DZ, DW,
-    B, C, stride_z, stride_w, stride_dz, stride_dw, ignore_index, label_smoothing, inv_t, js_weight,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    GRAD, AUX, GZ, GW, Z, W, Y, DZ, DW,
+    B, C, stride_z, stride_w, ignore_index, label_smoothing,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_CHUNK: tl.constexpr, TEMPERED: tl.constexpr,
+    SINGLE_PROGRAM: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # rows · stride can pass 2³¹
-    offs = tl.arange(0, BLOCK_C)
-    row_ok = rows < B
-    y = tl.load(Y + rows, mask=row_ok, other=ignore_index).to(tl.int32)
-    kept = row_ok & (y != ignore_index) & (y >= 0) & (y < C)
-
-    inv_n = 1.0 / tl.maximum(tl.load(COUNTS), 1.0)
+    """DZ, DW [B, C] (contiguous) for upstream GRAD = (g_loss, g_cp, g_ca, g_js): G scaled when
+    the weighting allows it, else the rows recomputed from the logits; the same rows per
+    program as the forward."""
+    inv_n = 1.0 / tl.maximum(tl.load(AUX + 0), 1.0)
+    js_weight = tl.load(AUX + 2)
+    inv_t = 1.0 / tl.load(AUX + 3)
     g_loss = tl.load(GRAD + 0)
-    w_z = (g_loss + tl.load(GRAD + 1)) * inv_n
-    w_w = (g_loss + tl.load(GRAD + 2)) * inv_n
-    w_js = (js_weight * g_loss + tl.load(GRAD + 3)) * inv_n * inv_t
-    stats = STATS + rows * 6
-    lse_z = tl.load(stats + 0, mask=row_ok, other=0.0)
-    lse_w = tl.load(stats + 1, mask=row_ok, other=0.0)
-    lse_zt = tl.load(stats + 2, mask=row_ok, other=0.0)
-    lse_wt = tl.load(stats + 3, mask=row_ok, other=0.0)
-    kl_p = tl.load(stats + 4, mask=row_ok, other=0.0)
-    kl_q = tl.load(stats + 5, mask=row_ok, other=0.0)
-    for start in range(0, C, BLOCK_C):
-        cols = start + offs
-        ok = kept[:, None] & (cols[None, :] < C)
-        z = _load_tile(Z, rows, cols, stride_z, B, C)
-        w = _load_tile(W, rows, cols, stride_w, B, C)
-        is_y = tl.where(cols[None, :] == y[:, None], 1.0 - label_smoothing, 0.0)
-        d_ce_z = tl.exp(tl.where(ok, z - lse_z[:, None], float("-inf"))) - is_y - label_smoothing / C
-        d_ce_w = tl.exp(tl.where(ok, w - lse_w[:, None], float("-inf"))) - is_y - label_smoothing / C
-        log_p, log_q, p, q, log_m = _js_terms(z, w, lse_zt, lse_wt, inv_t, ok)
-        d_js_z = p * (0.5 * (log_p - log_m) - 0.5 * kl_p[:, None])
-        d_js_w = q * (0.5 * (log_q - log_m) - 0.5 * kl_q[:, None])
-        dz = tl.where(ok, w_z * d_ce_z + w_js * d_js_z, 0.0)
-        dw = tl.where(ok, w_w * d_ce_w + w_js * d_js_w, 0.0)
-        store_ok = row_ok[:, None] & (cols[None, :] < C)
-        tl.store(DZ + rows[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty), mask=store_ok)
-        tl.store(DW + rows[:, None] * stride_dw + cols[None, :], dw.to(DW.dtype.element_ty), mask=store_ok)
+    g_cz = tl.load(GRAD + 1)
+    g_cw = tl.load(GRAD + 2)
+    g_js = tl.load(GRAD + 3)
+    c_z = (g_loss + g_cz) * inv_n
+    c_w = (g_loss + g_cw) * inv_n
+    c_js = (js_weight * g_loss + g_js) * inv_n
+    lanes = tl.arange(0, ROWS)
+    if SINGLE_PROGRAM:
+        first, last = 0, tl.cdiv(B, ROWS)
+    else:
+        first = tl.program_id(0)
+        last = first + 1
+    if (g_js == js_weight * g_cz) & (g_js == js_weight * g_cw):  # dz = c_z · G_z, dw = c_w · G_w
+        start = (tl.program_id(0) * ROWS).to(tl.int64) * C  # the program's rows are contiguous
+        count = (tl.minimum(last * ROWS, B) - first * ROWS) * C
+        for i in range(0, count, ROWS * BLOCK_C):
+            offs = start + i + tl.arange(0, ROWS * BLOCK_C)
+            ok = offs < start + count
+            gz = tl.load(GZ + offs, mask=ok).to(tl.float32)
+            gw = tl.load(GW + offs, mask=ok).to(tl.float32)
+            tl.store(DZ + offs, (c_z * gz).to(DZ.dtype.element_ty), mask=ok)
+            tl.store(DW + offs, (c_w * gw).to(DW.dtype.element_ty), mask=ok)
+    else:
+        for tile_index in range(first, last):
+            rows = (tile_index * ROWS + lanes).to(tl.int64)
+            _row_tile(
+                Z, W, Y, DZ, DW, rows, B, C, stride_z, stride_w, C, ignore_index, label_smoothing, inv_t,
+                c_z, c_w, c_js, ROWS, BLOCK_C, SINGLE_CHUNK, TEMPERED, True,
+            )
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
+Scalar = Union[float, Tensor]
+
+
 def new_buffer(shape, *, device, dtype) -> Tensor:
     """Every tensor a kernel writes is allocated here, uninitialised (tests poison them)."""
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def tile(B: int, C: int) -> Tuple[int, int, int]:
-    """(ROWS, BLOCK_C, num_warps): up to 2,048 classes of a row per chunk, at most 8 logits of
-    each model per thread, 4 when a program holds several rows (which costs more registers), so
-    that three or more programs stay resident per SM (`mgit-fast inspect`); several rows per
-    program when C is small, but no more than keeps about two programs per SM busy."""
+def tile(B: int, C: int) -> Tuple[int, int, int, int]:
+    """(ROWS, BLOCK_C, num_warps, programs): up to 2,048 classes of a row per chunk. One program
+    of 8 warps walks every row when B·C ≤ SINGLE_PROGRAM_ELEMENTS, in tiles of 512 logits of
+    each model (2 per thread; more rows per tile cost registers for every row's statistics)
+    or of one row's chunk. Otherwise each program takes one tile: at most 8 logits of each model
+    per thread, 4 when a tile holds several rows (which costs more registers), several rows when
+    C is small but no more than keeps about two programs per SM busy (`mgit-fast inspect`)."""
     block_c = min(triton.next_power_of_2(C), 2048)
+    if B * C <= SINGLE_PROGRAM_ELEMENTS:
+        rows = max(1, min(512 // block_c, triton.next_power_of_2(max(B, 1))))
+        return rows, block_c, 8, 1
     num_warps = 8 if block_c >= 2048 else 4
     rows = max(1, min(4 * 32 * num_warps // block_c, triton.next_power_of_2(triton.cdiv(B, 264))))
-    return rows, block_c, num_warps
+    return rows, block_c, num_warps, triton.cdiv(B, rows)
 
 
-def _rows(t: Tensor) -> Tensor:
+def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def forward(z, w, target, label_smoothing, temperature, js_weight, ignore_index) -> Tuple[Tensor, Tensor, Tensor]:
-    """Launches the forward: (outputs [4] = loss, ce_primary, ce_auxiliary, js; stats [B, 6]; counts [2])."""
+def forward(z, w, target, label_smoothing: float, temperature: Scalar, js_weight: Scalar, ignore_index: int,
+            needs_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Launches the forward: (outputs [4] = loss, ce_primary, ce_auxiliary, js; aux [4] = kept
+    rows, invalid labels, js_weight, temperature; grad_primary, grad_auxiliary [B, C], the
+    unscaled gradients, or empty without needs_grad). temperature and js_weight: floats or
+    0-dim float32 tensors on the logits' device, read by the kernels."""
     B, C = z.shape
-    rows, block_c, num_warps = tile(B, C)
-    programs = triton.cdiv(B, rows)
+    rows, block_c, num_warps, programs = tile(B, C)
     device = z.device
-    stats = new_buffer((B, 6), device=device, dtype=torch.float32)
-    partial = new_buffer((programs, 5), device=device, dtype=torch.float32)
     out = new_buffer((4,), device=device, dtype=torch.float32)
-    counts = new_buffer((2,), device=device, dtype=torch.float32)
+    aux = new_buffer((4,), device=device, dtype=torch.float32)
+    if needs_grad:
+        gz = new_buffer((B, C), device=device, dtype=z.dtype)
+        gw = new_buffer((B, C), device=device, dtype=w.dtype)
+    else:
+        gz, gw = z.new_empty((0,)), w.new_empty((0,))
+    single = programs == 1
+    partial = out if single else new_buffer((programs, 5), device=device, dtype=torch.float32)
+    t_pointer, js_pointer = isinstance(temperature, Tensor), isinstance(js_weight, Tensor)
     with on_device(z):
         _mgit_loss_fwd_kernel[(programs,)](
-            z, w, target, stats, partial,
-            B, C, z.stride(0), w.stride(0), ignore_index, label_smoothing, 1.0 / temperature,
-            ROWS=rows, BLOCK_C=block_c, SINGLE_CHUNK=C <= block_c, TEMPERED=temperature != 1.0,
+            z, w, target, gz if needs_grad else z, gw if needs_grad else w, partial, out, aux, temperature, js_weight,
+            B, C, z.stride(0), w.stride(0), ignore_index, label_smoothing,
+            ROWS=rows, BLOCK_C=block_c, SINGLE_CHUNK=C <= block_c, TEMPERED=t_pointer or temperature != 1.0,
+            T_POINTER=t_pointer, JS_POINTER=js_pointer, WRITE=needs_grad, SINGLE_PROGRAM=single,
             num_warps=num_warps,
         )
-        _mgit_loss_finish_kernel[(1,)](partial, out, counts, programs, js_weight, BLOCK_P=256)
-    return out, stats, counts
+        if not single:
+            _mgit_loss_finish_kernel[(1,)](
+                partial, out, aux, temperature, js_weight, programs,
+                T_POINTER=t_pointer, JS_POINTER=js_pointer, BLOCK_P=256,
+            )
+    return out, aux, gz, gw
+
+
+def backward(grad, aux, gz, gw, z, w, target, label_smoothing: float, ignore_index: int, tempered: bool
+             ) -> Tuple[Tensor, Tensor]:
+    """Launches the backward for upstream grad [4]: (dz, dw)."""
+    B, C = z.shape
+    rows, block_c, num_warps, programs = tile(B, C)
+    dz = new_buffer((B, C), device=z.device, dtype=z.dtype)
+    dw = new_buffer((B, C), device=w.device, dtype=w.dtype)
+    with on_device(z):
+        _mgit_loss_bwd_kernel[(programs,)](
+            grad, aux, gz, gw, z, w, target, dz, dw,
+            B, C, z.stride(0), w.stride(0), ignore_index, label_smoothing,
+            ROWS=rows, BLOCK_C=block_c, SINGLE_CHUNK=C <= block_c, TEMPERED=tempered, SINGLE_PROGRAM=programs == 1,
+            num_warps=num_warps,
+        )
+    return dz, dw
 
 
 @torch.library.custom_op("mgit_fast::mgit_loss_fwd", mutates_args=())
 def mgit_loss_fwd(
     logits_primary: Tensor, logits_auxiliary: Tensor, target: Tensor, label_smoothing: float, temperature: float,
-    js_weight: float, ignore_index: int,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    return forward(logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index)
+    js_weight: float, ignore_index: int, needs_grad: bool = False, temperature_tensor: Optional[Tensor] = None,
+    js_weight_tensor: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(outputs [4], aux [4], unscaled gradients or empties). A given *_tensor (0-dim float32,
+    read on the device) replaces the float beside it. A backward needs needs_grad=True."""
+    return forward(
+        logits_primary, logits_auxiliary, target, label_smoothing,
+        temperature if temperature_tensor is None else temperature_tensor,
+        js_weight if js_weight_tensor is None else js_weight_tensor, ignore_index, needs_grad,
+    )
 
 
 @mgit_loss_fwd.register_fake
-def _(logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index):
-    B = logits_primary.shape[0]
+def _(logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index,
+      needs_grad=False, temperature_tensor=None, js_weight_tensor=None):
     f32 = dict(dtype=torch.float32)
-    return logits_primary.new_empty((4,), **f32), logits_primary.new_empty((B, 6), **f32), logits_primary.new_empty((2,), **f32)
-
-
-def backward(grad, z, w, target, stats, counts, label_smoothing, temperature, js_weight, ignore_index):
-    """Launches the backward: (dz, dw)."""
-    B, C = z.shape
-    rows, block_c, num_warps = tile(B, C)
-    dz = new_buffer((B, C), device=z.device, dtype=z.dtype)
-    dw = new_buffer((B, C), device=w.device, dtype=w.dtype)
-    with on_device(z):
-        _mgit_loss_bwd_kernel[(triton.cdiv(B, rows),)](
-            z, w, target, stats, counts, grad, dz, dw,
-            B, C, z.stride(0), w.stride(0), dz.stride(0), dw.stride(0), ignore_index, label_smoothing,
-            1.0 / temperature, js_weight,
-            ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
-        )
-    return dz, dw
+    shape = tuple(logits_primary.shape) if needs_grad else (0,)
+    return (logits_primary.new_empty((4,), **f32), logits_primary.new_empty((4,), **f32),
+            logits_primary.new_empty(shape), logits_auxiliary.new_empty(shape))
 
 
 @torch.library.custom_op("mgit_fast::mgit_loss_bwd", mutates_args=())
 def mgit_loss_bwd(
-    grad: Tensor, logits_primary: Tensor, logits_auxiliary: Tensor, target: Tensor, stats: Tensor, counts: Tensor,
-    label_smoothing: float, temperature: float, js_weight: float, ignore_index: int,
+    grad: Tensor, aux: Tensor, grad_primary: Tensor, grad_auxiliary: Tensor, logits_primary: Tensor,
+    logits_auxiliary: Tensor, target: Tensor, label_smoothing: float, ignore_index: int, tempered: bool,
 ) -> Tuple[Tensor, Tensor]:
-    return backward(grad, logits_primary, logits_auxiliary, target, stats, counts, label_smoothing, temperature,
-                    js_weight, ignore_index)
+    return backward(grad, aux, grad_primary, grad_auxiliary, logits_primary, logits_auxiliary, target,
+                    label_smoothing, ignore_index, tempered)
 
 
 @mgit_loss_bwd.register_fake
-def _(grad, logits_primary, logits_auxiliary, target, stats, counts, label_smoothing, temperature, js_weight,
-      ignore_index):
+def _(grad, aux, grad_primary, grad_auxiliary, logits_primary, logits_auxiliary, target, label_smoothing,
+      ignore_index, tempered):
     return torch.empty_like(logits_primary), torch.empty_like(logits_auxiliary)
 
 
 def _setup(ctx, inputs, output):
-    z, w, target, label_smoothing, temperature, js_weight, ignore_index = inputs
-    _, stats, counts = output
-    ctx.save_for_backward(z, w, target, stats, counts)
-    ctx.options = (label_smoothing, temperature, js_weight, ignore_index)
+    z, w, target, label_smoothing, temperature, _, ignore_index, needs_grad, t_tensor, _ = inputs
+    _, aux, gz, gw = output
+    ctx.mark_non_differentiable(aux, gz, gw)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(z, w, target, aux, gz, gw)
+    ctx.needs_grad = needs_grad
+    ctx.options = (label_smoothing, ignore_index, t_tensor is not None or temperature != 1.0)
 
 
-def _backward(ctx, grad_out, _grad_stats, _grad_counts):
-    z, w, target, stats, counts = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_aux, _grad_gz, _grad_gw):
+    if not ctx.needs_grad:
+        raise RuntimeError("mgit_fast::mgit_loss_fwd was called with needs_grad=False: it has no backward")
+    z, w, target, aux, gz, gw = ctx.saved_tensors
     grad = grad_out.float().contiguous() if grad_out is not None else torch.zeros(4, device=z.device)
-    dz, dw = mgit_loss_bwd(grad, z, w, target, stats, counts, *ctx.options)
-    return dz, dw, None, None, None, None, None
+    dz, dw = mgit_loss_bwd(grad, aux, gz, gw, z, w, target, *ctx.options)
+    return (dz, dw) + (None,) * 8
 
 
 mgit_loss_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def mgit_loss(logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index):
-    """(outputs [loss, ce_primary, ce_auxiliary, js], counts [kept rows, invalid labels]);
-    arguments already checked by mgit_fast.functional."""
-    out, _, counts = mgit_loss_fwd(
-        _rows(logits_primary), _rows(logits_auxiliary), target.contiguous(), float(label_smoothing),
-        float(temperature), float(js_weight), int(ignore_index),
+def mgit_loss(logits_primary, logits_auxiliary, target, label_smoothing, temperature: Scalar, js_weight: Scalar,
+              ignore_index):
+    """(outputs [loss, ce_primary, ce_auxiliary, js], aux [kept rows, invalid labels, js_weight,
+    temperature]); arguments already checked by mgit_fast.functional. temperature and js_weight:
+    floats, or 0-dim float32 tensors on the logits' device that the kernels read when they run
+    (a captured CUDA graph sees in-place changes). Gradients are written in the forward when
+    grad mode is on and a logit requires grad; otherwise nothing beyond the outputs is."""
+    needs_grad = torch.is_grad_enabled() and (logits_primary.requires_grad or logits_auxiliary.requires_grad)
+    t_tensor = temperature if isinstance(temperature, Tensor) else None
+    js_tensor = js_weight if isinstance(js_weight, Tensor) else None
+    out, aux, _, _ = mgit_loss_fwd(
+        _rows_contiguous(logits_primary), _rows_contiguous(logits_auxiliary), target.contiguous(),
+        float(label_smoothing), 1.0 if t_tensor is not None else float(temperature),
+        0.0 if js_tensor is not None else float(js_weight), int(ignore_index), needs_grad, t_tensor, js_tensor,
     )
-    return out, counts.detach()
+    return out, aux

@@ -121,8 +121,8 @@ def loss_inputs(
     target: Tensor,
     *,
     label_smoothing: float,
-    temperature: float,
-    js_weight: float,
+    temperature: Union[float, Tensor],
+    js_weight: Union[float, Tensor],
 ) -> None:
     tensor("logits_primary", logits_primary, ndim=2)
     tensor("logits_auxiliary", logits_auxiliary, ndim=2)
@@ -141,8 +141,27 @@ def loss_inputs(
     if target.shape[0] != B:
         raise ValueError(f"target has {target.shape[0]} rows but the logits have {B}")
     number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    number("temperature", temperature, low=0.0, low_open=True)
-    number("js_weight", js_weight)
+    loss_scalar("temperature", temperature, ref=logits_primary)
+    loss_scalar("js_weight", js_weight, ref=logits_primary)
+
+
+def loss_scalar(name: str, value, *, ref: Optional[Tensor] = None) -> Union[float, Tensor]:
+    """temperature (> 0) or js_weight: a finite number, or a 0-dim float32 tensor (on ref's
+    device, not requiring grad) whose value is left unchecked, since reading it would
+    synchronise with the device."""
+    if isinstance(value, Tensor):
+        if value.dtype != torch.float32:
+            raise TypeError(f"{name} as a tensor must be float32, got {value.dtype}")
+        if value.dim() != 0:
+            raise ValueError(f"{name} as a tensor must be 0-dim, got shape {tuple(value.shape)}")
+        if ref is not None:
+            same_device(name, value, "logits_primary", ref)
+        if value.requires_grad:
+            raise ValueError(f"{name} must not require grad: the loss treats it as a constant")
+        return value
+    if name == "temperature":
+        return number(name, value, low=0.0, low_open=True)
+    return number(name, value)
 
 
 def number(name: str, value, *, low=None, high=None, low_open: bool = False) -> float:

@@ -81,15 +81,21 @@ def mgit_loss(
     target: Tensor,
     *,
     label_smoothing: float = 0.0,
-    temperature: float = 1.0,
-    js_weight: float = 0.1,
+    temperature: Union[float, Tensor] = 1.0,
+    js_weight: Union[float, Tensor] = 0.1,
     ignore_index: int = -100,
     backend: Optional[str] = None,
 ) -> MGiTLossOutput:
     """Both cross-entropies, the JS divergence and their weighted sum; see
     ``mgit_fast.reference.mgit_loss``. With ``backend="triton"`` a label outside ``[0, C)``
     does not raise here (that would synchronise): the four outputs come back NaN instead;
-    ``MGiTLoss`` turns that into a ``ValueError`` at its next synchronisation point."""
+    ``MGiTLoss`` turns that into a ``ValueError`` at its next synchronisation point.
+
+    ``temperature`` and ``js_weight``: floats, or 0-dim float32 tensors on the logits' device
+    (not requiring grad), read by the kernels when they run, so a CUDA graph replays later
+    in-place changes; a tensor's value is not validated (that would synchronise). The Triton
+    path writes both logits' gradients in the forward when grad mode is on and a logit
+    requires grad (the backward then only scales them), and nothing more otherwise."""
     out, _ = mgit_loss_checked(
         logits_primary,
         logits_auxiliary,
@@ -109,8 +115,8 @@ def mgit_loss_checked(
     target: Tensor,
     *,
     label_smoothing: float,
-    temperature: float,
-    js_weight: float,
+    temperature: Union[float, Tensor],
+    js_weight: Union[float, Tensor],
     ignore_index: int,
     backend: Optional[str],
 ) -> Tuple[MGiTLossOutput, Optional[Tensor]]:
@@ -122,10 +128,10 @@ def mgit_loss_checked(
         _checks.kernel_inputs("logits_primary", logits_primary)
         from .kernels import mgit_loss as kernel  # imports Triton on first use only
 
-        out, counts = kernel.mgit_loss(
+        out, aux = kernel.mgit_loss(
             logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index
         )
-        return MGiTLossOutput(*out.unbind(0)), counts[1]
+        return MGiTLossOutput(*out.unbind(0)), aux[1]
     out = reference.mgit_loss(logits_primary, logits_auxiliary, target, **options, ignore_index=ignore_index)
     return out, None
 

@@ -1,7 +1,7 @@
 """MGiTLoss: the two cross-entropies and the Jensen–Shannon term as one module."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,20 +21,26 @@ class MGiTLoss(nn.Module):
     path (which never synchronises) that batch's outputs are NaN and the error is raised by the
     first call after the device has reported it, or by ``check_labels()``. Inside
     ``torch.compile`` (no graph break) only the NaN outputs report it.
+
+    ``temperature`` and ``js_weight`` are floats, or 0-dim float32 tensors on the logits'
+    device (not requiring grad) that the Triton kernels read when they run: change one in
+    place (``t.fill_(2.0)``, ``t.copy_(...)``) and the next call, or the next replay of a CUDA
+    graph that captured this module, uses the new value. A tensor's value is not validated
+    (that would synchronise): it must be > 0 for ``temperature`` and finite.
     """
 
     def __init__(
         self,
         label_smoothing: float = 0.0,
-        temperature: float = 1.0,
-        js_weight: float = 0.1,
+        temperature: Union[float, Tensor] = 1.0,
+        js_weight: Union[float, Tensor] = 0.1,
         ignore_index: int = -100,
         backend: Optional[str] = None,
     ):
         super().__init__()
         self.label_smoothing = _checks.number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-        self.temperature = _checks.number("temperature", temperature, low=0.0, low_open=True)
-        self.js_weight = _checks.number("js_weight", js_weight)
+        self.temperature = _checks.loss_scalar("temperature", temperature)
+        self.js_weight = _checks.loss_scalar("js_weight", js_weight)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         self.ignore_index = ignore_index
@@ -109,7 +115,10 @@ class MGiTLoss(nn.Module):
         return state
 
     def extra_repr(self) -> str:
+        def show(value):  # a tensor's value is not read: that would synchronise
+            return f"tensor on {value.device}" if isinstance(value, Tensor) else value
+
         return (
-            f"label_smoothing={self.label_smoothing}, temperature={self.temperature}, "
-            f"js_weight={self.js_weight}, ignore_index={self.ignore_index}"
+            f"label_smoothing={self.label_smoothing}, temperature={show(self.temperature)}, "
+            f"js_weight={show(self.js_weight)}, ignore_index={self.ignore_index}"
         )

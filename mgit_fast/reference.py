@@ -109,7 +109,7 @@ def cross_entropy(
     return _masked_mean(per_row, keep)
 
 
-def jensen_shannon_rows(logits_p: Tensor, logits_q: Tensor, *, temperature: float = 1.0) -> Tensor:
+def jensen_shannon_rows(logits_p: Tensor, logits_q: Tensor, *, temperature: Scalar = 1.0) -> Tensor:
     """Per-row ``JSD(p‖q)`` in nats, ``p = softmax(logits_p/T)``, ``q = softmax(logits_q/T)``."""
     dtype = _compute_dtype(logits_p.dtype)
     logp = torch.log_softmax(logits_p.to(dtype) / temperature, dim=-1)
@@ -126,13 +126,14 @@ def mgit_loss(
     target: Tensor,
     *,
     label_smoothing: float = 0.0,
-    temperature: float = 1.0,
-    js_weight: float = 0.1,
+    temperature: Scalar = 1.0,
+    js_weight: Scalar = 0.1,
     ignore_index: int = -100,
 ) -> MGiTLossOutput:
     """Both cross-entropies, the JS divergence between the tempered predictions, and
     ``loss = ce_primary + ce_auxiliary + js_weight · js``. Rows whose target is
-    ``ignore_index`` are left out of every mean. Labels outside ``[0, C)`` raise."""
+    ``ignore_index`` are left out of every mean. Labels outside ``[0, C)`` raise.
+    ``temperature`` and ``js_weight``: floats or 0-dim float32 tensors (used as constants)."""
     _checks.loss_inputs(
         logits_primary,
         logits_auxiliary,

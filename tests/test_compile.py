@@ -23,7 +23,10 @@ def test_attention_op_registrations():
 def test_loss_op_registrations():
     z, w = (torch.randn(6, 7, requires_grad=True) for _ in range(2))
     y = torch.tensor([0, 3, -100, 6, 2, 1])
-    torch.library.opcheck(loss_kernel.mgit_loss_fwd, (z, w, y, 0.1, 2.0, 0.3, -100))
+    torch.library.opcheck(loss_kernel.mgit_loss_fwd, (z, w, y, 0.1, 2.0, 0.3, -100, True))
+    torch.library.opcheck(loss_kernel.mgit_loss_fwd,
+                          (z, w, y, 0.1, 1.0, 0.0, -100, True, torch.tensor(2.0), torch.tensor(0.3)))
+    torch.library.opcheck(loss_kernel.mgit_loss_fwd, (z.detach(), w.detach(), y, 0.1, 2.0, 0.3, -100, False))
 
 
 @pytest.mark.slow

@@ -1,4 +1,6 @@
 """The Triton MGiT loss kernel against the float64 reference and scipy (CPU: the interpreter)."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -14,22 +16,55 @@ NAMES = ("loss", "ce_primary", "ce_auxiliary", "js")
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
+    """Every buffer a kernel writes starts NaN; the shapes allocated are listed."""
+    shapes = []
+
     def nan_buffer(shape, *, device, dtype):
+        shapes.append(tuple(shape))
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
     monkeypatch.setattr(kernel, "new_buffer", nan_buffer)
+    return shapes
 
 
-def compare(z, w, y, dtype=torch.float32, tol=None, **options):
+@pytest.fixture
+def launches(monkeypatch):
+    """The (kernel, grid) of every loss launch."""
+    log = []
+
+    class Recorded:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            log.append((self.fn.__name__, tuple(grid)))
+            return self.fn[grid]
+
+    for name in ("_mgit_loss_fwd_kernel", "_mgit_loss_finish_kernel", "_mgit_loss_bwd_kernel"):
+        monkeypatch.setattr(kernel, name, Recorded(getattr(kernel, name)))
+    return log
+
+
+@pytest.fixture(params=["one program", "several programs"])
+def programs(request, monkeypatch):
+    """Both schedules: every row in one program (one launch), or a program per tile plus the
+    finishing reduction."""
+    monkeypatch.setattr(kernel, "SINGLE_PROGRAM_ELEMENTS", 10**9 if request.param == "one program" else 0)
+    return request.param
+
+
+def compare(z, w, y, dtype=torch.float32, tol=None, weights=None, **options):
     """Kernel on `dtype` logits vs the float64 reference on the same values, for all four
-    outputs and both gradients of a random weighting of the four."""
+    outputs and both gradients of a weighting of the four (random unless given: the backward
+    recomputes the rows; `weights` proportional to (1, 0, 0, 0) or (1, 1, 1, λ): it only scales
+    the gradients the forward wrote)."""
     tol = tol or TOL[dtype]
     options = {"label_smoothing": 0.1, "temperature": 1.0, "js_weight": 0.3, **options}
     low = [t.to(dtype).requires_grad_() for t in (z, w)]
     high = [t.detach().double().requires_grad_() for t in low]
     out = functional.mgit_loss(*low, y, **options, backend="triton")
-    ref = reference.mgit_loss(*high, y, **options)
-    weights = torch.randn(4, dtype=torch.float64)
+    ref = reference.mgit_loss(*high, y, **{k: float(v) for k, v in options.items()})
+    weights = torch.randn(4, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     grads = torch.autograd.grad(sum(c * o for c, o in zip(weights.float(), out)), low)
     ref_grads = torch.autograd.grad(sum(c * o for c, o in zip(weights, ref)), high)
     for name, o, r in zip(NAMES, out, ref):
@@ -66,11 +101,13 @@ def test_js_against_scipy(temperature):
 
 
 @pytest.mark.parametrize("rows, block_c", [(1, 16), (4, 16), (8, 64), (2, 4096)])
-def test_every_tiling(monkeypatch, rows, block_c):
-    """Several rows per program with padded rows, and rows chunked over C (two passes)."""
-    monkeypatch.setattr(kernel, "tile", lambda B, C: (rows, block_c, 4))
+@pytest.mark.parametrize("single", [True, False])
+def test_every_tiling(monkeypatch, rows, block_c, single):
+    """Several rows per tile with padded rows, rows chunked over C (a pass each for the
+    log-sum-exps, the JS sums and the gradients), one program or one per tile."""
+    monkeypatch.setattr(kernel, "tile", lambda B, C: (rows, block_c, 4, 1 if single else -(-B // rows)))
     compare(*batch(11, 37), temperature=1.7)
-    compare(*batch(6, 100), temperature=1.0)
+    compare(*batch(6, 100), temperature=1.0, weights=(2.5, 0.0, 0.0, 0.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -87,13 +124,15 @@ def test_extreme_logits(magnitude):
     compare(z, w, y, tol=1e-3, temperature=4.0, label_smoothing=0.0)
 
 
-def test_every_row_ignored_gives_zeros():
-    z, w, _ = batch(6, 10)
+@pytest.mark.parametrize("C", [10, 3000])
+@pytest.mark.parametrize("weights", [(3.7, 0.0, 0.0, 0.0), (0.5, 2.0, -1.0, 3.0)])
+def test_every_row_ignored_gives_zeros(programs, C, weights):
+    z, w, _ = batch(6, C)
     y = torch.full((6,), -100)
     zz, ww = z.requires_grad_(), w.requires_grad_()
-    out = functional.mgit_loss(zz, ww, y, backend="triton")
+    out = functional.mgit_loss(zz, ww, y, temperature=2.0, backend="triton")
     assert all(float(o.detach()) == 0.0 for o in out)
-    grads = torch.autograd.grad(sum(out), [zz, ww])
+    grads = torch.autograd.grad(sum(c * o for c, o in zip(weights, out)), [zz, ww])
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
@@ -151,6 +190,161 @@ def test_fused_mgit_stops_at_a_bad_label_before_changing_anything():
 def test_bad_inputs(make, error, name):
     with pytest.raises(error, match=name):
         functional.mgit_loss(*make(), backend="triton")
+
+
+# ------------------------------------------------------------------------------------------
+# one pass: the forward writes the gradients, the backward scales them
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("C, temperature", [(10, 1.0), (37, 2.0), (3000, 0.5)])
+def test_both_schedules_against_float64_reference(programs, C, temperature):
+    z, w, y = batch(7, C)
+    compare(z, w, y, temperature=temperature)  # a random weighting: the rows are recomputed
+    compare(z, w, y, temperature=temperature, weights=(3.7, 0.0, 0.0, 0.0))  # loss · 3.7
+    compare(z, w, y, temperature=temperature, js_weight=0.3, weights=(-1.5, 2.0, 2.0, 0.6))  # + 2·(ce + ce + λ·js)
+
+
+def _grads_with_logits_poisoned_after_forward(weights, C=12):
+    z, w, y = batch(9, C)
+    options = dict(label_smoothing=0.1, temperature=2.0, js_weight=0.3)
+    zz, ww = z.clone().requires_grad_(), w.clone().requires_grad_()
+    out = functional.mgit_loss(zz, ww, y, **options, backend="triton")
+    zz.data.fill_(float("nan"))  # what the backward reads of the logits is now NaN
+    ww.data.fill_(float("nan"))
+    grads = torch.autograd.grad(sum(c * o for c, o in zip(weights, out)), [zz, ww])
+    high = [t.double().requires_grad_() for t in (z, w)]
+    ref = reference.mgit_loss(*high, y, **options)
+    ref_grads = torch.autograd.grad(sum(c * o for c, o in zip(weights, ref)), high)
+    return grads, ref_grads
+
+
+@pytest.mark.parametrize("weights", [(3.7, 0.0, 0.0, 0.0), (1.0, 1.0, 1.0, 0.3), (-2.0, 0.5, 0.5, 0.15)])
+@pytest.mark.parametrize("C", [12, 3000])
+def test_backward_only_scales_the_forwards_gradients(programs, launches, weights, C):
+    """Upstream gradients proportional to `loss` (or to ce + ce + λ·js, λ = 0.3): the backward
+    reads no logit, so poisoning them after the forward changes nothing; same grid as the
+    forward, one launch."""
+    grads, ref_grads = _grads_with_logits_poisoned_after_forward(weights, C)
+    for name, g, r in zip(("d_primary", "d_auxiliary"), grads, ref_grads):
+        assert_rel_close(g, r, 1e-5, name)
+    forward, backward = launches[:-1], launches[-1]
+    assert backward == ("_mgit_loss_bwd_kernel", forward[0][1])
+    expected = ["_mgit_loss_fwd_kernel"] + (["_mgit_loss_finish_kernel"] if programs == "several programs" else [])
+    assert [name for name, _ in forward] == expected
+    assert (forward[0][1] == (1,)) == (programs == "one program")
+
+
+def test_other_weightings_recompute_from_the_logits():
+    """The converse of the test above: a weighting not proportional to `loss` reads the
+    logits again (here poisoned), so the check above can tell the two paths apart."""
+    grads, _ = _grads_with_logits_poisoned_after_forward((0.5, 2.0, -1.0, 3.0))
+    assert all(torch.isnan(g).any() for g in grads)
+
+
+def test_small_batch_is_one_launch_each_way(launches):
+    """B·C = 2,560 (C = 10, B = 256): one forward launch that writes the outputs, one backward."""
+    z, w, y = batch(256, 10)
+    zz, ww = z.requires_grad_(), w.requires_grad_()
+    out = functional.mgit_loss(zz, ww, y, temperature=2.0, backend="triton")
+    assert launches == [("_mgit_loss_fwd_kernel", (1,))]
+    grads = torch.autograd.grad(out.loss * 3.7, [zz, ww])
+    assert launches[1:] == [("_mgit_loss_bwd_kernel", (1,))]
+    high = [t.detach().double().requires_grad_() for t in (zz, ww)]
+    ref = reference.mgit_loss(*high, y, temperature=2.0)
+    for o, r, name in zip(out, ref, NAMES):
+        assert_rel_close(o, r, 1e-5, name)
+    for g, r in zip(grads, torch.autograd.grad(ref.loss * 3.7, high)):
+        assert_rel_close(g, r, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no logit requires grad", "grad"])
+def test_gradients_are_written_only_when_needed(poison, programs, mode):
+    z, w, y = batch(9, 12)
+    if mode in ("grad", "no_grad", "inference_mode"):
+        z, w = z.requires_grad_(), w.requires_grad_()
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, contextlib.nullcontext)
+    with context():
+        out = functional.mgit_loss(z, w, y, temperature=2.0, backend="triton")
+    assert poison.count((9, 12)) == (2 if mode == "grad" else 0)
+    ref = reference.mgit_loss(z.detach().double(), w.detach().double(), y, temperature=2.0)
+    for o, r, name in zip(out, ref, NAMES):
+        assert_rel_close(o, r, 1e-5, name)
+
+
+# ------------------------------------------------------------------------------------------
+# temperature and js_weight as device tensors
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [2.0, 1.0])
+@pytest.mark.parametrize("weights", [(3.7, 0.0, 0.0, 0.0), (0.5, 2.0, -1.0, 3.0)])
+def test_tensor_options_equal_floats(programs, temperature, weights):
+    """Same results from floats and from 0-dim float32 tensors (bit for bit where the float
+    takes the tempered path too, T ≠ 1)."""
+    z, w, y = batch(9, 12)
+    results = []
+    for T, lam in ((temperature, 0.3), (torch.tensor(temperature), torch.tensor(0.3))):
+        zz, ww = z.clone().requires_grad_(), w.clone().requires_grad_()
+        out = functional.mgit_loss(zz, ww, y, label_smoothing=0.1, temperature=T, js_weight=lam, backend="triton")
+        grads = torch.autograd.grad(sum(c * o for c, o in zip(weights, out)), [zz, ww])
+        results.append(torch.cat([torch.stack(tuple(out)).flatten()] + [g.flatten() for g in grads]))
+    if temperature != 1.0:
+        assert torch.equal(results[0], results[1])
+    else:
+        assert_rel_close(results[1], results[0], 1e-6, "tensor vs float")
+
+
+def test_in_place_changes_reach_the_next_call(programs):
+    """A module holding tensors: fill_ changes what the next call computes, nothing is rebuilt;
+    a backward uses the values its forward ran with."""
+    T, lam = torch.tensor(2.0), torch.tensor(0.3)
+    criterion = MGiTLoss(label_smoothing=0.1, temperature=T, js_weight=lam, backend="triton")
+    z, w, y = batch(9, 12)
+    leaves = [z.requires_grad_(), w.requires_grad_()]
+    first = criterion(*leaves, y)
+    T.fill_(0.5)
+    lam.fill_(1.5)
+    first_grads = torch.autograd.grad(first.loss * 3.7, leaves)
+    second = criterion(*leaves, y)
+    second_grads = torch.autograd.grad(sum(c * o for c, o in zip((0.5, 2.0, -1.0, 3.0), second)), leaves)
+    assert criterion.temperature is T and criterion.js_weight is lam
+    high = [t.detach().double().requires_grad_() for t in leaves]
+    for out, grads, options, weights in (
+        (first, first_grads, dict(temperature=2.0, js_weight=0.3), (3.7, 0.0, 0.0, 0.0)),
+        (second, second_grads, dict(temperature=0.5, js_weight=1.5), (0.5, 2.0, -1.0, 3.0)),
+    ):
+        ref = reference.mgit_loss(*high, y, label_smoothing=0.1, **options)
+        for o, r, name in zip(out, ref, NAMES):
+            assert_rel_close(o, r, 1e-5, name)
+        ref_grads = torch.autograd.grad(sum(c * o for c, o in zip(weights, ref)), high)
+        for g, r in zip(grads, ref_grads):
+            assert_rel_close(g, r, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tensor_options_on_the_torch_backend_too(backend):
+    z, w, y = batch(6, 10)
+    out = functional.mgit_loss(z, w, y, temperature=torch.tensor(2.0), js_weight=torch.tensor(0.7), backend=backend)
+    ref = reference.mgit_loss(z.double(), w.double(), y, temperature=2.0, js_weight=0.7)
+    for o, r, name in zip(out, ref, NAMES):
+        assert_rel_close(o, r, 1e-5, name)
+
+
+@pytest.mark.parametrize("name", ["temperature", "js_weight"])
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        (torch.tensor(2.0, dtype=torch.float64), TypeError),
+        (torch.tensor([2.0]), ValueError),
+        (torch.tensor(2.0, requires_grad=True), ValueError),
+        (torch.tensor(2.0, device="meta"), ValueError),
+    ],
+)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_tensor_options(name, value, error, backend):
+    z, w, y = batch(4, 5)
+    with pytest.raises(error, match=name):
+        functional.mgit_loss(z, w, y, **{name: value}, backend=backend)
+    if value.device.type != "meta":  # the module learns the logits' device at its first call
+        with pytest.raises(error, match=name):
+            MGiTLoss(**{name: value})
 
 
 # ------------------------------------------------------------------------------------------
