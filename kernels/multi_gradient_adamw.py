@@ -11,25 +11,30 @@ Math (DESIGN §1 step 4), with g_P, g_A the two models' gradients:
     skip  : any non-finite gradient or μ ⇒ nothing is written, skipped_steps += 1
     scale : gradients that carry a loss scale S (fp16 training) are read as g / S
 
-Storage: every parameter, gradient and both moments of both models live in four flat fp32
-buffers (`FlatLayout`); each tensor's segment is padded to a multiple of BLOCK elements, so a
-block belongs to one tensor and a paired primary block's partner is the block at the same
-position of the auxiliary's segment. Three launches, whatever the number of tensors:
+Storage: parameters and both moments of both models live in three flat fp32 buffers
+(`FlatLayout`); each tensor's segment is padded to a multiple of BLOCK elements, so a block
+belongs to one tensor and a paired primary block's partner is the block at the same position
+of the auxiliary's segment. Gradients stay where autograd (or DDP, or a user) put them: the
+kernels read them through a per-tensor table of (address, element count), uploaded only when
+an address changes; a count of 0 (no gradient) reads as zeros, and a tensor's last, partial
+block is masked. Three launches, whatever the number of tensors:
 
-1. `_sumsq_kernel`, one program per block: Σg² and the count of non-finite elements.
-2. `_scalars_kernel`, one program: both norms (summed in a fixed order), clip factors, μ, the
-   skip flag, the step count and the bias corrections, all written to device memory.
+1. `_sumsq_kernel`: Σg² and the count of non-finite elements; each program walks a fixed run
+   of one model's blocks, so there are at most MAX_PARTIALS partial sums per model.
+2. `_scalars_kernel`, one program: both norms (partials summed in a fixed order), clip factors,
+   μ, the skip flag, the step count and the bias corrections, all written to device memory.
 3. `_update_kernel`, one program per work item: an unpaired block, or a paired primary block
    together with its auxiliary partner (so averaging sees the partner's new weights).
 
 The norms need every block before any update may start, and Triton has no grid-wide barrier,
-hence three launches rather than one. Nothing is read back to the host: the step can be
-captured in a CUDA graph (with the learning rate as a device tensor).
+hence three launches rather than one. Nothing is read back to the host, and the learning
+rates, max_norm, μ (fixed), mix_max and γ are read from 0-dim device tensors: the step can be
+captured in a CUDA graph once and follow in-place changes of those tensors.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -38,38 +43,76 @@ from torch import Tensor
 
 from . import on_device
 
-BLOCK = 1024
+BLOCK = 1024  # elements per block (a program's unit of work)
+MAX_PARTIALS = 2048  # sum-of-squares programs (partial sums) per model, at most
+CHUNK = 1024  # partial sums the scalars kernel adds per iteration
+
+Hyper = Union[float, Tensor]
 
 
 @triton.jit
-def _sumsq_kernel(G, PARTIAL, BLOCK_SIZE: tl.constexpr):
+def _grad_block(GRADS, tensor, offset, BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Elements [offset, offset + BLOCK_SIZE) of gradient `tensor`, zeros past its end. The
+    caller hints `offset` as a multiple of BLOCK_SIZE where it loads it (a hint on a function
+    argument is lost)."""
+    address = tl.load(GRADS + tensor * 2)
+    count = tl.load(GRADS + tensor * 2 + 1)
+    base = address.to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # the hint goes on the pointer: the cast does not carry an integer's divisibility
+        base = tl.multiple_of(base, 16)
+    base += offset
+    lanes = tl.arange(0, BLOCK_SIZE)
+    if count - offset >= BLOCK_SIZE:  # a whole block: unmasked, 128-bit loads when ALIGNED
+        g = tl.load(base + lanes)
+    else:  # the tensor's last block, or no gradient (count 0)
+        g = tl.load(base + lanes, mask=lanes < count - offset, other=0.0)
+    return g
+
+
+@triton.jit
+def _sumsq_kernel(
+    GRADS, BLOCKS, PARTIAL, primary_programs, primary_rows, total_rows, per_primary, per_auxiliary,
+    BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """PARTIAL[pid] = (Σg², non-finite count) over rows [first, last) of BLOCKS (tensor,
+    offset); programs [0, primary_programs) cover the primary's rows, the rest the auxiliary's."""
     pid = tl.program_id(0)
-    g = tl.load(G + pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE))
-    finite = (g == g) & (tl.abs(g) < float("inf"))
-    tl.store(PARTIAL + pid * 2, tl.sum(tl.where(finite, g * g, 0.0), 0))
-    tl.store(PARTIAL + pid * 2 + 1, tl.sum((~finite).to(tl.float32), 0))
+    auxiliary = pid >= primary_programs
+    first = tl.where(auxiliary, primary_rows + (pid - primary_programs) * per_auxiliary, pid * per_primary)
+    last = tl.minimum(first + tl.where(auxiliary, per_auxiliary, per_primary),
+                      tl.where(auxiliary, total_rows, primary_rows))
+    total = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    for row in range(first, last):
+        offset = tl.multiple_of(tl.load(BLOCKS + row * 2 + 1), BLOCK_SIZE)
+        g = _grad_block(GRADS, tl.load(BLOCKS + row * 2), offset, BLOCK_SIZE, ALIGNED)
+        finite = (g == g) & (tl.abs(g) < float("inf"))
+        total += tl.where(finite, g * g, 0.0)
+        bad += (~finite).to(tl.float32)
+    tl.store(PARTIAL + pid * 2, tl.sum(total, 0))
+    tl.store(PARTIAL + pid * 2 + 1, tl.sum(bad, 0))
 
 
 @triton.jit
-def _block_sum(PARTIAL, first, last, lane, CHUNK: tl.constexpr):
+def _partial_sum(PARTIAL, first, last, lane, CHUNK: tl.constexpr):
     acc = tl.zeros([CHUNK], dtype=tl.float32)
     for start in range(first, last, CHUNK):
-        blocks = start + tl.arange(0, CHUNK)
-        acc += tl.load(PARTIAL + blocks * 2 + lane, mask=blocks < last, other=0.0)
+        rows = start + tl.arange(0, CHUNK)
+        acc += tl.load(PARTIAL + rows * 2 + lane, mask=rows < last, other=0.0)
     return tl.sum(acc, 0)
 
 
 @triton.jit
 def _scalars_kernel(
     PARTIAL, SCALARS, STEP, SKIPPED, LAST_MIX, OUT, SKIP_OUT, CE_P, CE_A, LOG_BETAS, GRAD_SCALE,
-    primary_blocks, total_blocks, max_grad_norm, mix, mix_max,
+    MAX_NORM, MIX, MIX_MAX, primary_partials, total_partials,
     CLIP: tl.constexpr, ADAPTIVE: tl.constexpr, UNSCALE: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """SCALARS = (c_P, c_A, μ, skip, 1 − β1ᵗ, 1 − β2ᵗ); OUT = (μ, n_P, n_A). With UNSCALE the
     gradients hold a loss scale S: the norms are divided by S and 1/S is folded into c_P, c_A."""
-    norm_p = tl.sqrt(_block_sum(PARTIAL, 0, primary_blocks, 0, CHUNK))
-    norm_a = tl.sqrt(_block_sum(PARTIAL, primary_blocks, total_blocks, 0, CHUNK))
-    bad = _block_sum(PARTIAL, 0, total_blocks, 1, CHUNK)
+    norm_p = tl.sqrt(_partial_sum(PARTIAL, 0, primary_partials, 0, CHUNK))
+    norm_a = tl.sqrt(_partial_sum(PARTIAL, primary_partials, total_partials, 0, CHUNK))
+    bad = _partial_sum(PARTIAL, 0, total_partials, 1, CHUNK)
     if UNSCALE:
         inv_scale = 1.0 / tl.load(GRAD_SCALE).to(tl.float32)
     else:
@@ -79,13 +122,15 @@ def _scalars_kernel(
     if ADAPTIVE:
         ce_p = tl.load(CE_P).to(tl.float32)
         total = ce_p + tl.load(CE_A).to(tl.float32)
+        mix_max = tl.load(MIX_MAX).to(tl.float32)
         mu = tl.where(total == 0.0, 0.0, mix_max * ce_p / tl.where(total == 0.0, 1.0, total))
     else:
-        mu = mix + 0.0 * norm_p
+        mu = tl.load(MIX).to(tl.float32) + 0.0 * norm_p
     skip = (bad > 0) | (mu != mu) | (tl.abs(mu) == float("inf"))
     if CLIP:
-        clip_p = tl.minimum(max_grad_norm / (norm_p + 1e-6), 1.0)
-        clip_a = tl.minimum(max_grad_norm / (norm_a + 1e-6), 1.0)
+        max_norm = tl.load(MAX_NORM).to(tl.float32)
+        clip_p = tl.minimum(max_norm / (norm_p + 1e-6), 1.0)
+        clip_a = tl.minimum(max_norm / (norm_a + 1e-6), 1.0)
     else:
         clip_p = 1.0 + 0.0 * norm_p
         clip_a = 1.0 + 0.0 * norm_p
@@ -121,18 +166,20 @@ def _adamw(p, g, m, v, lr, decay_factor, beta1, beta2, eps, bias_correction1, bi
 
 @triton.jit
 def _update_kernel(
-    P, G, M, V, ITEMS, SCALARS, LR_P, LR_A,
-    wd_p, wd_a, beta1, beta2, eps, average,
-    AVERAGE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    P, GRADS, M, V, ITEMS, SCALARS, LR_P, LR_A, AVERAGE_WEIGHT,
+    wd_p, wd_a, beta1, beta2, eps,
+    AVERAGE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    """ITEMS rows: (start, partner start or −1, model 0/1, decay bits: self | partner << 1)."""
+    """ITEMS rows: (start, partner start or −1, bits: model | decay << 1 | partner decay << 2,
+    offset in the tensor, tensor, partner tensor)."""
     pid = tl.program_id(0)
-    start = tl.multiple_of(tl.load(ITEMS + pid * 4), BLOCK_SIZE)  # segments are whole blocks: 128-bit access
-    partner = tl.load(ITEMS + pid * 4 + 1)
-    model = tl.load(ITEMS + pid * 4 + 2)
-    decay = tl.load(ITEMS + pid * 4 + 3)
+    row = ITEMS + pid * 6
+    start = tl.multiple_of(tl.load(row), BLOCK_SIZE)  # segments are whole blocks: 128-bit access
+    partner = tl.load(row + 1)
+    bits = tl.load(row + 2)
     skip = tl.load(SCALARS + 3)
     if skip == 0.0:
+        offset = tl.multiple_of(tl.load(row + 3), BLOCK_SIZE)
         clip_p = tl.load(SCALARS + 0)
         clip_a = tl.load(SCALARS + 1)
         mu = tl.load(SCALARS + 2)
@@ -140,26 +187,27 @@ def _update_kernel(
         bias_correction2 = tl.load(SCALARS + 5)
         lr_p = tl.load(LR_P).to(tl.float32)
         lr_a = tl.load(LR_A).to(tl.float32)
-        is_aux = model == 1
+        is_aux = (bits & 1) != 0
         lr = tl.where(is_aux, lr_a, lr_p)
         wd = tl.where(is_aux, wd_a, wd_p)
-        decay_factor = tl.where((decay & 1) != 0, 1.0 - lr * wd, 1.0)
+        decay_factor = tl.where((bits & 2) != 0, 1.0 - lr * wd, 1.0)
         offs = start + tl.arange(0, BLOCK_SIZE)
-        g = tl.load(G + offs) * tl.where(is_aux, clip_a, clip_p)
+        g = _grad_block(GRADS, tl.load(row + 4), offset, BLOCK_SIZE, ALIGNED) * tl.where(is_aux, clip_a, clip_p)
         p = tl.load(P + offs)
         m = tl.load(M + offs)
         v = tl.load(V + offs)
         if partner >= 0:  # a paired primary block: update its auxiliary partner here too
             poffs = tl.multiple_of(partner, BLOCK_SIZE) + tl.arange(0, BLOCK_SIZE)
-            g_a = tl.load(G + poffs) * clip_a
+            g_a = _grad_block(GRADS, tl.load(row + 5), offset, BLOCK_SIZE, ALIGNED) * clip_a
             p_a, m_a, v_a = _adamw(
                 tl.load(P + poffs), g_a, tl.load(M + poffs), tl.load(V + poffs), lr_a,
-                tl.where((decay & 2) != 0, 1.0 - lr_a * wd_a, 1.0), beta1, beta2, eps,
+                tl.where((bits & 4) != 0, 1.0 - lr_a * wd_a, 1.0), beta1, beta2, eps,
                 bias_correction1, bias_correction2,
             )
             p, m, v = _adamw(p, (1.0 - mu) * g + mu * g_a, m, v, lr, decay_factor, beta1, beta2, eps,
                              bias_correction1, bias_correction2)
             if AVERAGE:
+                average = tl.load(AVERAGE_WEIGHT).to(tl.float32)
                 p = (1.0 - average) * p + average * p_a
             tl.store(P + poffs, p_a)
             tl.store(M + poffs, m_a)
@@ -174,13 +222,10 @@ def _update_kernel(
 # --------------------------------------------------------------------------------------------
 # the flat layout
 # --------------------------------------------------------------------------------------------
-def _padded(n: int) -> int:
-    return triton.cdiv(n, BLOCK) * BLOCK
-
-
 class FlatLayout:
-    """Four flat fp32 buffers (params, grads, exp_avg, exp_avg_sq) holding both models, with
-    each tensor's segment padded to whole blocks, and the work-item table of the update.
+    """Three flat fp32 buffers (params, exp_avg, exp_avg_sq) holding both models, with each
+    tensor's segment padded to whole blocks; the block and work-item tables of the kernels; and
+    the gradient table, refreshed by ``step(grads=...)`` when a gradient's address changes.
 
     ``shapes_primary``/``shapes_auxiliary``: the tensors' shapes, in order; ``pairs`` the
     ``(i, j)`` index pairs; ``decay_*`` the weight-decay flags.
@@ -195,37 +240,62 @@ class FlatLayout:
         decay_auxiliary: Sequence[bool],
         device: torch.device,
     ):
-        self.shapes = list(shapes_primary) + list(shapes_auxiliary)
+        self.block, self.max_partials, self.chunk = BLOCK, MAX_PARTIALS, CHUNK
+        self.shapes = [torch.Size(s) for s in list(shapes_primary) + list(shapes_auxiliary)]
+        self.numels = [s.numel() for s in self.shapes]
         self.num_primary = len(shapes_primary)
         self.offsets: List[int] = []
         total = 0
-        for shape in self.shapes:
+        for numel in self.numels:
             self.offsets.append(total)
-            total += _padded(shape.numel())
+            total += self._padded(numel)
         self.total = total
-        self.primary_blocks = (self.offsets[self.num_primary] if shapes_auxiliary else total) // BLOCK
         self.device = device
-        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = (
-            torch.zeros(total, device=device, dtype=torch.float32) for _ in range(4)
+        self.params, self.exp_avgs, self.exp_avg_sqs = (
+            torch.zeros(total, device=device, dtype=torch.float32) for _ in range(3)
         )
         self.items = self._work_items(pairs, list(decay_primary) + list(decay_auxiliary))
-        self.partial = torch.empty((total // BLOCK, 2), device=device, dtype=torch.float32)
+        self.blocks, self.geometry = self._block_rows()
+        self.partial = torch.empty((max(self.geometry[0] + self.geometry[1], 1), 2), device=device, dtype=torch.float32)
         self.scalars = torch.empty(6, device=device, dtype=torch.float32)
+        self.grad_table = torch.zeros((len(self.shapes), 2), device=device, dtype=torch.int64)
+        self._grad_key: Optional[list] = [0] * (2 * len(self.shapes))
+        self._aligned = True
+        self._spare_host: Optional[Tensor] = None  # pinned, for an upload inside a CUDA graph capture
+        self._captured_tables: List[Tuple[Tensor, Tensor]] = []  # (pinned host, device), live with the graphs
+        self._hyper: dict = {}
+
+    def _padded(self, n: int) -> int:
+        return triton.cdiv(n, self.block) * self.block
 
     def _work_items(self, pairs, decay) -> Tensor:
         partner = {i: self.num_primary + j for i, j in pairs}
         handled = set(partner.values())
         rows = []
-        for index, (shape, offset) in enumerate(zip(self.shapes, self.offsets)):
+        for index, (numel, offset) in enumerate(zip(self.numels, self.offsets)):
             if index in handled:
                 continue
-            model = 0 if index < self.num_primary else 1
             mate = partner.get(index)
-            bits = int(decay[index]) | (int(decay[mate]) << 1 if mate is not None else 0)
-            for block in range(0, _padded(shape.numel()), BLOCK):
+            bits = int(index >= self.num_primary) | int(decay[index]) << 1
+            bits |= int(decay[mate]) << 2 if mate is not None else 0
+            for block in range(0, self._padded(numel), self.block):
                 mate_start = self.offsets[mate] + block if mate is not None else -1
-                rows.append((offset + block, mate_start, model, bits))
-        return torch.tensor(rows, dtype=torch.int64, device=self.device).reshape(-1, 4)
+                rows.append((offset + block, mate_start, bits, block, index, mate if mate is not None else index))
+        return torch.tensor(rows, dtype=torch.int64, device=self.device).reshape(-1, 6)
+
+    def _block_rows(self) -> Tuple[Tensor, Tuple[int, int, int, int, int, int]]:
+        """Every block as (tensor, offset in it), the primary's first, and the sum-of-squares
+        geometry (programs per model, rows per program, rows per model)."""
+        rows = [(index, block) for index, numel in enumerate(self.numels)
+                for block in range(0, self._padded(numel), self.block)]
+        primary_rows = sum(self._padded(n) for n in self.numels[: self.num_primary]) // self.block
+        geometry = []
+        for count in (primary_rows, len(rows) - primary_rows):
+            per_program = triton.cdiv(count, self.max_partials)
+            geometry.append((triton.cdiv(count, per_program) if count else 0, max(per_program, 1)))
+        (programs_p, per_p), (programs_a, per_a) = geometry
+        table = torch.tensor(rows, dtype=torch.int64, device=self.device).reshape(-1, 2)
+        return table, (programs_p, programs_a, per_p, per_a, primary_rows, len(rows))
 
     def _log_betas(self, betas) -> Tensor:
         if getattr(self, "_betas", None) != tuple(betas):
@@ -235,9 +305,54 @@ class FlatLayout:
             )
         return self._log_betas_tensor
 
+    def _hyperparameter(self, name: str, value: Hyper) -> Tensor:
+        """A 0-dim device tensor holding ``value``: the tensor itself, or a cached one refilled
+        in place when the float changes."""
+        if isinstance(value, Tensor):
+            return value.reshape(())
+        cached = self._hyper.get(name)
+        if cached is None:
+            cached = self._hyper[name] = [torch.full((), float(value), device=self.device), float(value)]
+        elif cached[1] != float(value):
+            cached[0].fill_(float(value))
+            cached[1] = float(value)
+        return cached[0]
+
     def view(self, buffer: Tensor, index: int) -> Tensor:
         offset, shape = self.offsets[index], self.shapes[index]
         return buffer[offset : offset + shape.numel()].view(shape)
+
+    def bind_grads(self, grads: Sequence[Optional[Tensor]]) -> Tuple[Tensor, bool]:
+        """The gradient table for ``grads`` (one per tensor, in layout order: contiguous fp32
+        on the device with the tensor's element count, or None for zeros), uploaded without a
+        synchronisation when an address changed, and whether every address is 16-byte aligned. Inside a CUDA graph capture the upload goes to
+        a table of the graph's own, kept as long as this layout."""
+        key = []
+        for g in grads:
+            key += (0, 0) if g is None else (g.data_ptr(), g.numel())
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if key == self._grad_key and not capturing:
+            return self.grad_table, self._aligned
+        aligned = all(address % 16 == 0 for address in key[0::2])
+        if self.device.type != "cuda":
+            self.grad_table.copy_(torch.tensor(key, dtype=torch.int64).reshape(-1, 2))
+            table = self.grad_table
+        elif capturing:
+            host = self._spare_host  # pinned before the capture: no host allocation inside it
+            if host is None:
+                raise RuntimeError("FlatLayout: run one step eagerly before capturing a CUDA graph")
+            self._spare_host = None
+            host.copy_(torch.tensor(key, dtype=torch.int64).reshape(-1, 2))
+            table = torch.empty_like(self.grad_table)
+            table.copy_(host, non_blocking=True)
+            self._captured_tables.append((host, table))
+        else:  # a fresh pinned buffer: the caching host allocator holds it until the copy is done
+            host = torch.tensor(key, dtype=torch.int64).reshape(-1, 2).pin_memory()
+            self.grad_table.copy_(host, non_blocking=True)
+            table = self.grad_table
+        if not capturing:
+            self._grad_key, self._aligned = key, aligned
+        return table, aligned
 
     def step(
         self,
@@ -249,34 +364,55 @@ class FlatLayout:
         betas: Tuple[float, float],
         eps: float,
         weight_decay: Tuple[float, float],
-        mix,
-        mix_max: float,
+        mix: Union[str, Hyper],
+        mix_max: Hyper,
         ce_primary: Optional[Tensor],
         ce_auxiliary: Optional[Tensor],
-        average: float,
-        max_grad_norm: Optional[float],
+        average: Hyper,
+        max_grad_norm: Optional[Hyper],
         grad_scale: Optional[Tensor] = None,
+        grads: Optional[Sequence[Optional[Tensor]]] = None,
     ) -> Tuple[Tensor, Tensor]:
-        """Runs the three kernels; returns (μ, n_P, n_A) as one fresh [3] tensor, and the skip flag."""
-        blocks = self.total // BLOCK
+        """Runs the three kernels; returns (μ, n_P, n_A) as one fresh [3] tensor, and the skip flag.
+
+        ``grads``: see ``bind_grads`` (None keeps the last table). ``mix`` (unless
+        ``"adaptive"``), ``mix_max``, ``average`` and ``max_grad_norm`` are floats or 0-dim
+        device tensors read by the kernels at run time; clipping is on unless
+        ``max_grad_norm`` is None, averaging unless ``average`` is the float 0."""
+        if grads is not None:
+            table, aligned = self.bind_grads(grads)
+        else:
+            table, aligned = self.grad_table, self._aligned
+        if self.device.type == "cuda" and self._spare_host is None and not torch.cuda.is_current_stream_capturing():
+            self._spare_host = torch.empty_like(self.grad_table, device="cpu").pin_memory()
+        table.pointees = list(grads) if grads is not None else []  # what the addresses point to
         out = torch.empty(3, device=self.device, dtype=torch.float32)
         skipped = torch.empty((), device=self.device, dtype=torch.bool)
         adaptive = isinstance(mix, str)
-        with on_device(self.grads):
-            _sumsq_kernel[(blocks,)](self.grads, self.partial, BLOCK_SIZE=BLOCK)
+        averaging = isinstance(average, Tensor) or float(average) != 0.0
+        programs_p, programs_a, per_p, per_a, primary_rows, total_rows = self.geometry
+        with on_device(self.params):
+            _sumsq_kernel[(max(programs_p + programs_a, 1),)](
+                table, self.blocks, self.partial, programs_p, primary_rows, total_rows, per_p, per_a,
+                BLOCK_SIZE=self.block, ALIGNED=aligned, num_warps=4,
+            )
             _scalars_kernel[(1,)](
                 self.partial, self.scalars, step, skipped_steps, last_mix, out, skipped,
                 ce_primary if adaptive else self.scalars, ce_auxiliary if adaptive else self.scalars,
                 self._log_betas(betas), grad_scale if grad_scale is not None else self.scalars,
-                self.primary_blocks, blocks, float(max_grad_norm or 0.0),
-                0.0 if adaptive else float(mix), float(mix_max),
-                CLIP=max_grad_norm is not None, ADAPTIVE=adaptive, UNSCALE=grad_scale is not None, CHUNK=1024,
+                self._hyperparameter("max_grad_norm", max_grad_norm) if max_grad_norm is not None else self.scalars,
+                self.scalars if adaptive else self._hyperparameter("mix", mix),
+                self._hyperparameter("mix_max", mix_max) if adaptive else self.scalars,
+                programs_p, programs_p + programs_a,
+                CLIP=max_grad_norm is not None, ADAPTIVE=adaptive, UNSCALE=grad_scale is not None, CHUNK=self.chunk,
             )
             _update_kernel[(self.items.shape[0],)](
-                self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.items, self.scalars, lr[0], lr[1],
+                self.params, table, self.exp_avgs, self.exp_avg_sqs, self.items, self.scalars, lr[0], lr[1],
+                self._hyperparameter("average", average) if averaging else self.scalars,
                 float(weight_decay[0]), float(weight_decay[1]), float(betas[0]), float(betas[1]), float(eps),
-                float(average), AVERAGE=average != 0.0, BLOCK_SIZE=BLOCK, num_warps=8,
+                AVERAGE=averaging, ALIGNED=aligned, BLOCK_SIZE=self.block, num_warps=8,
             )
+        table.pointees = []
         return out, skipped
 
 
@@ -291,7 +427,8 @@ def multi_gradient_adamw(
     max_grad_norm=None, grad_scale=None,
 ):
     """``mgit_fast.reference.multi_gradient_adamw`` on the kernels, through a temporary flat
-    layout (copied in and out). Tensors whose gradient is None are left out, as there."""
+    layout (parameters and moments copied in and out, gradients read in place). Tensors whose
+    gradient is None are left out, as there."""
     from mgit_fast.reference import MultiGradientStepOutput
 
     primary = [i for i, g in enumerate(grads_primary) if g is not None]
@@ -307,11 +444,15 @@ def multi_gradient_adamw(
         [decay_primary[i] for i in primary], [decay_auxiliary[j] for j in auxiliary], step.device,
     )
     tensors = [[lst[i] for i in kept] for *group, kept in lists for lst in group]
-    flat = [layout.params, layout.grads, layout.exp_avgs, layout.exp_avg_sqs]
+    flat = [layout.params, None, layout.exp_avgs, layout.exp_avg_sqs]
     order = [(k, m) for m in range(2) for k in range(4)]  # (buffer, model) for each of the 8 lists
+    grads = []
     for (buffer, model), group in zip(order, tensors):
         for n, t in enumerate(group):
-            layout.view(flat[buffer], n + (0 if model == 0 else len(primary))).copy_(t)
+            if buffer == 1:  # gradients are read where they are
+                grads.append(t.detach().to(device=step.device, dtype=torch.float32).contiguous())
+            else:
+                layout.view(flat[buffer], n + (0 if model == 0 else len(primary))).copy_(t)
 
     lr_pair = lr if isinstance(lr, (tuple, list)) else (lr, lr)
     lr_tensors = tuple(
@@ -323,7 +464,7 @@ def multi_gradient_adamw(
     out, skipped = layout.step(
         step=step, skipped_steps=skipped_steps, last_mix=last_mix, lr=lr_tensors, betas=betas, eps=eps,
         weight_decay=wd_pair, mix=mix, mix_max=mix_max, ce_primary=ce_primary, ce_auxiliary=ce_auxiliary,
-        average=average, max_grad_norm=max_grad_norm, grad_scale=grad_scale,
+        average=average, max_grad_norm=max_grad_norm, grad_scale=grad_scale, grads=grads,
     )
     for (buffer, model), group in zip(order, tensors):
         if buffer == 1:

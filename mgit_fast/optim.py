@@ -10,6 +10,8 @@ from . import _checks, functional
 from .reference import MultiGradientStepOutput
 
 Pairing = Union[str, Sequence[str]]
+Hyper = Union[float, Tensor]
+HYPERPARAMETERS = ("mix", "mix_max", "average", "max_grad_norm")  # each a float or a 0-dim device tensor
 PAIRINGS = ("head", "all", "none")
 
 
@@ -83,6 +85,12 @@ class MultiGradientAdamW(torch.optim.Optimizer):
     become ``(1 − γ)·θ_P + γ·θ_A``. A non-finite gradient anywhere skips the whole step
     (``skipped_steps`` grows). μ, the step count and the skip decision stay on the device.
 
+    ``max_grad_norm``, ``mix`` (fixed), ``mix_max`` and ``average`` may be 0-dim float device
+    tensors instead of floats: the update reads them at run time, so changing them in place
+    (a schedule) needs no rebuild and works inside a captured CUDA graph (their values are then
+    not range-checked). Clipping is on unless ``max_grad_norm`` is None; a tensor ``average``
+    turns averaging on.
+
     ``auxiliary=None`` gives plain AdamW on the primary with the same rule (a baseline).
     Two parameter groups, ``primary`` and ``auxiliary``, hold ``lr`` and ``weight_decay``,
     so ``torch.optim.lr_scheduler`` schedules work. ``state_dict()`` is keyed by parameter name.
@@ -98,10 +106,10 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.05,
         pairing: Pairing = "head",
-        mix: Union[str, float] = "adaptive",
-        mix_max: float = 0.5,
-        average: float = 0.0,
-        max_grad_norm: Optional[float] = None,
+        mix: Union[str, Hyper] = "adaptive",
+        mix_max: Hyper = 0.5,
+        average: Hyper = 0.0,
+        max_grad_norm: Optional[Hyper] = None,
         backend: Optional[str] = None,
     ):
         if not isinstance(primary, nn.Module):
@@ -130,6 +138,10 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
 
         device = self.named_primary[0][1].device
+        for name in HYPERPARAMETERS:
+            value = getattr(self, name)
+            if isinstance(value, Tensor) and value.device != device:
+                raise ValueError(f"{name} is on {value.device} but the parameters are on {device}")
         self.use_kernel = functional.resolve_backend(backend, device.type) == "triton"
         if self.use_kernel:
             for name, p in self.named_primary + self.named_auxiliary:
@@ -137,6 +149,7 @@ class MultiGradientAdamW(torch.optim.Optimizer):
                     raise TypeError(f"parameter {name!r} must be float32 for backend='triton', got {p.dtype}")
                 _checks.kernel_inputs(f"parameter {name!r}", p)
         self._flat = None  # the Triton backend's FlatLayout, built at the first step
+        self._param_views = None
         self.step_count = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.last_mix = torch.zeros((), dtype=torch.float32, device=device)
@@ -157,8 +170,13 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         scaling); they are divided by S (an overflow is non-finite, so it skips the step).
         Returns μ, the two gradient norms (unscaled) and the skip flag, all device tensors;
         nothing synchronises."""
+        device = self.step_count.device
+        for name in HYPERPARAMETERS:
+            value = getattr(self, name)
+            if isinstance(value, Tensor) and value.device != device:
+                raise ValueError(f"{name} is on {value.device} but the parameters are on {device}")
         mix = self.mix if self.named_auxiliary else 0.0
-        if mix == "adaptive":
+        if isinstance(mix, str):
             if ce_primary is None or ce_auxiliary is None:
                 raise ValueError("mix='adaptive' needs ce_primary and ce_auxiliary passed to step()")
             ce_primary = _loss_tensor("ce_primary", ce_primary, self.step_count.device)
@@ -182,9 +200,9 @@ class MultiGradientAdamW(torch.optim.Optimizer):
             grad_scale=grad_scale,
         )
         if self.use_kernel:
-            self._bind()
+            grads = self._bind()
             lr = self.lr_tensors()
-            out, skipped = self._flat.step(last_mix=self.last_mix, lr=lr, **options)
+            out, skipped = self._flat.step(last_mix=self.last_mix, lr=lr, grads=grads, **options)
             return MultiGradientStepOutput(out[0], out[1], out[2], skipped)
 
         def tensors(named):
@@ -210,11 +228,13 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         return out
 
     # ---------------------------------------------------------------- the Triton backend
-    # Parameters, gradients and moments of both models live in four flat buffers (the kernel's
-    # FlatLayout) and the tensors the models and this optimizer hold are views into them. A
-    # parameter moved or replaced, or a .grad replaced (DDP, a user) or set to None, is noticed
-    # at the next step and copied back in (a None gradient counts as zero here, whereas the
-    # torch backend leaves that parameter alone).
+    # Parameters and moments of both models live in three flat buffers (the kernel's FlatLayout)
+    # and the tensors the models and this optimizer hold are views into them; a parameter moved
+    # or replaced is noticed at the next step and copied back in. Gradients stay where autograd,
+    # DDP or a user put them (zero_grad sets them to None, so a backward writes fresh ones and
+    # accumulates nothing): the kernels read them through a table of their addresses, uploaded
+    # when one changes. A None gradient counts as zero here, whereas the torch backend leaves
+    # that parameter alone.
     def _named(self):
         return self.named_primary + self.named_auxiliary
 
@@ -237,26 +257,30 @@ class MultiGradientAdamW(torch.optim.Optimizer):
                 self.state[p][key] = view
         self._flat = layout
         self._param_views = [layout.view(layout.params, i) for i in range(len(named))]
-        self._grad_views = [layout.view(layout.grads, i) for i in range(len(named))]
         for (_, p), view in zip(named, self._param_views):
             view.copy_(p.detach())
             p.data = view
 
-    def _bind(self) -> None:
+    def _bind(self) -> List[Optional[Tensor]]:
+        """Parameters back into the flat buffer if moved; the gradients the kernels read (fp32,
+        contiguous, on the device; a copy only where a .grad is not)."""
         named = self._named()
         if self._flat is None or named[0][1].device != self._flat.device:
             self._build_flat()
-        for (_, p), param_view, grad_view in zip(named, self._param_views, self._grad_views):
+        device = self._flat.device
+        grads = []
+        for (name, p), param_view in zip(named, self._param_views):
             if p.data_ptr() != param_view.data_ptr():
                 param_view.copy_(p.detach())
                 p.data = param_view
             grad = p.grad
-            if grad is None:
-                grad_view.zero_()
-                p.grad = grad_view
-            elif grad.data_ptr() != grad_view.data_ptr():
-                grad_view.copy_(grad)
-                p.grad = grad_view
+            if grad is not None:
+                if grad.shape != p.shape:
+                    raise ValueError(f"the gradient of {name!r} has shape {tuple(grad.shape)}, not {tuple(p.shape)}")
+                if grad.dtype != torch.float32 or grad.device != device or not grad.is_contiguous():
+                    grad = grad.detach().to(device=device, dtype=torch.float32).contiguous()
+            grads.append(grad)
+        return grads
 
     def lr_tensors(self) -> Tuple[Tensor, Tensor]:
         """The learning rates the Triton update reads, as 0-dim device tensors, refreshed in
@@ -280,22 +304,12 @@ class MultiGradientAdamW(torch.optim.Optimizer):
             pair.append(cached)
         return pair[0], pair[1]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """With the Triton backend, zeroes the flat gradient buffer in one launch and keeps
-        each ``.grad`` a view into it (``set_to_none`` is ignored); else as torch's."""
-        if self._flat is not None and self._flat.device == self.step_count.device:
-            self._flat.grads.zero_()
-            for (_, p), view in zip(self._named(), self._grad_views):
-                p.grad = view
-            return
-        super().zero_grad(set_to_none=set_to_none)
-
     def __getstate__(self) -> Dict[str, Any]:
         """For copy.deepcopy and torch.save: all attributes (torch's Optimizer keeps only a
         subset), moments as compact tensors; the flat layout is rebuilt at the next step."""
         state = dict(self.__dict__)
         state["state"] = {p: {k: v.clone() for k, v in s.items()} for p, s in self.state.items()}
-        state.update(_flat=None, _param_views=None, _grad_views=None)
+        state.update(_flat=None, _param_views=None)
         return state
 
     # ----------------------------------------------------------------------------------------
@@ -319,10 +333,7 @@ class MultiGradientAdamW(torch.optim.Optimizer):
             "config": {
                 "betas": self.betas,
                 "eps": self.eps,
-                "mix": self.mix,
-                "mix_max": self.mix_max,
-                "average": self.average,
-                "max_grad_norm": self.max_grad_norm,
+                **{name: _copied(getattr(self, name)) for name in HYPERPARAMETERS},
                 "pairs": [(self.named_primary[i][0], self.named_auxiliary[j][0]) for i, j in self.pairs],
             },
         }
@@ -358,7 +369,16 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.betas, self.eps = betas, eps
-        self.mix, self.mix_max, self.average, self.max_grad_norm = mixing
+        for name, value in zip(HYPERPARAMETERS, mixing):
+            current = getattr(self, name)
+            if isinstance(current, Tensor) and not isinstance(value, (str, type(None))):
+                current.copy_(value)  # the tensor a captured graph reads stays the same
+            else:
+                setattr(self, name, value)
+
+
+def _copied(value):
+    return value.detach().clone() if isinstance(value, Tensor) else value
 
 
 def _trainable(name: str, model: nn.Module) -> List[Tuple[str, Tensor]]:
@@ -383,16 +403,27 @@ def _hyperparameters(betas, eps) -> Tuple[Tuple[float, float], float]:
     return (beta1, beta2), _checks.number("eps", eps, low=0.0)
 
 
+def _hyperparameter(name: str, value, **bounds):
+    """A float checked against ``bounds``, or a 0-dim floating-point tensor (read at run time)."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got {value.dtype}")
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(value.shape)}")
+        return value
+    return _checks.number(name, value, **bounds)
+
+
 def _mixing(mix, mix_max, average, max_grad_norm):
     if isinstance(mix, str):
         if mix != "adaptive":
             raise ValueError(f"mix must be 'adaptive' or a float in [0, 1], got {mix!r}")
     else:
-        mix = _checks.number("mix", mix, low=0.0, high=1.0)
-    mix_max = _checks.number("mix_max", mix_max, low=0.0, high=1.0)
-    average = _checks.number("average", average, low=0.0, high=1.0)
+        mix = _hyperparameter("mix", mix, low=0.0, high=1.0)
+    mix_max = _hyperparameter("mix_max", mix_max, low=0.0, high=1.0)
+    average = _hyperparameter("average", average, low=0.0, high=1.0)
     if max_grad_norm is not None:
-        max_grad_norm = _checks.number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
+        max_grad_norm = _hyperparameter("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
     return mix, mix_max, average, max_grad_norm
 
 

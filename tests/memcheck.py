@@ -13,6 +13,10 @@ name and element offset) and the programs involved, when
   launch, even by a single program (a GPU orders neither a plain load after an atomic nor a plain
   store before one without a fence, so the pattern is a bug even within a program).
 
+A tensor argument with a ``pointees`` attribute (a list of tensors or None, as a launcher sets on
+a table of addresses it fills from those tensors) adds their views to the launch's tensors, so
+accesses through the addresses are bounds-checked too (named ``ARG.pointees[i]``).
+
 Several programs reading a byte, or atomically updating it, is fine. Out-of-bounds lanes are not
 performed (loads give ``other``), so a bad kernel fails the check instead of crashing the process.
 Pointers are not tracked to their argument: an access that lands in another argument's memory
@@ -349,8 +353,12 @@ def install():
     def _init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         if _launch is not None:
-            _launch.set_args(_named_tensors([*self.arg_names[:len(args_hst)], *kwargs_hst],
-                                            [*args_hst, *kwargs_hst.values()]))
+            names = [*self.arg_names[:len(args_hst)], *kwargs_hst]
+            named = list(_named_tensors(names, [*args_hst, *kwargs_hst.values()]))
+            for name, value in zip(names, [*args_dev, *kwargs.values()]):  # host copies lose attributes
+                pointees = getattr(value, "pointees", None) or ()
+                named += _named_tensors([f"{name}.pointees[{i}]" for i in range(len(pointees))], pointees)
+            _launch.set_args(named)
         return args_hst, kwargs_hst
 
     def counted_atomic(method):

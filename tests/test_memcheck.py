@@ -105,6 +105,22 @@ def _sum_2d(X, PARTIAL, stride):
     tl.store(PARTIAL + i * 2 + j, value)
 
 
+@triton.jit
+def _gather_rows(TABLE, OUT, BLOCK: tl.constexpr):
+    """OUT[i, :BLOCK] = the first BLOCK floats at the address in TABLE[i] (no mask)."""
+    i = tl.program_id(0)
+    rows = tl.load(TABLE + i).to(tl.pointer_type(tl.float32))
+    tl.store(OUT + i * BLOCK + tl.arange(0, BLOCK), tl.load(rows + tl.arange(0, BLOCK)))
+
+
+@triton.jit
+def _store_through(TABLE, BLOCK: tl.constexpr):
+    """Program i stores i to BLOCK floats at the address in TABLE[i]."""
+    i = tl.program_id(0)
+    rows = tl.load(TABLE + i).to(tl.pointer_type(tl.float32))
+    tl.store(rows + tl.arange(0, BLOCK), tl.zeros((BLOCK,), tl.float32) + i)
+
+
 def test_two_programs_storing_one_address_race():
     x = torch.zeros(4, dtype=torch.int32)
     _store_block[(1,)](x, BLOCK=4)  # one program: fine
@@ -204,3 +220,19 @@ def test_allowed_pairs_are_not_reported(monkeypatch):
 @pytest.mark.no_memcheck
 def test_marked_tests_run_unchecked():
     _store_block[(2,)](torch.zeros(4, dtype=torch.int32), BLOCK=4)
+
+
+def test_accesses_through_a_table_of_addresses_are_checked_against_its_pointees():
+    a, b, out = torch.randn(4), torch.randn(6), torch.empty(2, 4)
+    table = torch.tensor([a.data_ptr(), b.data_ptr()])
+    with pytest.raises(memcheck.Violation, match=r"out of bounds: 8 lane\(s\)"):  # no pointees: nothing known
+        _gather_rows[(2,)](table, out, BLOCK=4)
+    table.pointees = [a, None, b]
+    _gather_rows[(2,)](table, out, BLOCK=4)
+    assert torch.equal(out, torch.stack([a, b[:4]]))
+    with pytest.raises(memcheck.Violation, match=r"out of bounds: 6 lane\(s\) .* at TABLE\.pointees\[0\]\[4\]"):
+        _gather_rows[(2,)](table, torch.empty(2, 8), BLOCK=8)  # a holds 4 floats, b 6
+    table = torch.tensor([b.data_ptr(), b.data_ptr() + 8])
+    table.pointees = [b]
+    with pytest.raises(memcheck.Violation, match=r"write-write race: 8 byte\(s\) .* TABLE\.pointees\[0\]\[2\]"):
+        _store_through[(2,)](table, BLOCK=4)  # elements 2 and 3 of b are stored by both programs

@@ -372,3 +372,31 @@ def test_models_must_be_modules_with_float_parameters():
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="auxiliary"):
         MultiGradientAdamW(primary, frozen)
+
+
+@pytest.mark.parametrize("mix", ["adaptive", 0.3])
+def test_hyperparameters_may_be_tensors(mix):
+    """0-dim tensors for max_grad_norm, mix, mix_max and average step like the floats (torch
+    backend), follow in-place changes, and are checked like them."""
+    values = dict(mix=mix, mix_max=0.6, average=0.25, max_grad_norm=0.8)
+    tensors = {k: v if isinstance(v, str) else torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
+    models = [make_pair(), make_pair()]
+    opts = [MultiGradientAdamW(*m, lr=1e-2, pairing="all", **o) for m, o in zip(models, (values, tensors))]
+    for round in range(2):
+        fill_grads(*models[0], scale=3.0)
+        for p, q in zip([p for m in models[0] for p in m.parameters()], [p for m in models[1] for p in m.parameters()]):
+            q.grad = p.grad.clone()
+        losses = (torch.rand((), dtype=torch.float64), torch.rand((), dtype=torch.float64))
+        outs = [opt.step(*losses) for opt in opts]
+        torch.testing.assert_close(outs[0].mix, outs[1].mix, rtol=1e-12, atol=0)
+        for a, b in zip(snapshot(*models[0]), snapshot(*models[1])):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        for key, value in dict(mix_max=0.9, average=0.7, max_grad_norm=0.1, mix=0.8).items():
+            if not isinstance(tensors[key], str):
+                tensors[key].fill_(value)
+                setattr(opts[0], key, value)
+    primary, auxiliary = make_pair()
+    with pytest.raises(ValueError, match="average"):
+        MultiGradientAdamW(primary, auxiliary, average=torch.tensor([0.1]))
+    with pytest.raises(TypeError, match="max_grad_norm"):
+        MultiGradientAdamW(primary, auxiliary, max_grad_norm=torch.tensor(1))
