@@ -22,6 +22,10 @@ def _world_size() -> int:
     return 1
 
 
+def _is_cuda(x: Tensor) -> bool:
+    return x.is_cuda
+
+
 def autocast_dtype(amp_dtype: Optional[torch.dtype], device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype for a step: ``None`` → bfloat16 on CUDA GPUs that support it, else no
     autocast; ``torch.float32`` → no autocast; ``torch.bfloat16``/``torch.float16`` → that."""
@@ -75,10 +79,14 @@ class FusedMGiT(nn.Module):
     ``graph=True`` (CUDA, Triton backend): for each batch signature (shapes, dtypes, training
     mode, hyperparameters) the first ``graph_warmup`` steps run eagerly, then the whole step is
     captured in one CUDA graph and replayed for later batches of that signature; a batch of
-    another shape (a short last batch) runs eagerly. Learning rates are read from device
-    tensors refreshed before each replay, so schedulers work; a change of any other
+    another shape (a short last batch) runs eagerly. The learning rates, ``js_weight``,
+    ``temperature``, a fixed ``mix``, ``mix_max``, ``average`` and ``max_grad_norm`` are read
+    from device tensors refreshed before each step, so schedules on them (setting
+    ``criterion.js_weight``, ``optimizer.max_grad_norm``, ... or a scheduler on ``lr``) replay
+    the same graph; switching clipping on or off, between adaptive and fixed μ, or any other
     hyperparameter re-captures. Call ``reset_graph()`` after replacing parameters by hand.
-    ``overlap=True`` runs the auxiliary's forward and backward on a second CUDA stream.
+    ``overlap=True`` (CUDA) runs the auxiliary's forward and backward on a second CUDA stream,
+    concurrently with the primary's (the results are those of ``overlap=False``).
 
     Under ``torch.distributed`` (e.g. ``torchrun``; initialise the process group first), both
     models are wrapped in ``DistributedDataParallel``: each rank passes its share of the batch,
@@ -158,6 +166,7 @@ class FusedMGiT(nn.Module):
         self._captured: Optional[_CapturedStep] = None
         self._warming: Tuple[Any, int] = (None, 0)
         self._side_stream = None
+        self._hyperparameters: Dict[Tuple[str, str], Tuple[Tensor, float]] = {}  # (device tensor, its value)
         # Under torch.distributed, DistributedDataParallel averages both models' gradients
         # across ranks during the backward (the wrappers are kept out of the state_dict).
         self._replicas: Optional[Tuple[nn.Module, nn.Module]] = None
@@ -187,11 +196,12 @@ class FusedMGiT(nn.Module):
         if x.device != device:
             raise ValueError(f"x is on {x.device} but the models are on {device}")
 
-        if self.graph and x.is_cuda:
+        if self.graph and _is_cuda(x):
             return self._graph_step(x, y)
         return self._step(x, y)
 
-    def _step(self, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+    def _step(self, x: Tensor, y: Tensor, hyperparameters: Optional[Dict[Tuple[str, str], Tensor]] = None
+              ) -> Dict[str, Tensor]:
         # with graphs, gradients stay allocated between steps (captured addresses)
         self.optimizer.zero_grad(set_to_none=not self.graph)
         amp = autocast_dtype(self.amp_dtype, x.device.type)
@@ -200,63 +210,131 @@ class FusedMGiT(nn.Module):
         else:  # no cast cache: the cached copies would outlive a graph capture
             autocast = torch.autocast(x.device.type, dtype=amp, cache_enabled=not self.graph)
         primary, auxiliary = self._replicas or (self.primary, self.auxiliary)
+        streams = self._fork(x)  # overlap: before the primary's forward, so both models run at once
         with autocast:
             logits_primary = primary(x)
-        if self.overlap and x.is_cuda:
-            # the auxiliary on a second stream; autograd runs its backward there too and joins
-            # the streams again at the end of backward()
-            current = torch.cuda.current_stream()
-            if self._side_stream is None or self._side_stream.device != x.device:
-                self._side_stream = torch.cuda.Stream(x.device)
-            self._side_stream.wait_stream(current)
-            with torch.cuda.stream(self._side_stream), autocast:
-                logits_auxiliary = auxiliary(x)
-            current.wait_stream(self._side_stream)
-        else:
+        if streams is None:
             with autocast:
                 logits_auxiliary = auxiliary(x)
-        out = self.criterion(logits_primary, logits_auxiliary, y)
+        else:  # the auxiliary on the side stream; autograd runs its backward there too
+            current, side = streams
+            with torch.cuda.stream(side), autocast:
+                logits_auxiliary = auxiliary(x)
+            current.wait_stream(side)  # the loss reads both logits
+            logits_auxiliary.record_stream(current)
+        with self._reading(hyperparameters):
+            out = self.criterion(logits_primary, logits_auxiliary, y)
         scale = self.loss_scale.scale if amp == torch.float16 else None
         (out.loss if scale is None else out.loss * scale).backward()
+        if streams is not None:
+            current.wait_stream(side)  # the auxiliary's gradients are complete before the update
         stats = torch.stack([o.detach() for o in out])  # loss, ce_primary, ce_auxiliary, js
         if self._replicas is not None:  # μ and the reported values from the global batch
             torch.distributed.all_reduce(stats)
             stats /= _world_size()
         loss, ce_primary, ce_auxiliary, js = stats.unbind(0)
-        update = self.optimizer.step(ce_primary, ce_auxiliary, grad_scale=scale)
+        with self._reading(hyperparameters):
+            update = self.optimizer.step(ce_primary, ce_auxiliary, grad_scale=scale)
         if scale is not None:
             self.loss_scale.update(update.skipped)
+        mix = update.mix
+        if hyperparameters and any(mix.data_ptr() == t.data_ptr() for t in hyperparameters.values()):
+            mix = mix.clone()  # a fixed μ may come back as (a view of) the tensor a schedule refills
         return {
             "loss": loss,
             "ce_primary": ce_primary,
             "ce_auxiliary": ce_auxiliary,
             "js": js,
-            "mix": update.mix,
+            "mix": mix,
             "skipped": update.skipped,
         }
 
+    def _fork(self, x: Tensor) -> Optional[Tuple[Any, Any]]:
+        """With ``overlap`` on CUDA: (current stream, side stream), the side stream ordered after
+        everything the current one has queued (the batch, the zeroed gradients, the last
+        update); else None."""
+        if not (self.overlap and _is_cuda(x)):
+            return None
+        current = torch.cuda.current_stream(x.device)
+        if self._side_stream is None or self._side_stream.device != x.device:
+            self._side_stream = torch.cuda.Stream(x.device)
+        side = self._side_stream
+        side.wait_stream(current)
+        x.record_stream(side)  # the auxiliary reads x on the side stream, forward and backward
+        return current, side
+
     # ---------------------------------------------------------------- CUDA graphs
+    def _hyperparameter_tensors(self) -> Dict[Tuple[str, str], Tensor]:
+        """The hyperparameters a captured step reads at run time, keyed ``(owner, name)``:
+        ``criterion``'s ``js_weight`` and ``temperature``, ``optimizer``'s ``mix`` (when fixed),
+        ``mix_max``, ``average`` and ``max_grad_norm`` (when clipping), as 0-dim float32 device
+        tensors that this module owns, refreshed in place (no synchronisation) from the values
+        those modules hold now; a value given as a tensor is used as it is."""
+        device = self.optimizer.step_count.device
+        cache, tensors = self._hyperparameters, {}
+        for (owner, name), bounds in HYPERPARAMETERS.items():
+            value = getattr(getattr(self, owner), name)
+            if value is None or isinstance(value, (str, Tensor)):  # structural, or the user's tensor
+                if isinstance(value, Tensor):
+                    tensors[owner, name] = value
+                continue
+            value = _checks.number(name, value, **bounds)
+            held = cache.get((owner, name))
+            if held is None or held[0].device != device:
+                held = (torch.full((), value, dtype=torch.float32, device=device), value)
+            elif held[1] != value:
+                held[0].fill_(value)
+                held = (held[0], value)
+            cache[owner, name] = held
+            tensors[owner, name] = held[0]
+        return tensors
+
+    @contextlib.contextmanager
+    def _reading(self, tensors: Optional[Dict[Tuple[str, str], Tensor]]):
+        """The loss and the update read ``tensors`` in place of their float hyperparameters
+        (which are back when the block ends, for the next refresh)."""
+        saved = []
+        try:
+            for (owner, name), tensor in (tensors or {}).items():
+                module = getattr(self, owner)
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, tensor)
+            yield
+        finally:
+            for module, name, value in reversed(saved):
+                setattr(module, name, value)
+
     def _signature(self, x: Tensor, y: Tensor) -> Tuple[Any, Any]:
-        """(what the batch looks like, what the captured kernels have baked in)."""
+        """(what the batch looks like, what the captured kernels have baked in). The values in
+        ``HYPERPARAMETERS`` are read from device tensors, so only their structure counts:
+        adaptive or fixed μ, clipping on or off, and which tensor a user's tensor value is."""
         batch = (x.shape, x.dtype, x.stride(), y.shape, y.dtype, x.device, self.primary.training, self.auxiliary.training)
         o, c = self.optimizer, self.criterion
+
+        def structure(value):
+            if value is None or isinstance(value, str):
+                return value
+            return id(value) if isinstance(value, Tensor) else "read from a device tensor"
+
         baked = (
-            o.betas, o.eps, o.mix, o.mix_max, o.average, o.max_grad_norm,
+            o.betas, o.eps,
+            tuple(structure(getattr(getattr(self, owner), name)) for owner, name in HYPERPARAMETERS),
             tuple((g["weight_decay"], id(g["lr"]) if isinstance(g["lr"], Tensor) else None) for g in o.param_groups),
-            c.label_smoothing, c.temperature, c.js_weight, c.ignore_index, self.amp_dtype, self.overlap,
+            c.label_smoothing, c.ignore_index, self.amp_dtype, self.overlap,
             self.loss_scale.growth_interval if self.loss_scale is not None else None,
         )
         return batch, baked
 
     def _graph_step(self, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+        hyperparameters = self._hyperparameter_tensors()  # refreshed here, outside any capture
         signature = self._signature(x, y)
         captured = self._captured
         if captured is not None:
             if captured.signature == signature:
                 return captured.replay(self, x, y)
             if captured.signature[0] != signature[0]:
-                return self._step(x, y)  # another batch shape: eager, the graph is kept
-            self.reset_graph()  # same batches, new hyperparameters: capture again
+                return self._step(x, y, hyperparameters)  # another batch shape: eager, the graph is kept
+            self.reset_graph()  # same batches, a structural change: capture again
         if not self.optimizer.use_kernel or functional.resolve_backend(self.criterion.backend, "cuda") != "triton":
             raise ValueError("graph=True needs the Triton loss and update (backend='triton' or None)")
         seen, count = self._warming
@@ -268,11 +346,11 @@ class FusedMGiT(nn.Module):
             warmup = torch.cuda.Stream(x.device)
             warmup.wait_stream(current)
             with torch.cuda.stream(warmup):
-                stats = self._step(x, y)
+                stats = self._step(x, y, hyperparameters)
             current.wait_stream(warmup)
             return stats
         self.criterion.check_labels()  # nothing may synchronise during the capture
-        self._captured = _CapturedStep(self, x, y, signature)
+        self._captured = _CapturedStep(self, x, y, signature, hyperparameters)
         return self._captured.replay(self, x, y)
 
     def reset_graph(self) -> None:
@@ -282,7 +360,7 @@ class FusedMGiT(nn.Module):
 
     def __getstate__(self) -> Dict[str, Any]:  # copy.deepcopy, pickling: without the graph
         state = dict(self.__dict__)
-        state.update(_captured=None, _warming=(None, 0), _side_stream=None)
+        state.update(_captured=None, _warming=(None, 0), _side_stream=None, _hyperparameters={})
         return state
 
     # the optimizer is state too: it travels in the module's state_dict and follows .to()
@@ -302,6 +380,7 @@ class FusedMGiT(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         if hasattr(self, "_captured"):  # the graph holds the old tensors' addresses
             self.reset_graph()
+            self._hyperparameters = {}
         super()._apply(fn, *args, **kwargs)
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None:
@@ -317,18 +396,29 @@ class FusedMGiT(nn.Module):
 
 
 STAT_KEYS = ("loss", "ce_primary", "ce_auxiliary", "js", "mix")
+# what graph=True reads from device tensors (_hyperparameter_tensors), with each value's bounds
+HYPERPARAMETERS = {
+    ("criterion", "js_weight"): {},
+    ("criterion", "temperature"): dict(low=0.0, low_open=True),
+    ("optimizer", "mix"): dict(low=0.0, high=1.0),
+    ("optimizer", "mix_max"): dict(low=0.0, high=1.0),
+    ("optimizer", "average"): dict(low=0.0, high=1.0),
+    ("optimizer", "max_grad_norm"): dict(low=0.0, low_open=True),
+}
 
 
 class _CapturedStep:
     """One training step captured in a CUDA graph, with its static inputs and outputs."""
 
-    def __init__(self, mgit: FusedMGiT, x: Tensor, y: Tensor, signature):
+    def __init__(self, mgit: FusedMGiT, x: Tensor, y: Tensor, signature, hyperparameters):
         self.signature = signature
         self.x, self.y = x.clone(), y.clone()
-        mgit.optimizer.lr_tensors()  # exist before the capture, refreshed before each replay
+        # learning rates and hyperparameters: device tensors that exist before the capture and
+        # are refreshed before each replay
+        mgit.optimizer.lr_tensors()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            stats = mgit._step(self.x, self.y)
+            stats = mgit._step(self.x, self.y, hyperparameters)
             self.values = torch.stack([stats[k].float() for k in STAT_KEYS])
             self.skipped = stats["skipped"]
         self.label_check = mgit.criterion.__dict__.pop("captured_check", None)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from .data import load_dataset, per_class_subset, random_shift
+from .data import draw_shifts, load_dataset, per_class_subset, shift_images
 from .mgit import FusedMGiT
 from .models import ViT, make_auxiliary
 from .optim import MultiGradientAdamW
@@ -154,11 +154,10 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
     was_training = model.training
     model.eval()
     correct = sum(
-        int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
-        for i in range(0, len(x), batch_size)
+        (model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum() for i in range(0, len(x), batch_size)
     )
     model.train(was_training)
-    return 100.0 * correct / len(x)
+    return 100.0 * int(correct) / len(x)  # one host synchronisation
 
 
 def _run_arm(
@@ -185,10 +184,11 @@ def _run_arm(
         for m in evaluate.values():
             m.train()
         sums: Dict[str, Tensor] = {}
-        order = torch.randperm(len(x_train), generator=batches).to(device)
+        order, shifts = _epoch_draws(len(x_train), cfg.max_shift, batches, device)
         for start in range(0, len(x_train), cfg.batch_size):
             index = order[start : start + cfg.batch_size]
-            x = random_shift(x_train[index], cfg.max_shift, batches)  # every rank: the global batch
+            shift = shifts[2 * start : 2 * (start + len(index))]
+            x = shift_images(x_train[index], shift, cfg.max_shift)  # every rank: the global batch
             mine = ranks.part(len(index))
             if mine.stop == mine.start:
                 continue
@@ -198,12 +198,28 @@ def _run_arm(
             step += 1
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0) + value.float()
-        for key, total in sums.items():  # one host synchronisation per epoch
-            history.setdefault(key, []).append(float(total) / steps_per_epoch)
+        if sums:  # one host synchronisation per epoch
+            means = torch.stack(list(sums.values())).tolist()
+            for key, total in zip(sums, means):
+                history.setdefault(key, []).append(total / steps_per_epoch)
         for name, model in evaluate.items():
             history.setdefault(name, []).append(accuracy(model, x_test, y_test))
         progress.update(1)
     return history
+
+
+def _epoch_draws(images: int, max_shift: int, generator: torch.Generator, device: torch.device):
+    """An epoch's image order and shifts (``draw_shifts``), drawn on the CPU from ``generator``
+    in the order per-batch draws would take them, and copied to ``device`` in one transfer
+    that does not block the host."""
+    order = torch.randperm(images, generator=generator)
+    shifts = draw_shifts(images, max_shift, generator)
+    both = torch.cat([order, shifts])
+    if device.type == "cuda":
+        both = both.pin_memory().to(device, non_blocking=True)
+    else:
+        both = both.to(device)
+    return both[:images], both[images:]
 
 
 def _summary(values: List[float]) -> Dict[str, float]:

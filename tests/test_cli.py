@@ -141,3 +141,52 @@ def test_few_shot_with_a_timm_model_end_to_end(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["train_images"] == 30 and metrics["config"]["model"] == "timm:vit_tiny_patch16_224"
     assert metrics["paired"]["mgit_minus_baseline"]["n"] == 2
+
+
+def test_batches_are_the_per_step_draws():
+    """The epoch's draws made at once (no per-step host copies) give exactly the batches,
+    augmentation and per-step RNG of the per-step draws the results table was made with."""
+    from types import SimpleNamespace
+
+    from mgit_fast import train as train_module
+
+    images, classes, seed = 150, 10, 4
+    data = SimpleNamespace(x_train=torch.randn(images, 1, 8, 8), y_train=torch.randint(0, classes, (images,)),
+                           x_test=torch.randn(4, 1, 8, 8), y_test=torch.randint(0, classes, (4,)))
+    cfg = TrainConfig(epochs=3, batch_size=32, max_shift=1)
+
+    class Recorder:
+        def __init__(self):
+            self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=1.0)
+            self.seen = []
+
+        def training_step(self, x, y):
+            self.seen.append((x.clone(), y.clone(), torch.rand(())))
+            self.optimizer.step()
+            return {"loss": x.double().sum().float(), "skipped": torch.tensor(False)}
+
+    recorder = Recorder()
+    history = train_module._run_arm(recorder, {}, data, cfg, seed, train_module._Ranks(torch.device("cpu")),
+                                    SimpleNamespace(update=lambda n: None))
+
+    g, expected, step = torch.Generator().manual_seed(seed), [], 0
+    for _ in range(cfg.epochs):  # the loop at 98c4d22: a copy of the order per epoch, two draws per step
+        order = torch.randperm(images, generator=g)
+        for start in range(0, images, cfg.batch_size):
+            index = order[start : start + cfg.batch_size]
+            x = torch.nn.functional.pad(data.x_train[index], (1, 1, 1, 1))
+            dy = torch.randint(0, 3, (len(index),), generator=g)
+            dx = torch.randint(0, 3, (len(index),), generator=g)
+            x = torch.stack([x[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8] for i in range(len(index))])
+            torch.manual_seed(seed * train_module.STEP_SEED_STRIDE + step)
+            expected.append((x, data.y_train[index], torch.rand(())))
+            step += 1
+    assert len(recorder.seen) == len(expected) == 3 * 5
+    for (x, y, r), (ex, ey, er) in zip(recorder.seen, expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey) and torch.equal(r, er)
+    for epoch in range(cfg.epochs):
+        total = torch.zeros(())
+        for x, _, _ in expected[5 * epoch : 5 * epoch + 5]:
+            total = total + x.double().sum().float()
+        assert history["loss"][epoch] == float(total) / 5
+        assert history["skipped"][epoch] == 0.0

@@ -351,3 +351,47 @@ def test_digits_and_synthetic_unchanged():
         assert torch.equal(split.y_train, torch.from_numpy(y_tr.astype(np.int64)))
         assert torch.equal(split.y_test, torch.from_numpy(y_te.astype(np.int64)))
         assert split.num_classes == 10
+
+
+def _per_batch_shifts(x, max_shift, generator):
+    """random_shift as it drew before draw_shifts: two draws of B per batch."""
+    B, C, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator)
+    out = torch.empty_like(x)
+    for i in range(B):
+        out[i] = padded[i, :, int(dy[i]) : int(dy[i]) + H, int(dx[i]) : int(dx[i]) + W]
+    return out, dy, dx
+
+
+@pytest.mark.parametrize("images, batch, max_shift", [(1437, 32, 1), (1000, 64, 2), (50_000, 256, 1), (70, 32, 3)])
+def test_one_draw_per_epoch_gives_the_per_batch_shifts(images, batch, max_shift):
+    """draw_shifts(N) takes from the generator exactly what per-batch draws took, in order."""
+    seed = int(torch.randint(0, 2**31, ()))
+    one, per_batch = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for _ in range(2):  # two epochs: the generator continues identically
+        assert torch.equal(torch.randperm(images, generator=one), torch.randperm(images, generator=per_batch))
+        shifts = ds.draw_shifts(images, max_shift, one)
+        assert shifts.shape == (2 * images,) and shifts.dtype == torch.int64
+        for start in range(0, images, batch):
+            b = min(batch, images - start)
+            dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=per_batch)
+            dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=per_batch)
+            assert torch.equal(shifts[2 * start : 2 * start + 2 * b], torch.cat([dy, dx]))
+        assert torch.equal(one.get_state(), per_batch.get_state())
+
+
+def test_shift_images_and_random_shift_match_per_batch_draws():
+    x = torch.randn(9, 3, 6, 5)
+    for max_shift in (1, 2):
+        a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        expected, dy, dx = _per_batch_shifts(x, max_shift, a)
+        assert torch.equal(ds.random_shift(x, max_shift, b), expected)
+        assert torch.equal(ds.shift_images(x, torch.cat([dy, dx]), max_shift), expected)
+        assert torch.equal(a.get_state(), b.get_state())
+        assert not torch.equal(expected, x)
+    g = torch.Generator().manual_seed(1)
+    state = g.get_state()
+    assert ds.random_shift(x, 0, g) is x and ds.draw_shifts(9, 0, g).numel() == 0
+    assert torch.equal(g.get_state(), state)  # max_shift=0 draws nothing

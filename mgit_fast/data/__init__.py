@@ -6,9 +6,11 @@ from .datasets import (
     check_dataset_name,
     dataset_choices_help,
     default_data_dir,
+    draw_shifts,
     load_dataset,
     per_class_subset,
     random_shift,
+    shift_images,
 )
 
 __all__ = [
@@ -17,7 +19,9 @@ __all__ = [
     "check_dataset_name",
     "dataset_choices_help",
     "default_data_dir",
+    "draw_shifts",
     "load_dataset",
     "per_class_subset",
     "random_shift",
+    "shift_images",
 ]

@@ -462,10 +462,28 @@ def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tenso
     drawing the shifts from ``generator`` (on the CPU) so two runs can see identical batches."""
     if max_shift == 0:
         return x
+    return shift_images(x, draw_shifts(x.shape[0], max_shift, generator).to(x.device), max_shift)
+
+
+def draw_shifts(images: int, max_shift: int, generator: torch.Generator) -> Tensor:
+    """The shifts ``random_shift`` draws from ``generator`` for consecutive batches that cover
+    ``images`` images, in one call: an int64 CPU tensor ``[2 · images]`` in which the batch of
+    ``b`` images starting at image ``s`` reads ``[2s, 2s + 2b)`` (``shift_images``). Empty, and
+    the generator untouched, when ``max_shift`` is 0."""
+    if max_shift == 0:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.randint(0, 2 * max_shift + 1, (2 * images,), generator=generator)
+
+
+def shift_images(x: Tensor, shifts: Tensor, max_shift: int) -> Tensor:
+    """``random_shift`` with its shifts given: ``shifts`` ``[2B]`` on ``x``'s device holds the
+    row offsets then the column offsets, each in ``[0, 2·max_shift]`` (0 is ``max_shift`` pixels
+    up or left)."""
+    if max_shift == 0:
+        return x
     B, C, H, W = x.shape
     padded = F.pad(x, (max_shift,) * 4)
-    dy = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * max_shift + 1, (B,), generator=generator).to(x.device)
+    dy, dx = shifts[:B], shifts[B:]
     rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]
     batch = torch.arange(B, device=x.device)[:, None, None, None]
