@@ -319,11 +319,12 @@ def update_launches(name: str, dim: int, depth: int, heads: int, target: Target 
                     lr=(scalar(), scalar()), betas=(0.9, 0.999), eps=1e-8, weight_decay=(0.05, 0.05),
                     mix="adaptive", mix_max=0.5, ce_primary=scalar(), ce_auxiliary=scalar(), average=0.0,
                     max_grad_norm=1.0)
-    n = layout.total
+    n = sum(layout.numels)  # gradients are read in place (unpadded); params and moments are padded flat buffers
+    traffic = {"_sumsq_kernel": 4 * n + 16 * layout.geometry[5],
+               "_update_kernel": 4 * n + 24 * layout.total + 48 * layout.items.shape[0]}
     for launch in launches:
         launch.label = f"update {name} pair"
-        launch.work = dict(bytes={"_sumsq_kernel": 4 * n, "_update_kernel": 28 * n}.get(launch.kernel, 0),
-                           flops=0, precision="fp32")
+        launch.work = dict(bytes=traffic.get(launch.kernel, 0), flops=0, precision="fp32")
     return launches
 
 

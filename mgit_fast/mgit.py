@@ -389,6 +389,10 @@ class FusedMGiT(nn.Module):
                     state[key] = fn(value)
             for name in ("step_count", "skipped_steps", "last_mix"):
                 setattr(optimizer, name, fn(getattr(optimizer, name)))
+            for name in ("mix", "mix_max", "average", "max_grad_norm"):  # given as device tensors
+                value = getattr(optimizer, name)
+                if isinstance(value, torch.Tensor):
+                    setattr(optimizer, name, fn(value))
         loss_scale = getattr(self, "loss_scale", None)
         if loss_scale is not None:
             loss_scale.scale, loss_scale.clean_steps = fn(loss_scale.scale), fn(loss_scale.clean_steps)
