@@ -16,12 +16,20 @@ Backward, with ds[m, n] = p[m, n] · (dp[m, n] − δ_m), dp = dout · vᵀ, δ_
 
 Two kernels recompute p from the saved lse: one program per query block (δ, dq, dbias, and
 per-block partial sums of dscale reduced afterwards in a fixed order), then one per key block
-(dk, dv), which reads the δ the first wrote. A bias shared over the batch (or heads) has its gradient summed with fp32 atomics, or,
+(dk, dv), which reads the δ the first wrote. The dk/dv kernel works in the transposed form,
+sᵀ = k·qᵀ, pᵀ = exp2(sᵀ − lse), dsᵀ = pᵀ ⊙ (v·doutᵀ − δ), so pᵀ and dsᵀ are born in the
+[keys, queries] layout their matmuls (pᵀ·dout, dsᵀ·q) take, with no transpose through shared
+memory. A bias shared over the batch (or heads) has its gradient summed with fp32 atomics, or,
 under `torch.use_deterministic_algorithms(True)`, written per batch and summed by torch.
 
-Launch geometry: a 1-D grid of (sequence block, b·h) pairs, sequence blocks fastest, so any
-batch fits CUDA's grid limits; head indices are int64, so offsets past 2³¹ do not wrap. Tiles
-come from `TILES` by dot precision and head dim (no kernel spills on sm_80 or sm_90a).
+Launch geometry (`tiling`): a 1-D grid of (sequence block, b·h) pairs, sequence blocks fastest,
+so any batch fits CUDA's grid limits; head indices are int64, so offsets past 2³¹ do not wrap.
+Each program owns BLOCK_M positions (the M side of its matmuls, 64 for fp16/bf16 so that they
+run as Hopper warpgroup MMAs); the last one takes the N mod BLOCK_M leftover positions in a
+TAIL_M-row tile (≥ 16 rows; below 64 it runs as mma.sync). The other side streams in full
+BLOCK_N blocks with no mask, then the N mod BLOCK_N last positions in one masked TAIL_N-wide
+tile (≥ 16), or, when exactly one is left (N = 65, 257, 577: a class token after a multiple of
+the block), as a rank-1 update on CUDA cores. Tiles come from `TILES` by dot precision and head dim (no kernel spills on sm_80 or sm_90a).
 
 Layouts: q, k, v, out are [B, H, N, D] views with unit stride on D and any other strides, so a
 packed qkv [B, N, 3·H·D] is read in place and the packed output [B, N, H·D] is written in
@@ -60,22 +68,39 @@ def _mm(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _bias_tile(BIAS, b, h, qi, ki, stride_bb, stride_bh, stride_bm, stride_bn, ok, MASKED: tl.constexpr):
+    """bias[b, h, qi, ki] in log2 units, for broadcastable query / key index tensors; `ok` masks
+    the load when MASKED (indices past the sequence read 0)."""
+    ptrs = BIAS + b * stride_bb + h * stride_bh + qi * stride_bm + ki * stride_bn
+    if MASKED:
+        return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    else:
+        return tl.load(ptrs).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
 def _scores(
-    qk, rows, cols, scale_log2, b, h, N,
+    qk, qi, ki, scale_log2, b, h, N,
     BIAS, stride_bb, stride_bh, stride_bm, stride_bn,
-    HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr,
 ):
-    """Scores of a [BLOCK_M, BLOCK_N] tile from q·kᵀ, in log2 units, −∞ outside the sequence
-    and on the masked diagonal."""
+    """Scores s = scale·q·k + bias in log2 units for query / key indices qi, ki (broadcastable
+    to qk's shape): −∞ for keys past the sequence (when MASK_K) and on the masked diagonal.
+    MASK_Q / MASK_K say whether qi / ki may run past the sequence (a tail tile); full tiles
+    skip every mask."""
     s = qk * scale_log2
-    in_seq = (rows[:, None] < N) & (cols[None, :] < N)
     if HAS_BIAS:
-        bias_ptrs = BIAS + b * stride_bb + h * stride_bh + rows[:, None] * stride_bm + cols[None, :] * stride_bn
-        s += tl.load(bias_ptrs, mask=in_seq, other=0.0).to(tl.float32) * 1.4426950408889634
-    keep = cols[None, :] < N
+        if MASK_Q:
+            s += _bias_tile(BIAS, b, h, qi, ki, stride_bb, stride_bh, stride_bm, stride_bn, (qi < N) & (ki < N), True)
+        elif MASK_K:
+            s += _bias_tile(BIAS, b, h, qi, ki, stride_bb, stride_bh, stride_bm, stride_bn, ki < N, True)
+        else:
+            s += _bias_tile(BIAS, b, h, qi, ki, stride_bb, stride_bh, stride_bm, stride_bn, ki < N, False)
+    if MASK_K:
+        s = tl.where(ki < N, s, float("-inf"))
     if DIAGONAL_MASK:
-        keep = keep & (rows[:, None] != cols[None, :])
-    return tl.where(keep, s, float("-inf"))
+        s = tl.where(qi != ki, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -104,6 +129,99 @@ def _tile(X, b, h, tokens, offs_d, stride_b, stride_h, stride_n):
 
 
 @triton.jit
+def _load_rows(ptrs, ok, MASKED: tl.constexpr):
+    """A [rows, D] tile; rows past the sequence read 0 when MASKED."""
+    if MASKED:
+        return tl.load(ptrs, mask=ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _load_vec(ptrs, ok, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptrs, mask=ok, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _store_rows(ptrs, x, ok, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, x, mask=ok[:, None])
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
+def _fwd_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
+    """One online-softmax step over a [rows, keys] score tile s (log2 units) and its values v."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_rows(
+    Q, K, V, O, LSE, BIAS, b, h, bh, start_m, scale_log2,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
+    D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, MASK_ROWS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Forward of the query rows start_m + [0, ROWS) of head (b, h)."""
+    rows = start_m + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, D)
+    row_ok = rows < N
+    q = _load_rows(_tile(Q, b, h, rows, offs_d, stride_qb, stride_qh, stride_qn), row_ok, MASK_ROWS)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, D], dtype=tl.float32)
+    K_bh = K + b * stride_kb + h * stride_kh
+    V_bh = V + b * stride_vb + h * stride_vh
+    full_n = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_n, BLOCK_N):  # full key blocks: no key mask
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :])
+        s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N,
+                    BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
+        v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :])
+        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, PRECISION)
+    if TAIL_N > 1:  # the last N mod BLOCK_N keys as one narrow masked tile on the tensor cores
+        cols = full_n + tl.arange(0, TAIL_N)
+        col_ok = cols[:, None] < N
+        k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok, other=0.0)
+        s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N,
+                    BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, True)
+        v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok, other=0.0)
+        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, PRECISION)
+    if TAIL_N == 1:  # one last key (N = BLOCK_N·n + 1, a class token): a rank-1 update on CUDA cores
+        c = N - 1
+        k_c = tl.load(K_bh + c * stride_kn + offs_d).to(tl.float32)
+        v_c = tl.load(V_bh + c * stride_vn + offs_d).to(tl.float32)
+        s_c = _scores(tl.sum(q.to(tl.float32) * k_c[None, :], 1), rows, c, scale_log2, b, h, N,
+                      BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
+        m_new = tl.maximum(m_i, s_c)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p_c = tl.math.exp2(s_c - m_safe)
+        l_i = l_i * alpha + p_c
+        acc = acc * alpha[:, None] + p_c[:, None] * v_c[None, :]
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    _store_rows(_tile(O, b, h, rows, offs_d, stride_ob, stride_oh, stride_on), acc.to(O.dtype.element_ty),
+                row_ok, MASK_ROWS)
+    if MASK_ROWS:
+        tl.store(LSE + bh * N + rows, m_i + tl.math.log2(l_i), mask=row_ok)  # log2 units
+    else:
+        tl.store(LSE + bh * N + rows, m_i + tl.math.log2(l_i))
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V, O, LSE, SCALE, BIAS, scale_value,
     stride_qb, stride_qh, stride_qn,
@@ -112,93 +230,128 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
     H, N,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m, bh, b, h = _program(N, H, BLOCK_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    row_ok = rows[:, None] < N
-
-    q = tl.load(_tile(Q, b, h, rows, offs_d, stride_qb, stride_qh, stride_qn), mask=row_ok, other=0.0)
     scale_log2 = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR) * 1.4426950408889634
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    K_bh = K + b * stride_kb + h * stride_kh
-    V_bh = V + b * stride_vb + h * stride_vh
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols[:, None] < N
-        k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok, other=0.0)
-        s = _scores(_mm(q, tl.trans(k), PRECISION), rows, cols, scale_log2, b, h, N,
-                    BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok, other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
-
-    acc = acc / l_i[:, None]
-    tl.store(_tile(O, b, h, rows, offs_d, stride_ob, stride_oh, stride_on),
-             acc.to(O.dtype.element_ty), mask=row_ok)
-    tl.store(LSE + bh * N + rows, m_i + tl.math.log2(l_i), mask=rows < N)  # log2 units
+    # programs below N // BLOCK_M take full BLOCK_M-row tiles, the last one the N mod BLOCK_M
+    # leftover rows in a TAIL_M-row tile (TAIL_M = BLOCK_M, never taken, when N divides)
+    if pid_m < N // BLOCK_M:
+        _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
+                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
+                  D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION)
+    else:
+        _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
+                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
+                  D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION)
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SCALE, BIAS, scale_value,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
-    H, N,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _dbias_write(DBIAS, b, h, qi, ki, ds, stride_gb, stride_gh, stride_gm, stride_gn, ok,
+                 MASKED: tl.constexpr, ATOMIC: tl.constexpr):
+    """dbias[b, h, qi, ki] = ds, or += ds with relaxed atomics for a bias shared over programs."""
+    ptrs = DBIAS + b * stride_gb + h * stride_gh + qi * stride_gm + ki * stride_gn
+    if ATOMIC:
+        if MASKED:
+            tl.atomic_add(ptrs, ds, mask=ok, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, ds, sem="relaxed")
+    else:
+        if MASKED:
+            tl.store(ptrs, ds, mask=ok)
+        else:
+            tl.store(ptrs, ds)
+
+
+@triton.jit
+def _dq_rows(
+    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, start_m, scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn, N,
+    D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, MASK_ROWS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr,
 ):
-    pid_n, bh, b, h = _program(N, H, BLOCK_N)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    """δ, dq, dbias and the dscale partial (stored at `slot`) of the query rows start_m + [0, ROWS)
+    of head (b, h)."""
+    rows = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
-    col_ok = cols[:, None] < N
-
-    k = tl.load(_tile(K, b, h, cols, offs_d, stride_kb, stride_kh, stride_kn), mask=col_ok, other=0.0)
-    v = tl.load(_tile(V, b, h, cols, offs_d, stride_vb, stride_vh, stride_vn), mask=col_ok, other=0.0)
-    scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
-    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    Q_bh = Q + b * stride_qb + h * stride_qh
-    DO_bh = DO + b * stride_dob + h * stride_doh
-    for start_m in range(0, N, BLOCK_M):
-        rows = start_m + offs_m
-        row_ok = rows < N
-        q = tl.load(Q_bh + rows[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO_bh + rows[:, None] * stride_don + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
-        s = _scores(_mm(q, tl.trans(k), PRECISION), rows, cols, scale * 1.4426950408889634, b, h, N,
-                    BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK)
+    row_ok = rows < N
+    q = _load_rows(_tile(Q, b, h, rows, offs_d, stride_qb, stride_qh, stride_qn), row_ok, MASK_ROWS)
+    do = _load_rows(_tile(DO, b, h, rows, offs_d, stride_dob, stride_doh, stride_don), row_ok, MASK_ROWS)
+    o = _load_rows(_tile(O, b, h, rows, offs_d, stride_ob, stride_oh, stride_on), row_ok, MASK_ROWS)
+    lse = _load_vec(LSE + bh * N + rows, row_ok, MASK_ROWS)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # δ_m = dout_m · out_m
+    if MASK_ROWS:  # for the dk/dv kernel, launched next
+        tl.store(DELTA + bh * N + rows, delta, mask=row_ok)
+    else:
+        tl.store(DELTA + bh * N + rows, delta)
+    scale_log2 = scale * 1.4426950408889634
+    dq = tl.zeros([ROWS, D], dtype=tl.float32)
+    dscale = tl.zeros([ROWS], dtype=tl.float32)
+    K_bh = K + b * stride_kb + h * stride_kh
+    V_bh = V + b * stride_vb + h * stride_vh
+    full_n = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_n, BLOCK_N):  # full key blocks: no key mask
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :])
+        qk = _mm(q, tl.trans(k), PRECISION)
+        s = _scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
+                    stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK_ROWS:
+            p = tl.where(row_ok[:, None], p, 0.0)
+        ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, PRECISION)
+        if NEED_DSCALE:
+            dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
+        if NEED_DBIAS:
+            _dbias_write(DBIAS, b, h, rows[:, None], cols[None, :], ds, stride_gb, stride_gh, stride_gm,
+                         stride_gn, row_ok[:, None], MASK_ROWS, DBIAS_ATOMIC)
+    if TAIL_N > 1:  # the last N mod BLOCK_N keys in one narrow masked tile
+        cols = full_n + tl.arange(0, TAIL_N)
+        col_ok = cols < N
+        k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        qk = _mm(q, tl.trans(k), PRECISION)
+        s = _scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
+                    stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, True)
         p = tl.where(row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-        dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
-        dp = _mm(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
-
-    dk = dk * scale
-    tl.store(_tile(DK, b, h, cols, offs_d, stride_dkb, stride_dkh, stride_dkn),
-             dk.to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(_tile(DV, b, h, cols, offs_d, stride_dvb, stride_dvh, stride_dvn),
-             dv.to(DV.dtype.element_ty), mask=col_ok)
+        ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, PRECISION)
+        if NEED_DSCALE:
+            dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
+        if NEED_DBIAS:
+            _dbias_write(DBIAS, b, h, rows[:, None], cols[None, :], ds, stride_gb, stride_gh, stride_gm,
+                         stride_gn, row_ok[:, None] & col_ok[None, :], True, DBIAS_ATOMIC)
+    if TAIL_N == 1:  # one last key: rank-1 on CUDA cores
+        c = N - 1
+        k_c = tl.load(K_bh + c * stride_kn + offs_d).to(tl.float32)
+        v_c = tl.load(V_bh + c * stride_vn + offs_d).to(tl.float32)
+        qk_c = tl.sum(q.to(tl.float32) * k_c[None, :], 1)
+        s_c = _scores(qk_c, rows, c, scale_log2, b, h, N, BIAS,
+                      stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
+        p_c = tl.math.exp2(s_c - lse)
+        if MASK_ROWS:
+            p_c = tl.where(row_ok, p_c, 0.0)
+        ds_c = p_c * (tl.sum(do.to(tl.float32) * v_c[None, :], 1) - delta)
+        dq += ds_c[:, None] * k_c[None, :]
+        if NEED_DSCALE:
+            dscale += tl.where(ds_c != 0.0, ds_c * qk_c, 0.0)
+        if NEED_DBIAS:
+            _dbias_write(DBIAS, b, h, rows, c, ds_c, stride_gb, stride_gh, stride_gm, stride_gn, row_ok,
+                         MASK_ROWS, DBIAS_ATOMIC)
+    if NEED_DSCALE:  # Σ_{m, n} ds[m, n] · (q_m · k_n) over this block's rows, from fp32 ds
+        tl.store(DSCALE_PARTIAL + slot, tl.sum(dscale, 0))
+    dq = dq * scale
+    _store_rows(_tile(DQ, b, h, rows, offs_d, stride_dqb, stride_dqh, stride_dqn), dq.to(DQ.dtype.element_ty),
+                row_ok, MASK_ROWS)
 
 
 @triton.jit
@@ -213,54 +366,125 @@ def _attention_bwd_dq_kernel(
     stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
     stride_gb, stride_gh, stride_gm, stride_gn,
     H, N,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr,
 ):
     pid_m, bh, b, h = _program(N, H, BLOCK_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    row_ok = rows < N
-
-    q = tl.load(_tile(Q, b, h, rows, offs_d, stride_qb, stride_qh, stride_qn), mask=row_ok[:, None], other=0.0)
-    do = tl.load(_tile(DO, b, h, rows, offs_d, stride_dob, stride_doh, stride_don), mask=row_ok[:, None], other=0.0)
-    o = tl.load(_tile(O, b, h, rows, offs_d, stride_ob, stride_oh, stride_on), mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # δ_m = dout_m · out_m
-    tl.store(DELTA + bh * N + rows, delta, mask=row_ok)  # for the dk/dv kernel, launched next
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
-    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
-    K_bh = K + b * stride_kb + h * stride_kh
-    V_bh = V + b * stride_vb + h * stride_vh
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols[:, None] < N
-        k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok, other=0.0)
-        v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok, other=0.0)
-        qk = _mm(q, tl.trans(k), PRECISION)
-        s = _scores(qk, rows, cols, scale * 1.4426950408889634, b, h, N,
-                    BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK)
-        p = tl.where(row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = _mm(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, PRECISION)
-        if NEED_DSCALE:
-            dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
-        if NEED_DBIAS:
-            in_seq = row_ok[:, None] & (cols[None, :] < N)
-            dbias_ptrs = DBIAS + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + cols[None, :] * stride_gn
-            if DBIAS_ATOMIC:
-                tl.atomic_add(dbias_ptrs, ds, mask=in_seq, sem="relaxed")
-            else:
-                tl.store(dbias_ptrs, ds, mask=in_seq)
+    slot = bh * tl.cdiv(N, BLOCK_M) + pid_m
+    if pid_m < N // BLOCK_M:  # full query blocks, then the leftover rows in a TAIL_M-row tile
+        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                 stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
+                 stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+                 N, D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION,
+                 NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC)
+    else:
+        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                 stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
+                 stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+                 N, D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION,
+                 NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC)
 
-    if NEED_DSCALE:  # Σ_{m, n} ds[m, n] · (q_m · k_n) over this block's rows, from fp32 ds
-        tl.store(DSCALE_PARTIAL + bh * tl.cdiv(N, BLOCK_M) + pid_m, tl.sum(dscale, 0))
-    dq = dq * scale
-    tl.store(_tile(DQ, b, h, rows, offs_d, stride_dqb, stride_dqh, stride_dqn),
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+@triton.jit
+def _dkdv_keys(
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, start_n, scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_bb, stride_bh, stride_bm, stride_bn, N,
+    D: tl.constexpr, KEYS: tl.constexpr, BLOCK_Q: tl.constexpr, TAIL_Q: tl.constexpr, MASK_KEYS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dk, dv of the keys start_n + [0, KEYS) of head (b, h), in the transposed form: sᵀ = k·qᵀ,
+    pᵀ, dsᵀ are born [keys, queries], the layout their matmuls with dout and q need."""
+    keys = start_n + tl.arange(0, KEYS)
+    offs_d = tl.arange(0, D)
+    key_ok = keys < N
+    k = _load_rows(_tile(K, b, h, keys, offs_d, stride_kb, stride_kh, stride_kn), key_ok, MASK_KEYS)
+    v = _load_rows(_tile(V, b, h, keys, offs_d, stride_vb, stride_vh, stride_vn), key_ok, MASK_KEYS)
+    scale_log2 = scale * 1.4426950408889634
+    dk = tl.zeros([KEYS, D], dtype=tl.float32)
+    dv = tl.zeros([KEYS, D], dtype=tl.float32)
+    Q_bh = Q + b * stride_qb + h * stride_qh
+    DO_bh = DO + b * stride_dob + h * stride_doh
+    full_m = (N // BLOCK_Q) * BLOCK_Q
+    for start_m in range(0, full_m, BLOCK_Q):  # full query blocks: no query mask
+        qs = start_m + tl.arange(0, BLOCK_Q)
+        q = tl.load(Q_bh + qs[:, None] * stride_qn + offs_d[None, :])
+        do = tl.load(DO_bh + qs[:, None] * stride_don + offs_d[None, :])
+        lse = tl.load(LSE + bh * N + qs)
+        delta = tl.load(DELTA + bh * N + qs)
+        st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
+                     stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
+        pt = tl.math.exp2(st - lse[None, :])
+        dv += _mm(pt.to(do.dtype), do, PRECISION)
+        dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
+        dk += _mm(dst.to(q.dtype), q, PRECISION)
+    if TAIL_Q > 1:  # the last N mod BLOCK_Q queries in one narrow masked tile
+        qs = full_m + tl.arange(0, TAIL_Q)
+        q_ok = qs < N
+        q = tl.load(Q_bh + qs[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        do = tl.load(DO_bh + qs[:, None] * stride_don + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        lse = tl.load(LSE + bh * N + qs, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + bh * N + qs, mask=q_ok, other=0.0)
+        st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
+                     stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, True, MASK_KEYS)
+        pt = tl.where(q_ok[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
+        dv += _mm(pt.to(do.dtype), do, PRECISION)
+        dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
+        dk += _mm(dst.to(q.dtype), q, PRECISION)
+    if TAIL_Q == 1:  # one last query: rank-1 on CUDA cores
+        r = N - 1
+        q_r = tl.load(Q_bh + r * stride_qn + offs_d).to(tl.float32)
+        do_r = tl.load(DO_bh + r * stride_don + offs_d).to(tl.float32)
+        lse_r = tl.load(LSE + bh * N + r)
+        delta_r = tl.load(DELTA + bh * N + r)
+        st_r = _scores(tl.sum(k.to(tl.float32) * q_r[None, :], 1), r, keys, scale_log2, b, h, N, BIAS,
+                       stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
+        pt_r = tl.math.exp2(st_r - lse_r)
+        dv += pt_r[:, None] * do_r[None, :]
+        dst_r = pt_r * (tl.sum(v.to(tl.float32) * do_r[None, :], 1) - delta_r)
+        dk += dst_r[:, None] * q_r[None, :]
+    dk = dk * scale
+    _store_rows(_tile(DK, b, h, keys, offs_d, stride_dkb, stride_dkh, stride_dkn), dk.to(DK.dtype.element_ty),
+                key_ok, MASK_KEYS)
+    _store_rows(_tile(DV, b, h, keys, offs_d, stride_dvb, stride_dvh, stride_dvn), dv.to(DV.dtype.element_ty),
+                key_ok, MASK_KEYS)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, SCALE, BIAS, scale_value,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
+    H, N,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One program per block of BLOCK_M keys (the tile's M side), streaming queries BLOCK_N at a time."""
+    pid_n, bh, b, h = _program(N, H, BLOCK_M)
+    scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
+    if pid_n < N // BLOCK_M:  # full key blocks, then the leftover keys in a TAIL_M-row tile
+        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                   stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
+                   D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION)
+    else:
+        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                   stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
+                   D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,13 +507,33 @@ TILES = {
 }
 
 
-def block_sizes(N: int, D: int, precision: str = "half") -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a sequence length, head dim and dot
-    precision: the table's tile, shrunk to the smallest power of two (≥ 16) covering short
-    sequences."""
+def _tail(rest: int, block: int, exact_one: bool) -> int:
+    """Width of the tile that takes the last `rest` (< block) positions: 0 for none, 1 for one
+    (a rank-1 update on CUDA cores, where allowed), else the smallest power of two ≥ 16."""
+    if rest == 0:
+        return 0
+    if rest == 1 and exact_one:
+        return 1
+    return min(block, max(16, triton.next_power_of_2(rest)))
+
+
+def tiling(N: int, D: int, precision: str = "half", max_block_n: Optional[int] = None) -> dict:
+    """Tile constexprs and launch options for a sequence length, head dim and dot precision.
+
+    Each program owns BLOCK_M positions of the sequence (the M side of its matmuls: queries in
+    the forward and dq kernels, keys in the dk/dv kernel), the last program the N mod BLOCK_M
+    leftover ones in a TAIL_M-row tile (TAIL_M = BLOCK_M, never taken, when BLOCK_M divides N).
+    It streams the other side in unmasked BLOCK_N blocks, then the N mod BLOCK_N last positions
+    in one masked TAIL_N-wide tile, or, when there is exactly one (N = 64·n + 1: a class token),
+    as a rank-1 update on CUDA cores (TAIL_N = 1)."""
     block_m, block_n, num_warps, num_stages = TILES.get(precision, TILES["half"])[D]
-    cover = max(16, triton.next_power_of_2(N))
-    return min(block_m, cover), min(block_n, cover), num_warps, num_stages
+    if max_block_n:
+        block_n = min(block_n, max_block_n)
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        TAIL_M=_tail(N % block_m, block_m, False) or block_m, TAIL_N=_tail(N % block_n, block_n, True),
+        num_warps=num_warps, num_stages=num_stages,
+    )
 
 
 def tf32_allowed() -> bool:
@@ -345,17 +589,16 @@ def forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask) -> Tenso
     B, H, N, D = q.shape
     lse = new_buffer((B, H, N), device=q.device, dtype=torch.float32)
     precision = _precision(q.dtype)
-    block_m, block_n, num_warps, num_stages = block_sizes(N, D, precision)
+    tiles = tiling(N, D, precision)
     scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
     with on_device(q):
-        _attention_fwd_kernel[(triton.cdiv(N, block_m) * B * H,)](
+        _attention_fwd_kernel[(triton.cdiv(N, tiles["BLOCK_M"]) * B * H,)](
             q, k, v, out, lse, scale_t, bias, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out),
             stride_sh, *_bias_strides(bias),
-            H, N,
-            D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+            H, N, D=D,
             HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
-            PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+            PRECISION=precision, **tiles,
         )
     return lse
 
@@ -366,15 +609,14 @@ def backward_into(
     """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias) when asked."""
     B, H, N, D = q.shape
     precision = _precision(q.dtype)
-    block_m, block_n, num_warps, num_stages = block_sizes(N, D, precision)
+    tiles = tiling(N, D, precision)
     delta = new_buffer((B, H, N), device=q.device, dtype=torch.float32)  # written by the dq kernel
     scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
     common = dict(
-        D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
-        PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        D=D, HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
+        PRECISION=precision,
     )
-    m_blocks = triton.cdiv(N, block_m)
+    m_blocks = triton.cdiv(N, tiles["BLOCK_M"])
     dscale_partial = new_buffer((B, H, m_blocks), device=q.device, dtype=torch.float32) if need_dscale else None
     dbias_buffer, atomic = None, False
     if need_dbias:
@@ -385,18 +627,18 @@ def backward_into(
         else:
             dbias_buffer = new_buffer((B, H, N, N), device=q.device, dtype=torch.float32)
     dbias_strides = _bias_strides(dbias_buffer) if atomic else (dbias_buffer.stride() if need_dbias else (0,) * 4)
+    dq_tiles = tiling(N, D, precision, max_block_n=32) if need_dbias else tiles  # ds also goes to memory
     with on_device(q):
         _attention_bwd_dq_kernel[(m_blocks * B * H,)](
             q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq),
             stride_sh, *_bias_strides(bias), *dbias_strides, H, N,
-            NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic,
-            **dict(common, BLOCK_N=min(block_n, 32)) if need_dbias else common,  # ds also goes to memory
+            NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic, **common, **dq_tiles,
         )
-        _attention_bwd_dkdv_kernel[(triton.cdiv(N, block_n) * B * H,)](
+        _attention_bwd_dkdv_kernel[(m_blocks * B * H,)](
             q, k, v, dout, lse, delta, dk, dv, scale_t, bias, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
-            stride_sh, *_bias_strides(bias), H, N, **common,
+            stride_sh, *_bias_strides(bias), H, N, **common, **tiles,
         )
 
     dscale = None

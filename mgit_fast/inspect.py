@@ -193,13 +193,20 @@ BENCH_ATTENTION = [(f"vit_{m}/4@32", 256, 65, *VITS[m]) for m in VITS] + [
 LOSS_GRID = [(B, C) for B in (256, 4096) for C in (10, 100, 1000, 21843)]
 UPDATE_PAIRS = {"vit_s": (384, 12, 6), "vit_b": (768, 12, 12)}
 # the supported attention table, by (dtype, TF32 allowed, variants); each at N = 197 for every
-# head dim, plus bf16 at N = 17 (the short-sequence tile); tf32 and fp16 share their tiles and
+# head dim, plus bf16 at N = 17 (the short-sequence tile) and GATE_ATTENTION_RANK1 at N = 65;
+# tf32 and fp16 share their tiles and
 # code paths with bf16 but for the operand type, so two variants cover them
 GATE_ATTENTION = [
     (torch.bfloat16, False, ("plain", "lsa", "bias", "bias_batch")),
     (torch.float16, False, ("plain", "bias")),
     (torch.float32, False, ("plain", "lsa", "bias", "bias_batch")),
     (torch.float32, True, ("plain", "bias")),
+]
+# N = 65 takes the rank-1 CUDA-core tail (the last key in the forward and dq kernels, the last
+# query in the dk/dv kernel)
+GATE_ATTENTION_RANK1 = [(torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch")] + [
+    (torch.float16, False, "plain"), (torch.float32, False, "lsa"), (torch.float32, False, "bias"),
+    (torch.float32, True, "plain"),
 ]
 META = torch.device("meta")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -253,9 +260,6 @@ def attention_launches(
     size = torch.finfo(dtype).bits // 8
     bias_bytes = 0 if bias is None else bias.numel() * 4
     for launch in launches:
-        c = launch.constants
-        bm, bn = c.get("BLOCK_M", 1), c.get("BLOCK_N", 1)
-        tiles = B * H * math.ceil(N / bm) * bm * math.ceil(N / bn) * bn
         if launch.kernel == "_attention_fwd_kernel":
             mm, nbytes = 2, 4 * B * H * N * D * size + 4 * B * H * N + bias_bytes
         elif launch.kernel == "_attention_bwd_dq_kernel":
@@ -264,10 +268,26 @@ def attention_launches(
             mm, nbytes = 4, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes
         else:
             continue
+        tc, tc_useful, cuda = attention_tile_areas(N, launch.constants)
+        per_area = 2 * mm * B * H * D
         launch.label = f"{label} {_DTYPE_NAMES[dtype] if precision != 'tf32' else 'tf32'} {variant}"
-        launch.work = dict(flops=2 * mm * B * H * N * N * D, executed_flops=2 * mm * tiles * D, bytes=nbytes,
-                           precision=precision)
+        launch.work = dict(flops=per_area * N * N, executed_flops=per_area * tc, useful_tile_flops=per_area * tc_useful,
+                           cuda_core_flops=per_area * cuda, bytes=nbytes, precision=precision)
     return launches
+
+
+def attention_tile_areas(N: int, constants: Dict[str, Any]) -> Tuple[int, int, int]:
+    """Per head and matmul, in units of D-long dot products: (executed on the tiles, of which
+    useful, executed on CUDA cores as rank-1 updates) for the attention kernels' launch geometry
+    (`kernels.attention.tiling`): full BLOCK_M blocks plus one TAIL_M-row tile on the M side,
+    full BLOCK_N blocks plus one TAIL_N-wide tile on the other, or with TAIL_N = 1 the last
+    position as a rank-1 update on CUDA cores (over every row of the M side)."""
+    bm, bn = constants["BLOCK_M"], constants["BLOCK_N"]
+    tail_m, tail_n = constants.get("TAIL_M", bm), constants.get("TAIL_N", bn)
+    m_side = (N // bm) * bm + (tail_m if N % bm else 0)
+    n_tiles = (N // bn) * bn + (tail_n if tail_n > 1 else 0)
+    n_cuda = 1 if tail_n == 1 else 0
+    return m_side * n_tiles, N * (N - n_cuda), m_side * n_cuda
 
 
 def loss_launches(B: int, C: int, dtype: torch.dtype = torch.bfloat16, target: Target = TARGETS["sm_90a"]
@@ -348,6 +368,9 @@ def shape_set(name: str, target: Target = TARGETS["sm_90a"]) -> List[Launch]:
                     launches += attention_launches(f"D={D} N=197", 8, 197, 4, D, dtype, variant,
                                                    allow_tf32=allow, target=target)
             launches += attention_launches(f"D={D} N=17", 8, 17, 4, D, torch.bfloat16, "plain", target=target)
+            for dtype, allow, variant in GATE_ATTENTION_RANK1:  # a rank-1 last key / query (N = 64 + 1)
+                launches += attention_launches(f"D={D} N=65", 8, 65, 4, D, dtype, variant, allow_tf32=allow,
+                                               target=target)
         for B, C in LOSS_GRID:
             for dtype in (torch.bfloat16, torch.float32):
                 launches += loss_launches(B, C, dtype, target)
@@ -520,11 +543,14 @@ def row(launch: Launch, facts: Dict[str, Any], target: Target) -> Dict[str, Any]
     work = launch.work
     if work:
         flop_time = work.get("executed_flops", work.get("flops", 0)) / target.peak[work["precision"]]
+        cuda_time = work.get("cuda_core_flops", 0) / target.peak["fp32"]  # rank-1 tails on CUDA cores
         byte_time = work["bytes"] / target.bandwidth
-        out.update(modeled_floor_us=1e6 * max(flop_time, byte_time),
-                   bound="compute" if flop_time > byte_time else "memory", bytes=work["bytes"])
-        if "executed_flops" in work:
-            out["useful_fraction"] = work["flops"] / work["executed_flops"]
+        out.update(modeled_floor_us=1e6 * max(flop_time + cuda_time, byte_time),
+                   bound="compute" if flop_time + cuda_time > byte_time else "memory", bytes=work["bytes"])
+        if "executed_flops" in work:  # of the tile work (tensor cores; FMA units for ieee fp32)
+            out["useful_fraction"] = work.get("useful_tile_flops", work["flops"]) / work["executed_flops"]
+            out["cuda_core_flops"] = work.get("cuda_core_flops", 0)
+            out["cuda_core_time_share"] = cuda_time / flop_time if flop_time else 0.0
     return out
 
 
@@ -566,13 +592,24 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
             f"{r['shared'] / 1024:.1f}", f"{r['blocks_per_sm']} ({r['limited_by']})", tc,
             f"{'/'.join(map(str, r['load_bits'])) or '-'} | {'/'.join(map(str, r['store_bits'])) or '-'}",
             grid + (" !" if r["grid_problems"] else ""), f"{r['waves']:.2f}",
-            f"{r['useful_fraction']:.2f}" if "useful_fraction" in r else "",
+            _useful(r),
             f"{r['modeled_floor_us']:.1f}" if "modeled_floor_us" in r else "",
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(text)
+
+
+def _useful(r: Dict[str, Any]) -> str:
+    """The useful fraction of the tile work, plus the modeled time of CUDA-core rank-1 tails as
+    a share of the tile work's time when there are any."""
+    if "useful_fraction" not in r:
+        return ""
+    text = f"{r['useful_fraction']:.2f}"
+    if r.get("cuda_core_flops"):
+        text += f" +cc {100 * r['cuda_core_time_share']:.0f}%"
+    return text
 
 
 def _unique_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:

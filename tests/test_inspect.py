@@ -31,7 +31,7 @@ def test_attention_grids_fit_cuda_limits_at_huge_batches(packed, variant):
             "_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"}
         for launch in launches:
             assert ins.grid_problems(launch) == [], (launch.kernel, launch.grid)
-            block = launch.constants["BLOCK_N" if "dkdv" in launch.kernel else "BLOCK_M"]
+            block = launch.constants["BLOCK_M"]  # every kernel's programs own BLOCK_M positions
             assert launch.grid[0] == -(-197 // block) * B * H and launch.grid[1:] == (1, 1)
 
 
@@ -41,7 +41,8 @@ def test_capture_records_the_jit_specialisation():
     launches = ins.attention_launches("t", 4, 65, 3, 64, torch.bfloat16, "plain", packed=True, backward=False)
     (fwd,) = launches
     assert fwd.signature["Q"] == "*bf16" and fwd.signature["stride_qn"] == "i32"
-    assert fwd.constants == {"D": 64, "BLOCK_M": 64, "BLOCK_N": 32, "HAS_SCALE_TENSOR": False, "HAS_BIAS": False,
+    assert fwd.constants == {"D": 64, "BLOCK_M": 64, "BLOCK_N": 32, "TAIL_M": 16, "TAIL_N": 1,
+                             "HAS_SCALE_TENSOR": False, "HAS_BIAS": False,
                              "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None, "BIAS": None}
     names = list(fwd.args)
     aligned = {names[path[0]] for path, value in fwd.attrs.items() if ["tt.divisibility", 16] in value}
