@@ -29,7 +29,10 @@ run as Hopper warpgroup MMAs); the last one takes the N mod BLOCK_M leftover pos
 TAIL_M-row tile (≥ 16 rows; below 64 it runs as mma.sync). The other side streams in full
 BLOCK_N blocks with no mask, then the N mod BLOCK_N last positions in one masked TAIL_N-wide
 tile (≥ 16), or, when exactly one is left (N = 65, 257, 577: a class token after a multiple of
-the block), as a rank-1 update on CUDA cores. Tiles come from `TILES` by dot precision and head dim (no kernel spills on sm_80 or sm_90a).
+the block), as a rank-1 update on CUDA cores. That split geometry serves fp16/bf16 at D = 32
+and 64 (`SPLIT_TILES`); the other paths (FMA fp32, tf32, D = 16 and 128) stream every block
+through one masked loop, their dk/dv programs owning BLOCK_N keys. Tiles come from `TILES`
+by dot precision and head dim (no kernel spills on sm_80 or sm_90a).
 
 Layouts: q, k, v, out are [B, H, N, D] views with unit stride on D and any other strides, so a
 packed qkv [B, N, 3·H·D] is read in place and the packed output [B, N, H·D] is written in
@@ -171,7 +174,7 @@ def _fwd_rows(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
     D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, MASK_ROWS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Forward of the query rows start_m + [0, ROWS) of head (b, h)."""
     rows = start_m + tl.arange(0, ROWS)
@@ -183,22 +186,26 @@ def _fwd_rows(
     acc = tl.zeros([ROWS, D], dtype=tl.float32)
     K_bh = K + b * stride_kb + h * stride_kh
     V_bh = V + b * stride_vb + h * stride_vh
-    full_n = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_n, BLOCK_N):  # full key blocks: no key mask
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :])
-        s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N,
-                    BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
-        v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :])
-        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, PRECISION)
-    if TAIL_N > 1:  # the last N mod BLOCK_N keys as one narrow masked tile on the tensor cores
-        cols = full_n + tl.arange(0, TAIL_N)
-        col_ok = cols[:, None] < N
-        k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok, other=0.0)
-        s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N,
-                    BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, True)
-        v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok, other=0.0)
-        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, PRECISION)
+    if SPLIT:
+        full_n = (N // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_n, BLOCK_N):  # full key blocks: no key mask
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :])
+            s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N,
+                        BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
+            v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :])
+            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, PRECISION)
+    else:
+        full_n = 0
+    if TAIL_N > 1:  # SPLIT: the last N mod BLOCK_N keys in one narrow masked tile; else every block, masked
+        for start_n in range(full_n, N, TAIL_N):
+            cols = start_n + tl.arange(0, TAIL_N)
+            col_ok = cols[:, None] < N
+            k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok, other=0.0)
+            s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N,
+                        BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, True)
+            v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok, other=0.0)
+            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, PRECISION)
     if TAIL_N == 1:  # one last key (N = BLOCK_N·n + 1, a class token): a rank-1 update on CUDA cores
         c = N - 1
         k_c = tl.load(K_bh + c * stride_kn + offs_d).to(tl.float32)
@@ -233,21 +240,28 @@ def _attention_fwd_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid_m, bh, b, h = _program(N, H, BLOCK_M)
     scale_log2 = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR) * 1.4426950408889634
     # programs below N // BLOCK_M take full BLOCK_M-row tiles, the last one the N mod BLOCK_M
     # leftover rows in a TAIL_M-row tile (TAIL_M = BLOCK_M, never taken, when N divides)
-    if pid_m < N // BLOCK_M:
+    if SPLIT:
+        if pid_m < N // BLOCK_M:
+            _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                      stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
+                      D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+        else:
+            _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                      stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
+                      D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+    else:  # one masked geometry (TAIL_M = BLOCK_M, every key block masked)
         _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                  D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION)
-    else:
-        _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
-                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                  D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION)
+                  D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
 
 
 @triton.jit
@@ -275,7 +289,7 @@ def _dq_rows(
     stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn, N,
     D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, MASK_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr,
+    NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """δ, dq, dbias and the dscale partial (stored at `slot`) of the query rows start_m + [0, ROWS)
     of head (b, h)."""
@@ -296,40 +310,44 @@ def _dq_rows(
     dscale = tl.zeros([ROWS], dtype=tl.float32)
     K_bh = K + b * stride_kb + h * stride_kh
     V_bh = V + b * stride_vb + h * stride_vh
-    full_n = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_n, BLOCK_N):  # full key blocks: no key mask
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :])
-        qk = _mm(q, tl.trans(k), PRECISION)
-        s = _scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
-                    stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
-        p = tl.math.exp2(s - lse[:, None])
-        if MASK_ROWS:
-            p = tl.where(row_ok[:, None], p, 0.0)
-        ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, PRECISION)
-        if NEED_DSCALE:
-            dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
-        if NEED_DBIAS:
-            _dbias_write(DBIAS, b, h, rows[:, None], cols[None, :], ds, stride_gb, stride_gh, stride_gm,
-                         stride_gn, row_ok[:, None], MASK_ROWS, DBIAS_ATOMIC)
-    if TAIL_N > 1:  # the last N mod BLOCK_N keys in one narrow masked tile
-        cols = full_n + tl.arange(0, TAIL_N)
-        col_ok = cols < N
-        k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        qk = _mm(q, tl.trans(k), PRECISION)
-        s = _scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
-                    stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, True)
-        p = tl.where(row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-        ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, PRECISION)
-        if NEED_DSCALE:
-            dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
-        if NEED_DBIAS:
-            _dbias_write(DBIAS, b, h, rows[:, None], cols[None, :], ds, stride_gb, stride_gh, stride_gm,
-                         stride_gn, row_ok[:, None] & col_ok[None, :], True, DBIAS_ATOMIC)
+    if SPLIT:
+        full_n = (N // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full_n, BLOCK_N):  # full key blocks: no key mask
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :])
+            qk = _mm(q, tl.trans(k), PRECISION)
+            s = _scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
+                        stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
+            p = tl.math.exp2(s - lse[:, None])
+            if MASK_ROWS:
+                p = tl.where(row_ok[:, None], p, 0.0)
+            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            dq += _mm(ds.to(k.dtype), k, PRECISION)
+            if NEED_DSCALE:
+                dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
+            if NEED_DBIAS:
+                _dbias_write(DBIAS, b, h, rows[:, None], cols[None, :], ds, stride_gb, stride_gh, stride_gm,
+                             stride_gn, row_ok[:, None], MASK_ROWS, DBIAS_ATOMIC)
+    else:
+        full_n = 0
+    if TAIL_N > 1:  # SPLIT: the last N mod BLOCK_N keys in one narrow masked tile; else every block, masked
+        for start_n in range(full_n, N, TAIL_N):
+            cols = start_n + tl.arange(0, TAIL_N)
+            col_ok = cols < N
+            k = tl.load(K_bh + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            qk = _mm(q, tl.trans(k), PRECISION)
+            s = _scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
+                        stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, True)
+            p = tl.where(row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            dq += _mm(ds.to(k.dtype), k, PRECISION)
+            if NEED_DSCALE:
+                dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
+            if NEED_DBIAS:
+                _dbias_write(DBIAS, b, h, rows[:, None], cols[None, :], ds, stride_gb, stride_gh, stride_gm,
+                             stride_gn, row_ok[:, None] & col_ok[None, :], True, DBIAS_ATOMIC)
     if TAIL_N == 1:  # one last key: rank-1 on CUDA cores
         c = N - 1
         k_c = tl.load(K_bh + c * stride_kn + offs_d).to(tl.float32)
@@ -369,24 +387,33 @@ def _attention_bwd_dq_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid_m, bh, b, h = _program(N, H, BLOCK_M)
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
     slot = bh * tl.cdiv(N, BLOCK_M) + pid_m
-    if pid_m < N // BLOCK_M:  # full query blocks, then the leftover rows in a TAIL_M-row tile
-        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
-                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                 stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
-                 stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
-                 N, D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION,
-                 NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC)
-    else:
+    if SPLIT:
+        if pid_m < N // BLOCK_M:  # full query blocks, then the leftover rows in a TAIL_M-row tile
+            _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
+                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                     stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
+                     stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+                     N, D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION,
+                     NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT)
+        else:
+            _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
+                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                     stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
+                     stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+                     N, D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION,
+                     NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT)
+    else:  # one masked geometry (TAIL_M = BLOCK_M, every key block masked)
         _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
                  stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
                  N, D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION,
-                 NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC)
+                 NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT)
 
 
 @triton.jit
@@ -396,7 +423,7 @@ def _dkdv_keys(
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_bb, stride_bh, stride_bm, stride_bn, N,
     D: tl.constexpr, KEYS: tl.constexpr, BLOCK_Q: tl.constexpr, TAIL_Q: tl.constexpr, MASK_KEYS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dk, dv of the keys start_n + [0, KEYS) of head (b, h), in the transposed form: sᵀ = k·qᵀ,
     pᵀ, dsᵀ are born [keys, queries], the layout their matmuls with dout and q need."""
@@ -410,32 +437,36 @@ def _dkdv_keys(
     dv = tl.zeros([KEYS, D], dtype=tl.float32)
     Q_bh = Q + b * stride_qb + h * stride_qh
     DO_bh = DO + b * stride_dob + h * stride_doh
-    full_m = (N // BLOCK_Q) * BLOCK_Q
-    for start_m in range(0, full_m, BLOCK_Q):  # full query blocks: no query mask
-        qs = start_m + tl.arange(0, BLOCK_Q)
-        q = tl.load(Q_bh + qs[:, None] * stride_qn + offs_d[None, :])
-        do = tl.load(DO_bh + qs[:, None] * stride_don + offs_d[None, :])
-        lse = tl.load(LSE + bh * N + qs)
-        delta = tl.load(DELTA + bh * N + qs)
-        st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
-                     stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
-        pt = tl.math.exp2(st - lse[None, :])
-        dv += _mm(pt.to(do.dtype), do, PRECISION)
-        dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
-        dk += _mm(dst.to(q.dtype), q, PRECISION)
-    if TAIL_Q > 1:  # the last N mod BLOCK_Q queries in one narrow masked tile
-        qs = full_m + tl.arange(0, TAIL_Q)
-        q_ok = qs < N
-        q = tl.load(Q_bh + qs[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-        do = tl.load(DO_bh + qs[:, None] * stride_don + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-        lse = tl.load(LSE + bh * N + qs, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + bh * N + qs, mask=q_ok, other=0.0)
-        st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
-                     stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, True, MASK_KEYS)
-        pt = tl.where(q_ok[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
-        dv += _mm(pt.to(do.dtype), do, PRECISION)
-        dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
-        dk += _mm(dst.to(q.dtype), q, PRECISION)
+    if SPLIT:
+        full_m = (N // BLOCK_Q) * BLOCK_Q
+        for start_m in range(0, full_m, BLOCK_Q):  # full query blocks: no query mask
+            qs = start_m + tl.arange(0, BLOCK_Q)
+            q = tl.load(Q_bh + qs[:, None] * stride_qn + offs_d[None, :])
+            do = tl.load(DO_bh + qs[:, None] * stride_don + offs_d[None, :])
+            lse = tl.load(LSE + bh * N + qs)
+            delta = tl.load(DELTA + bh * N + qs)
+            st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
+                         stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
+            pt = tl.math.exp2(st - lse[None, :])
+            dv += _mm(pt.to(do.dtype), do, PRECISION)
+            dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
+            dk += _mm(dst.to(q.dtype), q, PRECISION)
+    else:
+        full_m = 0
+    if TAIL_Q > 1:  # SPLIT: the last N mod BLOCK_Q queries in one narrow masked tile; else every block, masked
+        for start_m in range(full_m, N, TAIL_Q):
+            qs = start_m + tl.arange(0, TAIL_Q)
+            q_ok = qs < N
+            q = tl.load(Q_bh + qs[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+            do = tl.load(DO_bh + qs[:, None] * stride_don + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh * N + qs, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + bh * N + qs, mask=q_ok, other=0.0)
+            st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
+                         stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, True, MASK_KEYS)
+            pt = tl.where(q_ok[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
+            dv += _mm(pt.to(do.dtype), do, PRECISION)
+            dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
+            dk += _mm(dst.to(q.dtype), q, PRECISION)
     if TAIL_Q == 1:  # one last query: rank-1 on CUDA cores
         r = N - 1
         q_r = tl.load(Q_bh + r * stride_qn + offs_d).to(tl.float32)
@@ -469,22 +500,30 @@ def _attention_bwd_dkdv_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """One program per block of BLOCK_M keys (the tile's M side), streaming queries BLOCK_N at a time."""
     pid_n, bh, b, h = _program(N, H, BLOCK_M)
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
-    if pid_n < N // BLOCK_M:  # full key blocks, then the leftover keys in a TAIL_M-row tile
+    if SPLIT:
+        if pid_n < N // BLOCK_M:  # full key blocks, then the leftover keys in a TAIL_M-row tile
+            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                       stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                       stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
+                       D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+        else:
+            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
+                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                       stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                       stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
+                       D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+    else:  # one masked geometry (TAIL_M = BLOCK_M, every key block masked)
         _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
                    stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                   D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION)
-    else:
-        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
-                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                   stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                   stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                   D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION)
+                   D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,9 +541,15 @@ def new_buffer(shape, *, device, dtype) -> Tensor:
 # each operand per thread: small tiles, and no software pipelining, which would hold two.
 TILES = {
     "half": {16: (64, 64, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2)},
-    "tf32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
+    "tf32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2)},
     "ieee": {16: (32, 32, 4, 1), 32: (16, 16, 4, 1), 64: (16, 16, 4, 1), 128: (16, 16, 8, 1)},
 }
+
+
+# where the split geometry (full unmasked tiles plus narrow tails) compiles without spills on
+# sm_80 and sm_90a: fp16/bf16 at D = 32 and 64, the ViT head dims. Elsewhere (FMA fp32, tf32,
+# D = 16 and 128) its tail code spilled 32 B to 4 KB, so those keep one masked loop.
+SPLIT_TILES = {"half": (32, 64)}
 
 
 def _tail(rest: int, block: int, exact_one: bool) -> int:
@@ -529,11 +574,26 @@ def tiling(N: int, D: int, precision: str = "half", max_block_n: Optional[int] =
     block_m, block_n, num_warps, num_stages = TILES.get(precision, TILES["half"])[D]
     if max_block_n:
         block_n = min(block_n, max_block_n)
+    if D not in SPLIT_TILES.get(precision, ()):  # one masked geometry
+        cover = max(16, triton.next_power_of_2(N))
+        block_m, block_n = min(block_m, cover), min(block_n, cover)
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, TAIL_M=block_m, TAIL_N=block_n, SPLIT=False,
+                    num_warps=num_warps, num_stages=num_stages)
     return dict(
         BLOCK_M=block_m, BLOCK_N=block_n,
         TAIL_M=_tail(N % block_m, block_m, False) or block_m, TAIL_N=_tail(N % block_n, block_n, True),
-        num_warps=num_warps, num_stages=num_stages,
+        SPLIT=True, num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def _dkdv_tiling(tiles: dict) -> dict:
+    """The dk/dv kernel's tiles: its programs own keys on the M side. The masked geometry keeps
+    the forward's key block there (BLOCK_N keys per program, queries BLOCK_M at a time; with
+    BLOCK_M keys per program the FMA and D = 128 paths spill)."""
+    if tiles["SPLIT"]:
+        return tiles
+    return dict(tiles, BLOCK_M=tiles["BLOCK_N"], BLOCK_N=tiles["BLOCK_M"], TAIL_M=tiles["BLOCK_N"],
+                TAIL_N=tiles["BLOCK_M"])
 
 
 def tf32_allowed() -> bool:
@@ -635,10 +695,11 @@ def backward_into(
             stride_sh, *_bias_strides(bias), *dbias_strides, H, N,
             NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic, **common, **dq_tiles,
         )
-        _attention_bwd_dkdv_kernel[(m_blocks * B * H,)](
+        dkdv_tiles = _dkdv_tiling(tiles)
+        _attention_bwd_dkdv_kernel[(triton.cdiv(N, dkdv_tiles["BLOCK_M"]) * B * H,)](
             q, k, v, dout, lse, delta, dk, dv, scale_t, bias, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
-            stride_sh, *_bias_strides(bias), H, N, **common, **tiles,
+            stride_sh, *_bias_strides(bias), H, N, **common, **dkdv_tiles,
         )
 
     dscale = None

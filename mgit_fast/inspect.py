@@ -285,7 +285,7 @@ def attention_tile_areas(N: int, constants: Dict[str, Any]) -> Tuple[int, int, i
     bm, bn = constants["BLOCK_M"], constants["BLOCK_N"]
     tail_m, tail_n = constants.get("TAIL_M", bm), constants.get("TAIL_N", bn)
     m_side = (N // bm) * bm + (tail_m if N % bm else 0)
-    n_tiles = (N // bn) * bn + (tail_n if tail_n > 1 else 0)
+    n_tiles = (N // bn) * bn + (tail_n if tail_n > 1 and N % bn else 0)  # masked geometry: TAIL_N = BLOCK_N
     n_cuda = 1 if tail_n == 1 else 0
     return m_side * n_tiles, N * (N - n_cuda), m_side * n_cuda
 

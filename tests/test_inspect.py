@@ -41,7 +41,7 @@ def test_capture_records_the_jit_specialisation():
     launches = ins.attention_launches("t", 4, 65, 3, 64, torch.bfloat16, "plain", packed=True, backward=False)
     (fwd,) = launches
     assert fwd.signature["Q"] == "*bf16" and fwd.signature["stride_qn"] == "i32"
-    assert fwd.constants == {"D": 64, "BLOCK_M": 64, "BLOCK_N": 32, "TAIL_M": 16, "TAIL_N": 1,
+    assert fwd.constants == {"D": 64, "BLOCK_M": 64, "BLOCK_N": 32, "TAIL_M": 16, "TAIL_N": 1, "SPLIT": True,
                              "HAS_SCALE_TENSOR": False, "HAS_BIAS": False,
                              "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None, "BIAS": None}
     names = list(fwd.args)
