@@ -811,6 +811,17 @@ def bench_parts(quick: bool = False):
 
 SMALL_ATTENTION = ((1, 1), (2, 1))  # (B, H) of the reduced runs
 SMALL_LOSS = (4, 8)  # rows
+
+
+def small_loss_rows(B: int, C: int) -> Tuple[int, int]:
+    """Rows of the two reduced loss runs: SMALL_LOSS, or, when the full size takes several
+    programs, enough rows that the reduced runs do too (the same kernels launch)."""
+    from mgit_fast.kernels import mgit_loss
+
+    if B * C <= mgit_loss.SINGLE_PROGRAM_ELEMENTS:
+        return SMALL_LOSS
+    rows = max(SMALL_LOSS[0], mgit_loss.SINGLE_PROGRAM_ELEMENTS // C + 1)
+    return rows, 2 * rows
 SMALL_UPDATE = (8, 16)  # widths of the reduced ViT pair
 SMALL_UPDATE_DEPTH = 2
 
@@ -832,7 +843,8 @@ def model_part(part: str, shape: str, a: Dict[str, Any], target: insp.Target, fa
         B, C = a["B"], a["C"]
         work = insp.loss_launches(B, C, target=target)
         result = ours_part(part, shape, lambda: loss_part(B, C, real=False),
-                           [(("loss", b, C), lambda b=b: loss_part(b, C)) for b in SMALL_LOSS], work, target, facts)
+                           [(("loss", b, C), lambda b=b: loss_part(b, C)) for b in small_loss_rows(B, C)], work, target,
+                           facts)
         eager = eager_loss(B, C)
         result["peers"] = {"eager": _ops_totals(eager, target)}
         result["peer_ops"] = {"eager": _by_name(eager)}

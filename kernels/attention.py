@@ -30,8 +30,9 @@ TAIL_M-row tile (≥ 16 rows; below 64 it runs as mma.sync). The other side stre
 BLOCK_N blocks with no mask, then the N mod BLOCK_N last positions in one masked TAIL_N-wide
 tile (≥ 16), or, when exactly one is left (N = 65, 257, 577: a class token after a multiple of
 the block), as a rank-1 update on CUDA cores. That split geometry serves fp16/bf16 at D = 32
-and 64 (`SPLIT_TILES`); the other paths (FMA fp32, tf32, D = 16 and 128) stream every block
-through one masked loop, their dk/dv programs owning BLOCK_N keys. Tiles come from `TILES`
+and 64 from N ≥ BLOCK_M (`SPLIT_TILES`); the other paths (FMA fp32, tf32, D = 16 and 128, short
+sequences) stream every block through one masked loop, their dk/dv programs owning BLOCK_N keys
+in the [queries, keys] form. Tiles come from `TILES`
 by dot precision and head dim (no kernel spills on sm_80 or sm_90a).
 
 Layouts: q, k, v, out are [B, H, N, D] views with unit stride on D and any other strides, so a
@@ -425,8 +426,9 @@ def _dkdv_keys(
     D: tl.constexpr, KEYS: tl.constexpr, BLOCK_Q: tl.constexpr, TAIL_Q: tl.constexpr, MASK_KEYS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """dk, dv of the keys start_n + [0, KEYS) of head (b, h), in the transposed form: sᵀ = k·qᵀ,
-    pᵀ, dsᵀ are born [keys, queries], the layout their matmuls with dout and q need."""
+    """dk, dv of the keys start_n + [0, KEYS) of head (b, h). SPLIT: in the transposed form,
+    sᵀ = k·qᵀ, pᵀ, dsᵀ are born [keys, queries], the layout their matmuls with dout and q need;
+    else one masked loop in the [queries, keys] form."""
     keys = start_n + tl.arange(0, KEYS)
     offs_d = tl.arange(0, D)
     key_ok = keys < N
@@ -453,7 +455,21 @@ def _dkdv_keys(
             dk += _mm(dst.to(q.dtype), q, PRECISION)
     else:
         full_m = 0
-    if TAIL_Q > 1:  # SPLIT: the last N mod BLOCK_Q queries in one narrow masked tile; else every block, masked
+    if not SPLIT:  # one masked loop in the [queries, keys] form (the transposed one spills on these paths)
+        for start_m in range(0, N, BLOCK_Q):
+            qs = start_m + tl.arange(0, BLOCK_Q)
+            q_ok = qs < N
+            q = tl.load(Q_bh + qs[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+            do = tl.load(DO_bh + qs[:, None] * stride_don + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh * N + qs, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + bh * N + qs, mask=q_ok, other=0.0)
+            s = _scores(_mm(q, tl.trans(k), PRECISION), qs[:, None], keys[None, :], scale_log2, b, h, N, BIAS,
+                        stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, True, MASK_KEYS)
+            p = tl.where(q_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+            dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
+            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
+    elif TAIL_Q > 1:  # the last N mod BLOCK_Q queries in one narrow masked tile
         for start_m in range(full_m, N, TAIL_Q):
             qs = start_m + tl.arange(0, TAIL_Q)
             q_ok = qs < N
@@ -541,15 +557,16 @@ def new_buffer(shape, *, device, dtype) -> Tensor:
 # each operand per thread: small tiles, and no software pipelining, which would hold two.
 TILES = {
     "half": {16: (64, 64, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2)},
-    "tf32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2)},
+    "tf32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
     "ieee": {16: (32, 32, 4, 1), 32: (16, 16, 4, 1), 64: (16, 16, 4, 1), 128: (16, 16, 8, 1)},
 }
 
 
 # where the split geometry (full unmasked tiles plus narrow tails) compiles without spills on
-# sm_80 and sm_90a: fp16/bf16 at D = 32 and 64, the ViT head dims. Elsewhere (FMA fp32, tf32,
-# D = 16 and 128) its tail code spilled 32 B to 4 KB, so those keep one masked loop.
-SPLIT_TILES = {"half": (32, 64)}
+# sm_80 and sm_90a: fp16/bf16 at D = 32 and 64, the ViT head dims, with these num_stages (2 at
+# D = 64 used local memory on sm_80). Elsewhere (FMA fp32, tf32, D = 16 and 128) its tail code
+# spilled 32 B to 4 KB, and sequences shorter than BLOCK_M gain nothing: one masked loop.
+SPLIT_TILES = {"half": {32: 2, 64: 3}}
 
 
 def _tail(rest: int, block: int, exact_one: bool) -> int:
@@ -574,7 +591,8 @@ def tiling(N: int, D: int, precision: str = "half", max_block_n: Optional[int] =
     block_m, block_n, num_warps, num_stages = TILES.get(precision, TILES["half"])[D]
     if max_block_n:
         block_n = min(block_n, max_block_n)
-    if D not in SPLIT_TILES.get(precision, ()):  # one masked geometry
+    split_stages = SPLIT_TILES.get(precision, {}).get(D)
+    if split_stages is None or N < block_m:  # one masked geometry
         cover = max(16, triton.next_power_of_2(N))
         block_m, block_n = min(block_m, cover), min(block_n, cover)
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, TAIL_M=block_m, TAIL_N=block_n, SPLIT=False,
@@ -582,7 +600,7 @@ def tiling(N: int, D: int, precision: str = "half", max_block_n: Optional[int] =
     return dict(
         BLOCK_M=block_m, BLOCK_N=block_n,
         TAIL_M=_tail(N % block_m, block_m, False) or block_m, TAIL_N=_tail(N % block_n, block_n, True),
-        SPLIT=True, num_warps=num_warps, num_stages=num_stages,
+        SPLIT=True, num_warps=num_warps, num_stages=split_stages,
     )
 
 
