@@ -375,6 +375,8 @@ def apply_coverage(cov: Dict[frozenset, Dict[str, float]], regions: Sequence[Tup
     """HBM bytes of a full-size launch from the reduced-size coverage of each of its regions."""
     total = dict(read=0.0, write=0.0, atomic=0.0, requested=0.0)
     for names, lo, hi in regions:
+        if hi == lo:  # an empty tensor (e.g. a gradient slot the launch does not use)
+            continue
         c = cov.get(names)
         if c is None:
             raise KeyError(f"region {sorted(names)} was not seen at the reduced size")

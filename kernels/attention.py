@@ -563,10 +563,10 @@ TILES = {
 
 
 # where the split geometry (full unmasked tiles plus narrow tails) compiles without spills on
-# sm_80 and sm_90a: fp16/bf16 at D = 32 and 64, the ViT head dims, with these num_stages (2 at
-# D = 64 used local memory on sm_80). Elsewhere (FMA fp32, tf32, D = 16 and 128) its tail code
+# sm_80 and sm_90a: fp16/bf16 at D = 32 and 64, the ViT head dims, with these num_stages (2 in
+# the forward at D = 64 used local memory on sm_80, 3 in dk/dv spilled 6 B on Triton 3.6). Elsewhere (FMA fp32, tf32, D = 16 and 128) its tail code
 # spilled 32 B to 4 KB, and sequences shorter than BLOCK_M gain nothing: one masked loop.
-SPLIT_TILES = {"half": {32: 2, 64: 3}}
+SPLIT_TILES = {"half": {32: (2, 2), 64: (3, 2)}}  # num_stages: forward and dq kernels, dk/dv kernel
 
 
 def _tail(rest: int, block: int, exact_one: bool) -> int:
@@ -600,16 +600,16 @@ def tiling(N: int, D: int, precision: str = "half", max_block_n: Optional[int] =
     return dict(
         BLOCK_M=block_m, BLOCK_N=block_n,
         TAIL_M=_tail(N % block_m, block_m, False) or block_m, TAIL_N=_tail(N % block_n, block_n, True),
-        SPLIT=True, num_warps=num_warps, num_stages=split_stages,
+        SPLIT=True, num_warps=num_warps, num_stages=split_stages[0],
     )
 
 
-def _dkdv_tiling(tiles: dict) -> dict:
+def _dkdv_tiling(tiles: dict, precision: str, D: int) -> dict:
     """The dk/dv kernel's tiles: its programs own keys on the M side. The masked geometry keeps
     the forward's key block there (BLOCK_N keys per program, queries BLOCK_M at a time; with
     BLOCK_M keys per program the FMA and D = 128 paths spill)."""
     if tiles["SPLIT"]:
-        return tiles
+        return dict(tiles, num_stages=SPLIT_TILES[precision][D][1])
     return dict(tiles, BLOCK_M=tiles["BLOCK_N"], BLOCK_N=tiles["BLOCK_M"], TAIL_M=tiles["BLOCK_N"],
                 TAIL_N=tiles["BLOCK_M"])
 
@@ -713,7 +713,7 @@ def backward_into(
             stride_sh, *_bias_strides(bias), *dbias_strides, H, N,
             NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic, **common, **dq_tiles,
         )
-        dkdv_tiles = _dkdv_tiling(tiles)
+        dkdv_tiles = _dkdv_tiling(tiles, precision, D)
         _attention_bwd_dkdv_kernel[(triton.cdiv(N, dkdv_tiles["BLOCK_M"]) * B * H,)](
             q, k, v, dout, lse, delta, dk, dv, scale_t, bias, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
