@@ -158,11 +158,18 @@ def _store_rows(ptrs, x, ok, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _rescale(m_i, m_block):
+    """Online softmax: the new running row max, its finite stand-in (0 for a row with nothing to
+    attend to yet) and the factor that rescales what was accumulated (log2 units)."""
+    m_new = tl.maximum(m_i, m_block)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, m_safe, tl.math.exp2(m_i - m_safe)
+
+
+@triton.jit
 def _fwd_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
     """One online-softmax step over a [rows, keys] score tile s (log2 units) and its values v."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet
-    alpha = tl.math.exp2(m_i - m_safe)
+    m_new, m_safe, alpha = _rescale(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
@@ -213,9 +220,7 @@ def _fwd_rows(
         v_c = tl.load(V_bh + c * stride_vn + offs_d).to(tl.float32)
         s_c = _scores(tl.sum(q.to(tl.float32) * k_c[None, :], 1), rows, c, scale_log2, b, h, N,
                       BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
-        m_new = tl.maximum(m_i, s_c)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
+        m_new, m_safe, alpha = _rescale(m_i, s_c)
         p_c = tl.math.exp2(s_c - m_safe)
         l_i = l_i * alpha + p_c
         acc = acc * alpha[:, None] + p_c[:, None] * v_c[None, :]
