@@ -890,15 +890,19 @@ def _split_scale(scale, head_dim: int) -> Tuple[Optional[Tensor], float]:
     return None, float(scale)
 
 
-def attention(q, k, v, scale=None, bias=None, diagonal_mask=False) -> Tensor:
+def attention(q, k, v, scale=None, bias=None, diagonal_mask=False, mask=None) -> Tensor:
     """``softmax(q·kᵀ·scale + bias)·v`` for q, k, v ``[B, H, N, D]``."""
+    if mask is not None:
+        raise NotImplementedError("mask: the Triton kernel does not take a multiplicative mask yet")
     scale_t, scale_v = _split_scale(scale, q.shape[-1])
     out, _ = attention_fwd(_unit_stride(q), _unit_stride(k), _unit_stride(v), scale_t, scale_v, bias, diagonal_mask)
     return out
 
 
-def attention_qkvpacked(qkv, num_heads, scale=None, bias=None, diagonal_mask=False) -> Tensor:
+def attention_qkvpacked(qkv, num_heads, scale=None, bias=None, diagonal_mask=False, mask=None) -> Tensor:
     """Attention from a packed ``qkv [B, N, 3·H·D]`` (read in place) to ``[B, N, H·D]``."""
+    if mask is not None:
+        raise NotImplementedError("mask: the Triton kernel does not take a multiplicative mask yet")
     qkv = _unit_stride(qkv)
     scale_t, scale_v = _split_scale(scale, qkv.shape[-1] // (3 * num_heads))
     out, _ = attention_qkvpacked_fwd(qkv, num_heads, scale_t, scale_v, bias, diagonal_mask)

@@ -43,8 +43,10 @@ def attention_inputs(
     scale: Union[None, float, Tensor],
     bias: Optional[Tensor],
     diagonal_mask: bool,
+    mask: Optional[Tensor] = None,
 ) -> None:
-    """Checks the ``attention`` contract: q, k, v ``[B, H, N, D]`` alike; scale; bias; mask."""
+    """Checks the ``attention`` contract: q, k, v ``[B, H, N, D]`` alike; scale; bias; the
+    diagonal mask; the multiplicative mask."""
     tensor("q", q, ndim=4)
     for name, t in (("k", k), ("v", v)):
         tensor(name, t, ndim=4)
@@ -55,10 +57,29 @@ def attention_inputs(
     B, H, N, D = q.shape
     if N < 1 or D < 1:
         raise ValueError(f"q must have at least one token and one channel, got shape {tuple(q.shape)}")
-    attention_options(scale, bias, diagonal_mask, B=B, H=H, N=N, ref=q)
+    attention_options(scale, bias, diagonal_mask, B=B, H=H, N=N, ref=q, mask=mask)
 
 
-def attention_options(scale, bias, diagonal_mask, *, B: int, H: int, N: int, ref: Tensor) -> None:
+def _score_map(name: str, value: Tensor, *, B: int, H: int, N: int, ref: Tensor) -> None:
+    """An ``[H, N, N]`` or ``[B, H, N, N]`` map over the scores (1 broadcasts for B and H)."""
+    tensor(name, value, dtypes=FLOAT_DTYPES)
+    same_device(name, value, "q", ref)
+    if value.dim() == 3:
+        ok = value.shape[0] in (1, H) and value.shape[1:] == (N, N)
+    elif value.dim() == 4:
+        ok = value.shape[0] in (1, B) and value.shape[1] in (1, H) and value.shape[2:] == (N, N)
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} must have shape [H={H}, N={N}, N={N}] or [B={B}, H={H}, N={N}, N={N}] "
+            f"(1 allowed for B and H), got {tuple(value.shape)}"
+        )
+
+
+def attention_options(
+    scale, bias, diagonal_mask, *, B: int, H: int, N: int, ref: Tensor, mask: Optional[Tensor] = None
+) -> None:
     if isinstance(scale, bool) or not (scale is None or isinstance(scale, (int, float, Tensor))):
         raise TypeError(f"scale must be None, a float or a tensor, got {type(scale).__name__}")
     if isinstance(scale, Tensor):
@@ -67,19 +88,9 @@ def attention_options(scale, bias, diagonal_mask, *, B: int, H: int, N: int, ref
         if scale.shape not in (torch.Size([]), torch.Size([H])):
             raise ValueError(f"scale must have shape [] or [H={H}], got {tuple(scale.shape)}")
     if bias is not None:
-        tensor("bias", bias, dtypes=FLOAT_DTYPES)
-        same_device("bias", bias, "q", ref)
-        if bias.dim() == 3:
-            ok = bias.shape[0] in (1, H) and bias.shape[1:] == (N, N)
-        elif bias.dim() == 4:
-            ok = bias.shape[0] in (1, B) and bias.shape[1] in (1, H) and bias.shape[2:] == (N, N)
-        else:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"bias must have shape [H={H}, N={N}, N={N}] or [B={B}, H={H}, N={N}, N={N}] "
-                f"(1 allowed for B and H), got {tuple(bias.shape)}"
-            )
+        _score_map("bias", bias, B=B, H=H, N=N, ref=ref)
+    if mask is not None:
+        _score_map("mask", mask, B=B, H=H, N=N, ref=ref)
     if not isinstance(diagonal_mask, bool):
         raise TypeError(f"diagonal_mask must be a bool, got {type(diagonal_mask).__name__}")
     if diagonal_mask and N < 2:

@@ -45,14 +45,15 @@ def attention(
     scale: Union[None, float, Tensor] = None,
     bias: Optional[Tensor] = None,
     diagonal_mask: bool = False,
+    mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """``softmax(q·kᵀ·scale + bias)·v``; see ``mgit_fast.reference.attention``."""
+    """``(softmax(q·kᵀ·scale + bias) ⊙ mask)·v``; see ``mgit_fast.reference.attention``."""
     if resolve_backend(backend, q.device.type) == "triton":
-        _checks.attention_inputs(q, k, v, scale, bias, diagonal_mask)
+        _checks.attention_inputs(q, k, v, scale, bias, diagonal_mask, mask)
         _checks.kernel_inputs("q", q, head_dim=q.shape[-1], head_dims=_attention_kernel().HEAD_DIMS)
-        return _attention_kernel().attention(q, k, v, scale, bias, diagonal_mask)
-    return reference.attention(q, k, v, scale=scale, bias=bias, diagonal_mask=diagonal_mask)
+        return _attention_kernel().attention(q, k, v, scale, bias, diagonal_mask, mask)
+    return reference.attention(q, k, v, scale=scale, bias=bias, diagonal_mask=diagonal_mask, mask=mask)
 
 
 def attention_qkvpacked(
@@ -62,6 +63,7 @@ def attention_qkvpacked(
     scale: Union[None, float, Tensor] = None,
     bias: Optional[Tensor] = None,
     diagonal_mask: bool = False,
+    mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Attention from a packed ``qkv [B, N, 3·H·D]`` to ``[B, N, H·D]``; see
@@ -69,10 +71,12 @@ def attention_qkvpacked(
     if resolve_backend(backend, qkv.device.type) == "triton":
         head_dim = _checks.qkvpacked_inputs(qkv, num_heads)
         B, N, _ = qkv.shape
-        _checks.attention_options(scale, bias, diagonal_mask, B=B, H=num_heads, N=N, ref=qkv)
+        _checks.attention_options(scale, bias, diagonal_mask, B=B, H=num_heads, N=N, ref=qkv, mask=mask)
         _checks.kernel_inputs("qkv", qkv, head_dim=head_dim, head_dims=_attention_kernel().HEAD_DIMS)
-        return _attention_kernel().attention_qkvpacked(qkv, num_heads, scale, bias, diagonal_mask)
-    return reference.attention_qkvpacked(qkv, num_heads, scale=scale, bias=bias, diagonal_mask=diagonal_mask)
+        return _attention_kernel().attention_qkvpacked(qkv, num_heads, scale, bias, diagonal_mask, mask)
+    return reference.attention_qkvpacked(
+        qkv, num_heads, scale=scale, bias=bias, diagonal_mask=diagonal_mask, mask=mask
+    )
 
 
 def mgit_loss(

@@ -35,14 +35,18 @@ def attention(
     scale: Union[None, float, Tensor] = None,
     bias: Optional[Tensor] = None,
     diagonal_mask: bool = False,
+    mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """``softmax(q·kᵀ·scale + bias) · v`` for q, k, v ``[B, H, N, D]``; returns ``[B, H, N, D]``.
+    """``(softmax(q·kᵀ·scale + bias) ⊙ mask) · v`` for q, k, v ``[B, H, N, D]``; returns
+    ``[B, H, N, D]``.
 
     ``scale``: None (``D**-0.5``), a float, or a tensor of shape ``[]`` or ``[H]``.
     ``bias``: ``[H, N, N]`` or ``[B, H, N, N]`` (size 1 broadcasts), added after scaling.
     ``diagonal_mask``: a token does not attend to itself (LSA).
+    ``mask``: a multiplicative mask (IBiT) of the same shapes as ``bias``, applied to the
+    attention probabilities with no renormalisation.
     """
-    _checks.attention_inputs(q, k, v, scale, bias, diagonal_mask)
+    _checks.attention_inputs(q, k, v, scale, bias, diagonal_mask, mask)
     dtype = _compute_dtype(q.dtype)
     N, D = q.shape[-2], q.shape[-1]
     if scale is None:
@@ -57,6 +61,8 @@ def attention(
         eye = torch.eye(N, dtype=torch.bool, device=q.device)
         scores = scores.masked_fill(eye, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        probs = probs * mask.to(dtype)
     out = torch.einsum("bhnm,bhmd->bhnd", probs, v.to(dtype))
     return out.to(q.dtype)
 
@@ -68,12 +74,13 @@ def attention_qkvpacked(
     scale: Union[None, float, Tensor] = None,
     bias: Optional[Tensor] = None,
     diagonal_mask: bool = False,
+    mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention straight from a qkv Linear: ``qkv [B, N, 3·H·D]`` (timm's layout,
     ``reshape(B, N, 3, H, D)``) to ``[B, N, H·D]``, ready for the output projection."""
     head_dim = _checks.qkvpacked_inputs(qkv, num_heads)
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=num_heads, d=head_dim)
-    out = attention(q, k, v, scale=scale, bias=bias, diagonal_mask=diagonal_mask)
+    out = attention(q, k, v, scale=scale, bias=bias, diagonal_mask=diagonal_mask, mask=mask)
     return rearrange(out, "b h n d -> b n (h d)")
 
 
