@@ -19,8 +19,13 @@ per-block partial sums of dscale reduced afterwards in a fixed order), then one 
 (dk, dv), which reads the δ the first wrote. The dk/dv kernel works in the transposed form,
 sᵀ = k·qᵀ, pᵀ = exp2(sᵀ − lse), dsᵀ = pᵀ ⊙ (v·doutᵀ − δ), so pᵀ and dsᵀ are born in the
 [keys, queries] layout their matmuls (pᵀ·dout, dsᵀ·q) take, with no transpose through shared
-memory. A bias shared over the batch (or heads) has its gradient summed with fp32 atomics, or,
-under `torch.use_deterministic_algorithms(True)`, written per batch and summed by torch.
+memory. A per-batch bias [B, H, N, N] has its gradient ds written by the dq kernel. A bias
+shared over the batch (or heads) has it summed by a third pass (`shared_grad`): one program per
+(tile, group of (b, h) pairs), which recomputes p and dp for each pair of its group (2 matmuls),
+sums ds in registers and adds the sum with one relaxed fp32 atomic per element, instead of one
+atomic per element per (b, h): 256-way contention on every element at B = 256 becomes ≈ 11-way
+at ViT-S/16 (`shared_grad_groups`). Under `torch.use_deterministic_algorithms(True)`, or when
+the tiles alone fill the GPU, one group takes every pair and stores in a fixed order.
 
 Launch geometry (`tiling`): a 1-D grid of (sequence block, b·h) pairs, sequence blocks fastest,
 so any batch fits CUDA's grid limits; head indices are int64, so offsets past 2³¹ do not wrap.
@@ -547,6 +552,148 @@ def _attention_bwd_dkdv_kernel(
                    D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
 
 
+@triton.jit
+def _shared_grad_tile(
+    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h, r_start, r_end, RH,
+    start_m, start_n, H, N,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm, stride_gn,
+    D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """Σ over the (b, h) pairs r_start ≤ r < r_end of one gradient slice of the [rows, cols] tile
+    of ds (the bias gradient) or of p ⊙ dp (the mask gradient), accumulated in registers, then
+    one store or one relaxed atomic per element."""
+    rows = start_m + tl.arange(0, ROWS)
+    cols = start_n + tl.arange(0, COLS)
+    offs_d = tl.arange(0, D)
+    row_ok = rows < N
+    col_ok = cols < N
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    for r in range(r_start, r_end):
+        b = sl_b + (r // RH).to(tl.int64)
+        h = sl_h + (r % RH).to(tl.int64)
+        bh = b * H + h
+        scale_log2 = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR) * 1.4426950408889634
+        q = _load_rows(_tile(Q, b, h, rows, offs_d, stride_qb, stride_qh, stride_qn), row_ok, MASK_ROWS)
+        do = _load_rows(_tile(DO, b, h, rows, offs_d, stride_dob, stride_doh, stride_don), row_ok, MASK_ROWS)
+        k = _load_rows(_tile(K, b, h, cols, offs_d, stride_kb, stride_kh, stride_kn), col_ok, MASK_COLS)
+        v = _load_rows(_tile(V, b, h, cols, offs_d, stride_vb, stride_vh, stride_vn), col_ok, MASK_COLS)
+        lse = _load_vec(LSE + bh * N + rows, row_ok, MASK_ROWS)
+        s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
+                    stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, MASK_COLS)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK_ROWS:
+            p = tl.where(row_ok[:, None], p, 0.0)
+        dp = _mm(do, tl.trans(v), PRECISION)
+        if GRAD_OF_MASK:  # dmask = p ⊙ dp
+            acc += p * dp
+        else:  # dbias = ds = p ⊙ (mask ⊙ dp − δ)
+            delta = _load_vec(DELTA + bh * N + rows, row_ok, MASK_ROWS)
+            if HAS_MASK:
+                m_ptrs = MASK + b * stride_mb + h * stride_mh + rows[:, None] * stride_mm + cols[None, :] * stride_mn
+                if MASK_ROWS or MASK_COLS:
+                    dp = dp * tl.load(m_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+                else:
+                    dp = dp * tl.load(m_ptrs).to(tl.float32)
+            acc += p * (dp - delta[:, None])
+    ptrs = GRAD + sl_b * stride_gb + sl_h * stride_gh + rows[:, None] * stride_gm + cols[None, :] * stride_gn
+    if ATOMIC:
+        if MASK_ROWS or MASK_COLS:
+            tl.atomic_add(ptrs, acc, mask=tile_ok, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, acc, sem="relaxed")
+    else:
+        if MASK_ROWS or MASK_COLS:
+            tl.store(ptrs, acc, mask=tile_ok)
+        else:
+            tl.store(ptrs, acc)
+
+
+@triton.jit
+def _attention_bwd_shared_kernel(
+    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gn,
+    H, N, SH, RH, R, GROUP, GROUPS,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """The gradient of a bias or mask shared over the batch and/or heads: one program per
+    (tile, group of GROUP contributing (b, h) pairs, gradient slice), tiles fastest. The slice
+    is (sl_b, sl_h) over the gradient's own [B|1, H|1] dims; its R contributors r map to
+    b = sl_b + r // RH, h = sl_h + r % RH."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles = tl.cdiv(N, BLOCK_M) * tiles_n
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % tiles
+    g = (pid // tiles) % GROUPS
+    sl = pid // (tiles * GROUPS)
+    sl_b = sl // SH
+    sl_h = sl % SH
+    mi = t // tiles_n
+    ni = t % tiles_n
+    r_start = g * GROUP
+    r_end = tl.minimum(r_start + GROUP, R)
+    if SPLIT:  # full tiles unmasked; the leftover rows / columns in TAIL_M / TAIL_N-wide tiles
+        if mi < N // BLOCK_M:
+            if ni < N // BLOCK_N:
+                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h,
+                                  r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
+                                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                                  stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
+                                  stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
+                                  stride_gb, stride_gh, stride_gm, stride_gn, D, BLOCK_M, BLOCK_N, False, False,
+                                  HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
+                                  ATOMIC)
+            else:
+                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h,
+                                  r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
+                                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                                  stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
+                                  stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
+                                  stride_gb, stride_gh, stride_gm, stride_gn, D, BLOCK_M, TAIL_N, False, True,
+                                  HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
+                                  ATOMIC)
+        else:
+            if ni < N // BLOCK_N:
+                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h,
+                                  r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
+                                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                                  stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
+                                  stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
+                                  stride_gb, stride_gh, stride_gm, stride_gn, D, TAIL_M, BLOCK_N, True, False,
+                                  HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
+                                  ATOMIC)
+            else:
+                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h,
+                                  r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
+                                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                                  stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
+                                  stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
+                                  stride_gb, stride_gh, stride_gm, stride_gn, D, TAIL_M, TAIL_N, True, True,
+                                  HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
+                                  ATOMIC)
+    else:
+        _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h,
+                          r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
+                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+                          stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
+                          stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
+                          stride_gb, stride_gh, stride_gm, stride_gn, D, BLOCK_M, BLOCK_N, True, True,
+                          HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
+                          ATOMIC)
+
+
 # --------------------------------------------------------------------------------------------
 # launchers (over [B, H, N, D] views)
 # --------------------------------------------------------------------------------------------
@@ -686,6 +833,66 @@ def forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask) -> Tenso
     return lse
 
 
+def _broadcast_dims(t: Tensor) -> Tuple[int, ...]:
+    """The dims of [B, H] over which an [H, N, N] / [B, H, N, N] score map is shared."""
+    full = t.shape if t.dim() == 4 else (1, *t.shape)
+    return tuple(d for d in (0, 1) if full[d] == 1)
+
+
+# programs the shared-gradient pass aims for (about 8 per SM on an H100): enough to fill the
+# GPU, while each program sums as many (b, h) pairs as it can before its one atomic per element
+SHARED_GRAD_PROGRAMS = 1024
+
+
+def shared_grad_groups(contributors: int, programs_per_group: int, deterministic: bool) -> Tuple[int, int]:
+    """(pairs per program, groups): how the pass splits the (b, h) pairs that feed one gradient
+    slice. One group (plain stores, a fixed order) when deterministic algorithms are asked for
+    or when the tiles alone fill the GPU; else atomics, one per element per group."""
+    if deterministic:
+        return contributors, 1
+    groups = max(1, min(contributors, triton.cdiv(SHARED_GRAD_PROGRAMS, programs_per_group)))
+    group = triton.cdiv(contributors, groups)
+    return group, triton.cdiv(contributors, group)
+
+
+def shared_grad(
+    target, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, of_mask
+) -> Tensor:
+    """The gradient of `target` (the bias, or the mask when `of_mask`), a score map shared over
+    the batch and/or heads: ds (or p ⊙ dp) summed over the (b, h) pairs that read each slice, in
+    registers, a group of pairs per program, then one store or relaxed atomic per element. No
+    [B, H, N, N] gradient is formed. Reads the lse of the forward and the δ of the dq kernel."""
+    B, H, N, D = q.shape
+    precision = _precision(q.dtype)
+    if precision == "tf32" and D == 128:  # tf32 spilled 0.7-1.6 KB at every tile tried: FMA fp32
+        precision = "ieee"
+    tiles = tiling(N, D, precision)
+    if tiles["SPLIT"]:  # the pass has no rank-1 step: a lone last position takes a 16-wide tile
+        tiles["TAIL_N"] = _tail(N % tiles["BLOCK_N"], tiles["BLOCK_N"], False) or tiles["BLOCK_N"]
+    # it holds q, dout, k and v of a pair at once: at most 2 stages (3 left 2 blocks/SM at D = 64
+    # on sm_90a)
+    tiles.update(num_stages=min(tiles["num_stages"], 2))
+    full = target.shape if target.dim() == 4 else (1, *target.shape)
+    slices_b, slices_h = full[0], full[1]
+    per_b, per_h = B // slices_b, H // slices_h  # contributors per slice along b and h
+    programs_per_group = triton.cdiv(N, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]) * slices_b * slices_h
+    group, groups = shared_grad_groups(per_b * per_h, programs_per_group, torch.are_deterministic_algorithms_enabled())
+    atomic = groups > 1
+    alloc = torch.zeros if atomic else new_buffer
+    grad = alloc((slices_b, slices_h, N, N), device=q.device, dtype=torch.float32)
+    scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
+    with on_device(q):
+        _attention_bwd_shared_kernel[(programs_per_group * groups,)](
+            q, k, v, dout, lse, delta, scale_t, bias, mask, grad, scale_v,
+            *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout),
+            stride_sh, *_bias_strides(bias), *_bias_strides(mask), *_bias_strides(grad),
+            H, N, slices_h, per_h, per_b * per_h, group, groups,
+            D=D, HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+            DIAGONAL_MASK=diagonal_mask, PRECISION=precision, GRAD_OF_MASK=of_mask, ATOMIC=atomic, **tiles,
+        )
+    return grad.reshape(target.shape).to(target.dtype)
+
+
 def backward_into(
     dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -701,22 +908,17 @@ def backward_into(
     )
     m_blocks = triton.cdiv(N, tiles["BLOCK_M"])
     dscale_partial = new_buffer((B, H, m_blocks), device=q.device, dtype=torch.float32) if need_dscale else None
-    dbias_buffer, atomic = None, False
-    if need_dbias:
-        shared = bias.dim() == 3 or bias.shape[0] == 1 or bias.shape[1] == 1
-        atomic = shared and not torch.are_deterministic_algorithms_enabled()
-        if atomic:
-            dbias_buffer = torch.zeros(bias.shape, device=q.device, dtype=torch.float32)
-        else:
-            dbias_buffer = new_buffer((B, H, N, N), device=q.device, dtype=torch.float32)
-    dbias_strides = _bias_strides(dbias_buffer) if atomic else (dbias_buffer.stride() if need_dbias else (0,) * 4)
-    dq_tiles = tiling(N, D, precision, max_block_n=32) if need_dbias else tiles  # ds also goes to memory
+    shared = need_dbias and _broadcast_dims(bias) != ()
+    per_batch_dbias = need_dbias and not shared  # written by the dq kernel, one program per element
+    dbias_buffer = new_buffer(bias.shape, device=q.device, dtype=torch.float32) if per_batch_dbias else None
+    dbias_strides = _bias_strides(dbias_buffer) if per_batch_dbias else (0,) * 4
+    dq_tiles = tiling(N, D, precision, max_block_n=32) if per_batch_dbias else tiles  # ds also goes to memory
     with on_device(q):
         _attention_bwd_dq_kernel[(m_blocks * B * H,)](
             q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq),
             stride_sh, *_bias_strides(bias), *dbias_strides, H, N,
-            NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic, **common, **dq_tiles,
+            NEED_DSCALE=need_dscale, NEED_DBIAS=per_batch_dbias, DBIAS_ATOMIC=False, **common, **dq_tiles,
         )
         dkdv_tiles = _dkdv_tiling(tiles, precision, D)
         _attention_bwd_dkdv_kernel[(triton.cdiv(N, dkdv_tiles["BLOCK_M"]) * B * H,)](
@@ -730,13 +932,10 @@ def backward_into(
         per_head = dscale_partial.sum(dim=(0, 2))  # [H]
         dscale = (per_head if scale.dim() == 1 else per_head.sum()).to(scale.dtype)
     dbias = None
-    if need_dbias:
-        if not atomic:  # per-(b, h) gradients, summed over the broadcast dims in a fixed order
-            full_shape = bias.shape if bias.dim() == 4 else (1, *bias.shape)
-            broadcast = tuple(d for d in (0, 1) if full_shape[d] == 1)
-            if broadcast:
-                dbias_buffer = dbias_buffer.sum(dim=broadcast, keepdim=True)
-        dbias = dbias_buffer.reshape(bias.shape).to(bias.dtype)
+    if shared:
+        dbias = shared_grad(bias, dout, q, k, v, lse, delta, scale, scale_value, bias, None, diagonal_mask, False)
+    elif per_batch_dbias:
+        dbias = dbias_buffer.to(bias.dtype)
     return dscale, dbias
 
 

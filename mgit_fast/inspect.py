@@ -237,8 +237,8 @@ def attention_launches(
     allow_tf32: bool = False, backward: bool = True, target: Target = TARGETS["sm_90a"],
 ) -> List[Launch]:
     """Forward and backward of one attention call. `variant`: plain, lsa (learnable [H] scale and
-    diagonal mask), bias (a learnable [H, N, N] bias, gradient by atomics) or bias_batch
-    ([B, H, N, N])."""
+    diagonal mask), bias (a learnable [H, N, N] bias, its gradient summed over the batch by the
+    shared-gradient pass) or bias_batch ([B, H, N, N], its gradient written by the dq kernel)."""
     from mgit_fast.kernels import attention as kernel
 
     new = lambda *shape, dt=dtype: torch.empty(shape, device=META, dtype=dt)  # noqa: E731
@@ -263,9 +263,12 @@ def attention_launches(
         if launch.kernel == "_attention_fwd_kernel":
             mm, nbytes = 2, 4 * B * H * N * D * size + 4 * B * H * N + bias_bytes
         elif launch.kernel == "_attention_bwd_dq_kernel":
-            mm, nbytes = 3, 6 * B * H * N * D * size + 8 * B * H * N + 2 * bias_bytes
+            dbias_bytes = bias_bytes if launch.args["NEED_DBIAS"] else 0
+            mm, nbytes = 3, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes + dbias_bytes
         elif launch.kernel == "_attention_bwd_dkdv_kernel":
             mm, nbytes = 4, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes
+        elif launch.kernel == "_attention_bwd_shared_kernel":  # one write (or atomic) per element per group
+            mm, nbytes = 2, 4 * B * H * N * D * size + 8 * B * H * N + bias_bytes * (1 + launch.args["GROUPS"])
         else:
             continue
         tc, tc_useful, cuda = attention_tile_areas(N, launch.constants)

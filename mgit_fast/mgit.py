@@ -202,8 +202,10 @@ class FusedMGiT(nn.Module):
 
     def _step(self, x: Tensor, y: Tensor, hyperparameters: Optional[Dict[Tuple[str, str], Tensor]] = None
               ) -> Dict[str, Tensor]:
-        # with graphs, gradients stay allocated between steps (captured addresses)
-        self.optimizer.zero_grad(set_to_none=not self.graph)
+        # gradients start as None, so autograd writes fresh ones instead of zeroing and adding
+        # (16 B/param less); inside a capture they come from the graph's private pool, where
+        # every replay writes them again at the captured addresses
+        self.optimizer.zero_grad(set_to_none=True)
         amp = autocast_dtype(self.amp_dtype, x.device.type)
         if amp is None:
             autocast = contextlib.nullcontext()

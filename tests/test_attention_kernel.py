@@ -340,3 +340,56 @@ def test_device_guard_is_a_no_op_off_cuda():
     for device in ("cpu", "meta"):
         with on_device(torch.empty(1, device=device)):
             pass
+
+
+def test_shared_grad_groups_cover_every_pair():
+    for contributors in (1, 2, 7, 256, 1000):
+        for per_group in (1, 3, 96, 5000):
+            group, groups = kernel.shared_grad_groups(contributors, per_group, False)
+            assert 1 <= groups <= contributors and group * groups >= contributors > group * (groups - 1)
+        assert kernel.shared_grad_groups(contributors, 1, True) == (contributors, 1)
+    # 256 batch rows over a [6, 197, 197] bias: 16 tiles x 6 heads = 96 programs per group
+    assert kernel.shared_grad_groups(256, 96, False) == (24, 11)
+
+
+@pytest.mark.parametrize("programs, dtype, N, D", [(1, torch.float32, 20, 16), (4, torch.float32, 20, 16),
+                                                   (64, torch.bfloat16, 70, 32)])
+def test_shared_bias_gradient_summed_in_groups(monkeypatch, programs, dtype, N, D):
+    """Groups of several (b, h) pairs per program, the last one partial, with atomics between
+    groups (programs > tiles), or one group of every pair with plain stores (programs = 1)."""
+    monkeypatch.setattr(kernel, "SHARED_GRAD_PROGRAMS", programs)
+    B, H = 5, 2
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
+    scale = torch.rand(H, dtype=torch.float64) + 0.1
+    upstream = torch.randn(B, H, N, D, dtype=torch.float64)
+    for shape in [(H, N, N), (1, 1, N, N), (B, 1, N, N)]:
+        bias = torch.randn(shape, dtype=torch.float64)
+        x = [t.to(dtype).requires_grad_() for t in (q, k, v, scale, bias)]
+        out = functional.attention(x[0], x[1], x[2], scale=x[3], bias=x[4], diagonal_mask=True, backend="triton")
+        grad = torch.autograd.grad(out, x[4], upstream.to(dtype))[0]
+        r = [t.to(dtype).double().requires_grad_() for t in (q, k, v, scale, bias)]
+        ref = reference.attention(r[0], r[1], r[2], scale=r[3], bias=r[4], diagonal_mask=True)
+        assert_rel_close(grad, torch.autograd.grad(ref, r[4], upstream)[0], TOL[dtype], f"dbias {shape}")
+
+
+@pytest.mark.parametrize("of_mask", [False, True])
+@pytest.mark.parametrize("shape", ["heads", "batch_of_one"])
+def test_shared_grad_pass_with_a_multiplicative_mask(monkeypatch, of_mask, shape):
+    """The pass alone, fed the float64 forward's lse and δ: the gradient of a shared mask
+    (p ⊙ dp) and of a shared bias under a mask (p ⊙ (mask ⊙ dp − δ))."""
+    monkeypatch.setattr(kernel, "SHARED_GRAD_PROGRAMS", 3)
+    B, H, N, D = 3, 2, 19, 16
+    q, k, v, dout = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(4))
+    map_shape = (H, N, N) if shape == "heads" else (1, 1, N, N)
+    bias = torch.randn(map_shape, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(map_shape, dtype=torch.float64) * 2 - 0.5).requires_grad_()
+    out = reference.attention(q, k, v, bias=bias, mask=mask)
+    ref = torch.autograd.grad(out, mask if of_mask else bias, dout)[0]
+    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * D**-0.5 + bias.detach()
+    lse = (torch.logsumexp(scores, dim=-1) / torch.log(torch.tensor(2.0))).float()
+    delta = (dout * out.detach()).sum(-1).float()
+    f = [t.float().contiguous() for t in (dout, q, k, v)]
+    grad = kernel.shared_grad(mask if of_mask else bias, *f, lse, delta, None, D**-0.5,
+                              bias.detach().float(), mask.detach().float(), False, of_mask)
+    assert grad.shape == ref.shape
+    assert_rel_close(grad, ref, 1e-5, "dmask" if of_mask else "dbias")

@@ -323,6 +323,50 @@ def test_graph_step_reads_the_hyperparameters_from_device_tensors(monkeypatch):
     assert events.count("capture") == 2 and seen["optimizer", "max_grad_norm"] is None
 
 
+def test_captured_step_starts_its_backward_with_no_gradients(monkeypatch):
+    """Under graph=True every step, the captured one included, runs its backward with every
+    .grad None: autograd writes the gradients (from the graph's pool when capturing) instead of
+    zeroing them and accumulating into them."""
+    from mgit_fast.reference import MGiTLossOutput, MultiGradientStepOutput
+
+    _FakeStreams(monkeypatch)
+    capturing, seen = [], []
+
+    class capture:  # torch.cuda.graph
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            capturing.append(True)
+
+        def __exit__(self, *exc):
+            capturing.pop()
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Graph", (), {"replay": lambda self: None})())
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    mgit = build(graph=True, graph_warmup=2, backend="triton")
+
+    def loss(logits_primary, logits_auxiliary, target):
+        seen.append((bool(capturing), [p.grad is None for p in mgit.parameters()]))
+        value = logits_primary.float().sum() * 0 + logits_auxiliary.float().sum() * 0
+        return MGiTLossOutput(value, value.detach() + 1, value.detach() + 1, value.detach())
+
+    def update(ce_primary, ce_auxiliary, grad_scale=None):
+        assert all(p.grad is not None for p in mgit.parameters())
+        return MultiGradientStepOutput(*[torch.zeros(()) for _ in range(3)], torch.zeros((), dtype=torch.bool))
+
+    monkeypatch.setattr(mgit.criterion, "forward", loss)
+    monkeypatch.setattr(mgit.optimizer, "step", update)
+    monkeypatch.setattr(mgit.optimizer, "lr_tensors", lambda: None)
+    for module in mgit.modules():
+        if hasattr(module, "backend") and module is not mgit.criterion:
+            module.backend = "torch"
+    for x, y in batches("cpu", sizes=(8,) * 4):
+        mgit.training_step(x, y)
+    assert [during for during, _ in seen] == [False, False, True]  # two warm-up steps, the capture
+    assert all(all(none) for _, none in seen)
+
+
 # -------------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("overlap", [False, True])
