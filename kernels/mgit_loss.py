@@ -346,6 +346,38 @@ def _mgit_loss_finish_kernel(
 
 
 @triton.jit
+def _scale_stored(GZ, GW, DZ, DW, c_z, c_w, first, last, B, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """DZ = c_z · GZ, DW = c_w · GW over the program's rows, [first·ROWS, last·ROWS) ∩ [0, B),
+    contiguous (first = the program's id in both schedules)."""
+    start = (tl.program_id(0) * ROWS).to(tl.int64) * C
+    count = (tl.minimum(last * ROWS, B) - first * ROWS) * C
+    for i in range(0, count, ROWS * BLOCK_C):
+        offs = start + i + tl.arange(0, ROWS * BLOCK_C)
+        ok = offs < start + count
+        gz = tl.load(GZ + offs, mask=ok).to(tl.float32)
+        gw = tl.load(GW + offs, mask=ok).to(tl.float32)
+        tl.store(DZ + offs, (c_z * gz).to(DZ.dtype.element_ty), mask=ok)
+        tl.store(DW + offs, (c_w * gw).to(DW.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _recompute_rows(
+    Z, W, Y, DZ, DW, STATS, first, last, B, C, stride_z, stride_w, ignore_index, label_smoothing, inv_t,
+    c_z, c_w, c_js, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_CHUNK: tl.constexpr, TEMPERED: tl.constexpr,
+    FROM_STATS: tl.constexpr,
+):
+    """DZ, DW of the tiles [first, last) recomputed from the logits (FROM_STATS: from the rows'
+    saved statistics, in one pass)."""
+    lanes = tl.arange(0, ROWS)
+    for tile_index in range(first, last):
+        rows = (tile_index * ROWS + lanes).to(tl.int64)
+        _row_tile(
+            Z, W, Y, DZ, DW, STATS, rows, B, C, stride_z, stride_w, C, ignore_index, label_smoothing, inv_t,
+            c_z, c_w, c_js, ROWS, BLOCK_C, SINGLE_CHUNK, TEMPERED, True, False, FROM_STATS,
+        )
+
+
+@triton.jit
 def _upstream(G, PRESENT: tl.constexpr):
     """An upstream gradient (a 0-dim tensor), or 0 where autograd had none: G then points at
     another tensor and is not read."""
@@ -378,29 +410,22 @@ def _mgit_loss_bwd_kernel(
     c_z = (g_loss + g_cz) * inv_n
     c_w = (g_loss + g_cw) * inv_n
     c_js = (js_weight * g_loss + g_js) * inv_n
-    lanes = tl.arange(0, ROWS)
     if SINGLE_PROGRAM:
         first, last = 0, tl.cdiv(B, ROWS)
     else:
         first = tl.program_id(0)
         last = first + 1
-    if (g_js == js_weight * g_cz) & (g_js == js_weight * g_cw) & STORED:  # dz = c_z · G_z, dw = c_w · G_w
-        start = (tl.program_id(0) * ROWS).to(tl.int64) * C  # the program's rows are contiguous
-        count = (tl.minimum(last * ROWS, B) - first * ROWS) * C
-        for i in range(0, count, ROWS * BLOCK_C):
-            offs = start + i + tl.arange(0, ROWS * BLOCK_C)
-            ok = offs < start + count
-            gz = tl.load(GZ + offs, mask=ok).to(tl.float32)
-            gw = tl.load(GW + offs, mask=ok).to(tl.float32)
-            tl.store(DZ + offs, (c_z * gz).to(DZ.dtype.element_ty), mask=ok)
-            tl.store(DW + offs, (c_w * gw).to(DW.dtype.element_ty), mask=ok)
+    if STORED and not (HAS_CP or HAS_CA or HAS_JS):  # loss.backward(): known when compiling
+        _scale_stored(GZ, GW, DZ, DW, c_z, c_w, first, last, B, C, ROWS, BLOCK_C)
+    elif STORED:
+        if (g_js == js_weight * g_cz) & (g_js == js_weight * g_cw):  # dz = c_z · G_z, dw = c_w · G_w
+            _scale_stored(GZ, GW, DZ, DW, c_z, c_w, first, last, B, C, ROWS, BLOCK_C)
+        else:
+            _recompute_rows(Z, W, Y, DZ, DW, GZ, first, last, B, C, stride_z, stride_w, ignore_index,
+                            label_smoothing, inv_t, c_z, c_w, c_js, ROWS, BLOCK_C, SINGLE_CHUNK, TEMPERED, False)
     else:
-        for tile_index in range(first, last):
-            rows = (tile_index * ROWS + lanes).to(tl.int64)
-            _row_tile(
-                Z, W, Y, DZ, DW, GZ, rows, B, C, stride_z, stride_w, C, ignore_index, label_smoothing, inv_t,
-                c_z, c_w, c_js, ROWS, BLOCK_C, SINGLE_CHUNK, TEMPERED, True, False, not STORED,
-            )
+        _recompute_rows(Z, W, Y, DZ, DW, GZ, first, last, B, C, stride_z, stride_w, ignore_index,
+                        label_smoothing, inv_t, c_z, c_w, c_js, ROWS, BLOCK_C, SINGLE_CHUNK, TEMPERED, True)
 
 
 # --------------------------------------------------------------------------------------------
