@@ -25,6 +25,15 @@ whenever g_js = λ·g_cp and g_js = λ·g_ca (a loss built from `loss`, or from
 other weighting of the four outputs (decided on the device, no synchronisation) recomputes
 the rows from the saved logits in the same launch.
 
+The four outputs are separate 0-dim float32 tensors, each written by the kernels (not views of
+one buffer, whose unbind would make autograd build zeros for the unused outputs and stack
+them). An output the objective does not use gets no upstream gradient (None, with
+set_materialize_grads(False)): the backward kernel takes a pointer per gradient and a
+constexpr flag for each, an absent one counting as 0 without a read, and with only g_loss
+present and G stored it compiles the scaling alone. So `out.loss.backward()` costs the forward
+launch(es), one backward launch and autograd's own seed (ones_like), nothing more; when no
+output has a gradient the backward launches nothing.
+
 Tiling: each program owns tiles of ROWS rows and walks C in BLOCK_C chunks. A row that fits
 in one chunk is read once and every exponential is computed once (softmax, p and q reuse the
 log-sum-exp's). A longer row takes a pass for the log-sum-exps (online) and one for the JS sums;
