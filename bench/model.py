@@ -788,7 +788,8 @@ def compiled_facts(target: insp.Target, jobs: int, cache_dir: Optional[str], ker
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         command = [sys.executable, "-m", "mgit_fast.inspect", "--shapes", "bench", "--arch", target.arch,
-                   "--json", path, "--jobs", str(jobs), "--kernel", kernel] + (["--cache-dir", cache_dir] if cache_dir else [])
+                   "--json", path, "--jobs", str(jobs), "--kernel", kernel]
+        command += ["--cache-dir", cache_dir] if cache_dir else []
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not os.path.exists(path):
             raise RuntimeError(f"mgit_fast.inspect failed:\n{done.stderr[-2000:]}")
@@ -942,7 +943,8 @@ def format_markdown(model: Dict[str, Any]) -> str:
     lines = [
         "# Modeled work and traffic (no GPU: every figure here is modeled, not measured)",
         "",
-        f"Made by `python bench/model.py --arch {t['arch']}{' --part ' + t['part'] if t.get('part') else ''}` from the kernels at commit {t.get('commit', '?')} "
+        f"Made by `python bench/model.py --arch {t['arch']}{' --part ' + t['part'] if t.get('part') else ''}` "
+        f"from the kernels at commit {t.get('commit', '?')} "
         f"(Triton {t['triton']}, torch {t['torch']}). "
         f"Target: {t['gpu']}, published figures: {t['bandwidth'] / 1e12:.2f} TB/s HBM3, "
         f"{t['peak']['bf16'] / 1e12:.0f} TFLOP/s dense bf16/fp16 tensor, {t['peak']['tf32'] / 1e12:.1f} TF32, "
