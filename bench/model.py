@@ -1,8 +1,9 @@
 """A modeled work and traffic table for the bench shapes, runnable on a CPU (no GPU, no timing).
 
-    python bench/model.py [--out DIR] [--arch sm_90a] [--quick] [--jobs N]
+    python bench/model.py [--out DIR] [--arch sm_90a] [--quick] [--jobs N] [--part attention|loss|update]
 
-Writes DIR/model.md and DIR/model.json (DIR defaults to bench/results). Every figure is
+Writes DIR/model.md and DIR/model.json (DIR defaults to bench/results); with `--part`, only that
+part's shapes, to DIR/model_PART.md and .json. Every figure is
 *modeled*: bytes, FLOPs and launches come from facts gathered on the CPU, times from the
 published peak figures of the target GPU. Nothing here is a measurement.
 
@@ -791,7 +792,11 @@ def ours_part(name: str, shape: str, full_make: Callable, small_makes: Sequence[
                 torch_ops=[dataclasses.asdict(o) for o in torch_ops], torch_ops_total=extra, total=total)
 
 
-def compiled_facts(target: insp.Target, jobs: int, cache_dir: Optional[str]) -> Dict[str, List[Dict[str, Any]]]:
+PART_KERNELS = {"attention": "attention", "loss": "mgit_loss", "update": ""}  # inspect's --kernel filter per part
+
+
+def compiled_facts(target: insp.Target, jobs: int, cache_dir: Optional[str], kernel: str = ""
+                   ) -> Dict[str, List[Dict[str, Any]]]:
     """`mgit-fast inspect --shapes bench` rows by label, in launch order. It runs in a fresh
     process: compiling needs the kernels defined outside the interpreter."""
     import subprocess
@@ -802,7 +807,8 @@ def compiled_facts(target: insp.Target, jobs: int, cache_dir: Optional[str]) -> 
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         command = [sys.executable, "-m", "mgit_fast.inspect", "--shapes", "bench", "--arch", target.arch,
-                   "--json", path, "--jobs", str(jobs)] + (["--cache-dir", cache_dir] if cache_dir else [])
+                   "--json", path, "--jobs", str(jobs), "--kernel", kernel]
+        command += ["--cache-dir", cache_dir] if cache_dir else []
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not os.path.exists(path):
             raise RuntimeError(f"mgit_fast.inspect failed:\n{done.stderr[-2000:]}")
@@ -956,7 +962,8 @@ def format_markdown(model: Dict[str, Any]) -> str:
     lines = [
         "# Modeled work and traffic (no GPU: every figure here is modeled, not measured)",
         "",
-        f"Made by `python bench/model.py --arch {t['arch']}` from the kernels at commit {t.get('commit', '?')} "
+        f"Made by `python bench/model.py --arch {t['arch']}{' --part ' + t['part'] if t.get('part') else ''}` "
+        f"from the kernels at commit {t.get('commit', '?')} "
         f"(Triton {t['triton']}, torch {t['torch']}). "
         f"Target: {t['gpu']}, published figures: {t['bandwidth'] / 1e12:.2f} TB/s HBM3, "
         f"{t['peak']['bf16'] / 1e12:.0f} TFLOP/s dense bf16/fp16 tensor, {t['peak']['tf32'] / 1e12:.1f} TF32, "
@@ -1053,21 +1060,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one shape per part (a smoke run)")
     parser.add_argument("--jobs", type=int, default=1, help="compile processes for the cubin facts")
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "mgit_fast", "inspect"))
+    parser.add_argument("--part", choices=sorted(PART_KERNELS),
+                        help="only this part's shapes: DIR/model_PART.md and .json, compared with DIR/model.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    model = build(_target(args.arch), quick=args.quick, jobs=args.jobs, cache_dir=args.cache_dir,
+    target = _target(args.arch)
+    name = f"model_{args.part}" if args.part and args.name == "model" else args.name
+    parts = facts = None
+    if args.part:
+        parts = [p for p in bench_parts(args.quick) if p[0] == args.part]
+        facts = compiled_facts(target, args.jobs, args.cache_dir, PART_KERNELS[args.part])
+    model = build(target, quick=args.quick, jobs=args.jobs, cache_dir=args.cache_dir, parts=parts, facts=facts,
                   progress=lambda s: print(s, file=sys.stderr, flush=True))
+    model["part"] = args.part
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(model, f, indent=1, default=str)
     text = format_markdown(model)
-    before = os.path.join(args.out, "model_before.json")
-    if args.name != "model_before" and os.path.exists(before):
+    before = os.path.join(args.out, "model.json" if args.part else "model_before.json")
+    if name not in ("model_before", os.path.basename(before)[:-5]) and os.path.exists(before):
         with open(before) as f:
             text += "\n" + format_comparison(json.load(f), model)
-    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(text)
-    print(f"wrote {args.out}/{args.name}.md and .json (modeled)", file=sys.stderr)
+    print(f"wrote {args.out}/{name}.md and .json (modeled)", file=sys.stderr)
     return 0
 
 

@@ -25,6 +25,15 @@ whenever g_js = λ·g_cp and g_js = λ·g_ca (a loss built from `loss`, or from
 other weighting of the four outputs (decided on the device, no synchronisation) recomputes
 the rows from the saved logits in the same launch.
 
+The four outputs are separate 0-dim float32 tensors, each written by the kernels (not views of
+one buffer, whose unbind would make autograd build zeros for the unused outputs and stack
+them). An output the objective does not use gets no upstream gradient (None, with
+set_materialize_grads(False)): the backward kernel takes a pointer per gradient and a
+constexpr flag for each, an absent one counting as 0 without a read, and with only g_loss
+present and G stored it compiles the scaling alone. So `out.loss.backward()` costs the forward
+launch(es), one backward launch and autograd's own seed (ones_like), nothing more; when no
+output has a gradient the backward launches nothing.
+
 Tiling: each program owns tiles of ROWS rows and walks C in BLOCK_C chunks. A row that fits
 in one chunk is read once and every exponential is computed once (softmax, p and q reuse the
 log-sum-exp's). A longer row takes a pass for the log-sum-exps (online) and one for the JS sums;
@@ -43,7 +52,7 @@ caller to raise on at its next synchronisation.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -253,17 +262,17 @@ def _row_tile(
 
 
 @triton.jit
-def _write_outputs(OUT, AUX, ce_z, ce_w, js, kept, invalid, js_weight, temperature):
-    """OUT = (loss, ce_z, ce_w, js) from the sums over the kept rows (NaN after an invalid
-    label); AUX = (kept rows, invalid labels, js_weight, temperature) for the backward."""
+def _write_outputs(OUT_LOSS, OUT_CP, OUT_CA, OUT_JS, AUX, ce_z, ce_w, js, kept, invalid, js_weight, temperature):
+    """The four 0-dim outputs loss, ce_z, ce_w, js from the sums over the kept rows (NaN after an
+    invalid label); AUX = (kept rows, invalid labels, js_weight, temperature) for the backward."""
     scale = tl.where(invalid > 0, float("nan"), 1.0 / tl.maximum(kept, 1.0))
     ce_z = ce_z * scale
     ce_w = ce_w * scale
     js = js * scale
-    tl.store(OUT + 0, ce_z + ce_w + js_weight * js)
-    tl.store(OUT + 1, ce_z)
-    tl.store(OUT + 2, ce_w)
-    tl.store(OUT + 3, js)
+    tl.store(OUT_LOSS, ce_z + ce_w + js_weight * js)
+    tl.store(OUT_CP, ce_z)
+    tl.store(OUT_CA, ce_w)
+    tl.store(OUT_JS, js)
     tl.store(AUX + 0, kept)
     tl.store(AUX + 1, invalid)
     tl.store(AUX + 2, js_weight)
@@ -272,7 +281,7 @@ def _write_outputs(OUT, AUX, ce_z, ce_w, js, kept, invalid, js_weight, temperatu
 
 @triton.jit
 def _mgit_loss_fwd_kernel(
-    Z, W, Y, GZ, GW, STATS, PARTIAL, OUT, AUX, TEMPERATURE, JS_WEIGHT,
+    Z, W, Y, GZ, GW, STATS, PARTIAL, OUT_LOSS, OUT_CP, OUT_CA, OUT_JS, AUX, TEMPERATURE, JS_WEIGHT,
     B, C, stride_z, stride_w, ignore_index, label_smoothing,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_CHUNK: tl.constexpr, TEMPERED: tl.constexpr,
     T_POINTER: tl.constexpr, JS_POINTER: tl.constexpr, WRITE: tl.constexpr, SAVE_STATS: tl.constexpr,
@@ -280,7 +289,7 @@ def _mgit_loss_fwd_kernel(
 ):
     """Per-row sums, and with WRITE the unscaled gradients GZ, GW [B, C] (contiguous), or with
     SAVE_STATS the per-row statistics STATS [B, 6] of rows longer than a chunk. One
-    program: every tile, then OUT and AUX; several: one tile each, then PARTIAL[pid]."""
+    program: every tile, then the four outputs and AUX; several: one tile each, then PARTIAL[pid]."""
     temperature = _scalar(TEMPERATURE, T_POINTER)
     js_weight = _scalar(JS_WEIGHT, JS_POINTER)
     inv_t = 1.0 / temperature
@@ -309,7 +318,8 @@ def _mgit_loss_fwd_kernel(
     n_kept = tl.sum(n_kept, 0)
     n_invalid = tl.sum(n_invalid, 0)
     if SINGLE_PROGRAM:
-        _write_outputs(OUT, AUX, sum_z, sum_w, sum_js, n_kept, n_invalid, js_weight, temperature)
+        _write_outputs(OUT_LOSS, OUT_CP, OUT_CA, OUT_JS, AUX, sum_z, sum_w, sum_js, n_kept, n_invalid, js_weight,
+                       temperature)
     else:
         out = PARTIAL + first * 5
         tl.store(out + 0, sum_z)
@@ -321,10 +331,10 @@ def _mgit_loss_fwd_kernel(
 
 @triton.jit
 def _mgit_loss_finish_kernel(
-    PARTIAL, OUT, AUX, TEMPERATURE, JS_WEIGHT, P,
+    PARTIAL, OUT_LOSS, OUT_CP, OUT_CA, OUT_JS, AUX, TEMPERATURE, JS_WEIGHT, P,
     T_POINTER: tl.constexpr, JS_POINTER: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Sums the per-program partials in a fixed order into OUT and AUX."""
+    """Sums the per-program partials in a fixed order into the four outputs and AUX."""
     acc = tl.zeros([BLOCK_P, 8], dtype=tl.float32)
     lanes = tl.arange(0, 8)
     for start in range(0, P, BLOCK_P):
@@ -333,7 +343,7 @@ def _mgit_loss_finish_kernel(
         acc += tl.load(PARTIAL + progs[:, None] * 5 + lanes[None, :], mask=ok, other=0.0)
     totals = tl.sum(acc, 0)
     _write_outputs(
-        OUT, AUX,
+        OUT_LOSS, OUT_CP, OUT_CA, OUT_JS, AUX,
         tl.sum(tl.where(lanes == 0, totals, 0.0), 0),
         tl.sum(tl.where(lanes == 1, totals, 0.0), 0),
         tl.sum(tl.where(lanes == 2, totals, 0.0), 0),
@@ -345,49 +355,86 @@ def _mgit_loss_finish_kernel(
 
 
 @triton.jit
+def _scale_stored(GZ, GW, DZ, DW, c_z, c_w, first, last, B, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """DZ = c_z · GZ, DW = c_w · GW over the program's rows, [first·ROWS, last·ROWS) ∩ [0, B),
+    contiguous (first = the program's id in both schedules)."""
+    start = (tl.program_id(0) * ROWS).to(tl.int64) * C
+    count = (tl.minimum(last * ROWS, B) - first * ROWS) * C
+    for i in range(0, count, ROWS * BLOCK_C):
+        offs = start + i + tl.arange(0, ROWS * BLOCK_C)
+        ok = offs < start + count
+        gz = tl.load(GZ + offs, mask=ok).to(tl.float32)
+        gw = tl.load(GW + offs, mask=ok).to(tl.float32)
+        tl.store(DZ + offs, (c_z * gz).to(DZ.dtype.element_ty), mask=ok)
+        tl.store(DW + offs, (c_w * gw).to(DW.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _recompute_rows(
+    Z, W, Y, DZ, DW, STATS, first, last, B, C, stride_z, stride_w, ignore_index, label_smoothing, inv_t,
+    c_z, c_w, c_js, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_CHUNK: tl.constexpr, TEMPERED: tl.constexpr,
+    FROM_STATS: tl.constexpr,
+):
+    """DZ, DW of the tiles [first, last) recomputed from the logits (FROM_STATS: from the rows'
+    saved statistics, in one pass)."""
+    lanes = tl.arange(0, ROWS)
+    for tile_index in range(first, last):
+        rows = (tile_index * ROWS + lanes).to(tl.int64)
+        _row_tile(
+            Z, W, Y, DZ, DW, STATS, rows, B, C, stride_z, stride_w, C, ignore_index, label_smoothing, inv_t,
+            c_z, c_w, c_js, ROWS, BLOCK_C, SINGLE_CHUNK, TEMPERED, True, False, FROM_STATS,
+        )
+
+
+@triton.jit
+def _upstream(G, PRESENT: tl.constexpr):
+    """An upstream gradient (a 0-dim tensor), or 0 where autograd had none: G then points at
+    another tensor and is not read."""
+    if PRESENT:
+        return tl.load(G).to(tl.float32)
+    else:
+        return 0.0
+
+
+@triton.jit
 def _mgit_loss_bwd_kernel(
-    GRAD, AUX, GZ, GW, Z, W, Y, DZ, DW,
+    G_LOSS, G_CP, G_CA, G_JS, AUX, GZ, GW, Z, W, Y, DZ, DW,
     B, C, stride_z, stride_w, ignore_index, label_smoothing,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE_CHUNK: tl.constexpr, TEMPERED: tl.constexpr,
     SINGLE_PROGRAM: tl.constexpr, STORED: tl.constexpr,
+    HAS_LOSS: tl.constexpr, HAS_CP: tl.constexpr, HAS_CA: tl.constexpr, HAS_JS: tl.constexpr,
 ):
-    """DZ, DW [B, C] (contiguous) for upstream GRAD = (g_loss, g_cp, g_ca, g_js): the stored G
-    scaled when there is one (STORED) and the weighting allows it, else the rows recomputed
-    from the logits (a row longer than a chunk: from its saved statistics, GZ = STATS, in one
-    pass); the same rows per program as the forward."""
+    """DZ, DW [B, C] (contiguous) for the upstream gradients g_loss, g_cp, g_ca, g_js of the four
+    outputs (each 0-dim; one whose HAS_* flag is off is 0 and its pointer is not read): the
+    stored G scaled when there is one (STORED) and the weighting allows it, else the rows
+    recomputed from the logits (a row longer than a chunk: from its saved statistics,
+    GZ = STATS, in one pass); the same rows per program as the forward."""
     inv_n = 1.0 / tl.maximum(tl.load(AUX + 0), 1.0)
     js_weight = tl.load(AUX + 2)
     inv_t = 1.0 / tl.load(AUX + 3)
-    g_loss = tl.load(GRAD + 0)
-    g_cz = tl.load(GRAD + 1)
-    g_cw = tl.load(GRAD + 2)
-    g_js = tl.load(GRAD + 3)
+    g_loss = _upstream(G_LOSS, HAS_LOSS)
+    g_cz = _upstream(G_CP, HAS_CP)
+    g_cw = _upstream(G_CA, HAS_CA)
+    g_js = _upstream(G_JS, HAS_JS)
     c_z = (g_loss + g_cz) * inv_n
     c_w = (g_loss + g_cw) * inv_n
     c_js = (js_weight * g_loss + g_js) * inv_n
-    lanes = tl.arange(0, ROWS)
     if SINGLE_PROGRAM:
         first, last = 0, tl.cdiv(B, ROWS)
     else:
         first = tl.program_id(0)
         last = first + 1
-    if (g_js == js_weight * g_cz) & (g_js == js_weight * g_cw) & STORED:  # dz = c_z · G_z, dw = c_w · G_w
-        start = (tl.program_id(0) * ROWS).to(tl.int64) * C  # the program's rows are contiguous
-        count = (tl.minimum(last * ROWS, B) - first * ROWS) * C
-        for i in range(0, count, ROWS * BLOCK_C):
-            offs = start + i + tl.arange(0, ROWS * BLOCK_C)
-            ok = offs < start + count
-            gz = tl.load(GZ + offs, mask=ok).to(tl.float32)
-            gw = tl.load(GW + offs, mask=ok).to(tl.float32)
-            tl.store(DZ + offs, (c_z * gz).to(DZ.dtype.element_ty), mask=ok)
-            tl.store(DW + offs, (c_w * gw).to(DW.dtype.element_ty), mask=ok)
+    if STORED and not (HAS_CP or HAS_CA or HAS_JS):  # loss.backward(): known when compiling
+        _scale_stored(GZ, GW, DZ, DW, c_z, c_w, first, last, B, C, ROWS, BLOCK_C)
+    elif STORED:
+        if (g_js == js_weight * g_cz) & (g_js == js_weight * g_cw):  # dz = c_z · G_z, dw = c_w · G_w
+            _scale_stored(GZ, GW, DZ, DW, c_z, c_w, first, last, B, C, ROWS, BLOCK_C)
+        else:
+            _recompute_rows(Z, W, Y, DZ, DW, GZ, first, last, B, C, stride_z, stride_w, ignore_index,
+                            label_smoothing, inv_t, c_z, c_w, c_js, ROWS, BLOCK_C, SINGLE_CHUNK, TEMPERED, False)
     else:
-        for tile_index in range(first, last):
-            rows = (tile_index * ROWS + lanes).to(tl.int64)
-            _row_tile(
-                Z, W, Y, DZ, DW, GZ, rows, B, C, stride_z, stride_w, C, ignore_index, label_smoothing, inv_t,
-                c_z, c_w, c_js, ROWS, BLOCK_C, SINGLE_CHUNK, TEMPERED, True, False, not STORED,
-            )
+        _recompute_rows(Z, W, Y, DZ, DW, GZ, first, last, B, C, stride_z, stride_w, ignore_index,
+                        label_smoothing, inv_t, c_z, c_w, c_js, ROWS, BLOCK_C, SINGLE_CHUNK, TEMPERED, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,15 +480,16 @@ def _rows_contiguous(t: Tensor) -> Tensor:
 
 
 def forward(z, w, target, label_smoothing: float, temperature: Scalar, js_weight: Scalar, ignore_index: int,
-            needs_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launches the forward: (outputs [4] = loss, ce_primary, ce_auxiliary, js; aux [4] = kept
-    rows, invalid labels, js_weight, temperature; grad_primary, grad_auxiliary [B, C], the
-    unscaled gradients, or empty without needs_grad). temperature and js_weight: floats or
-    0-dim float32 tensors on the logits' device, read by the kernels."""
+            needs_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launches the forward: (loss, ce_primary, ce_auxiliary, js: four 0-dim float32 tensors the
+    kernels write; aux [4] = kept rows, invalid labels, js_weight, temperature; grad_primary,
+    grad_auxiliary [B, C], the unscaled gradients, or the row statistics [B, 6] and an empty
+    tensor for rows longer than a chunk, or two empties without needs_grad). temperature and
+    js_weight: floats or 0-dim float32 tensors on the logits' device, read by the kernels."""
     B, C = z.shape
     rows, block_c, num_warps, programs = tile(B, C)
     device = z.device
-    out = new_buffer((4,), device=device, dtype=torch.float32)
+    outputs = [new_buffer((), device=device, dtype=torch.float32) for _ in range(4)]
     aux = new_buffer((4,), device=device, dtype=torch.float32)
     store = stores_gradients(C, needs_grad)
     save_stats = needs_grad and not store
@@ -453,37 +501,43 @@ def forward(z, w, target, label_smoothing: float, temperature: Scalar, js_weight
     else:
         gz, gw = z.new_empty((0,)), w.new_empty((0,))
     single = programs == 1
-    partial = out if single else new_buffer((programs, 5), device=device, dtype=torch.float32)
+    partial = aux if single else new_buffer((programs, 5), device=device, dtype=torch.float32)  # one: unused
     t_pointer, js_pointer = isinstance(temperature, Tensor), isinstance(js_weight, Tensor)
     with on_device(z):
         _mgit_loss_fwd_kernel[(programs,)](
-            z, w, target, gz if store else z, gw if store else w, gz if save_stats else z, partial, out, aux, temperature, js_weight,
-            B, C, z.stride(0), w.stride(0), ignore_index, label_smoothing,
+            z, w, target, gz if store else z, gw if store else w, gz if save_stats else z, partial, *outputs, aux,
+            temperature, js_weight, B, C, z.stride(0), w.stride(0), ignore_index, label_smoothing,
             ROWS=rows, BLOCK_C=block_c, SINGLE_CHUNK=C <= block_c, TEMPERED=t_pointer or temperature != 1.0,
             T_POINTER=t_pointer, JS_POINTER=js_pointer, WRITE=store, SAVE_STATS=save_stats, SINGLE_PROGRAM=single,
             num_warps=num_warps,
         )
         if not single:
             _mgit_loss_finish_kernel[(1,)](
-                partial, out, aux, temperature, js_weight, programs,
+                partial, *outputs, aux, temperature, js_weight, programs,
                 T_POINTER=t_pointer, JS_POINTER=js_pointer, BLOCK_P=256,
             )
-    return out, aux, gz, gw
+    return (*outputs, aux, gz, gw)
 
 
-def backward(grad, aux, gz, gw, z, w, target, label_smoothing: float, ignore_index: int, tempered: bool
-             ) -> Tuple[Tensor, Tensor]:
-    """Launches the backward for upstream grad [4]: (dz, dw)."""
+def backward(grads: Sequence[Optional[Tensor]], aux, gz, gw, z, w, target, label_smoothing: float, ignore_index: int,
+             tempered: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Launches the backward for the upstream gradients (g_loss, g_cp, g_ca, g_js) of the four
+    outputs, each a 0-dim float32 tensor or None (autograd had none: it counts as 0 and costs
+    nothing, a constexpr flag leaves it unread): (dz, dw), or (None, None) without a launch
+    when all four are None."""
+    if all(g is None for g in grads):
+        return None, None
     B, C = z.shape
     rows, block_c, num_warps, programs = tile(B, C)
     dz = new_buffer((B, C), device=z.device, dtype=z.dtype)
     dw = new_buffer((B, C), device=w.device, dtype=w.dtype)
     with on_device(z):
         _mgit_loss_bwd_kernel[(programs,)](
-            grad, aux, gz, gw, z, w, target, dz, dw,
+            *(aux if g is None else g for g in grads), aux, gz, gw, z, w, target, dz, dw,
             B, C, z.stride(0), w.stride(0), ignore_index, label_smoothing,
             ROWS=rows, BLOCK_C=block_c, SINGLE_CHUNK=C <= block_c, TEMPERED=tempered, SINGLE_PROGRAM=programs == 1,
-            STORED=gz.shape == z.shape, num_warps=num_warps,
+            STORED=gz.shape == z.shape, HAS_LOSS=grads[0] is not None, HAS_CP=grads[1] is not None,
+            HAS_CA=grads[2] is not None, HAS_JS=grads[3] is not None, num_warps=num_warps,
         )
     return dz, dw
 
@@ -493,9 +547,10 @@ def mgit_loss_fwd(
     logits_primary: Tensor, logits_auxiliary: Tensor, target: Tensor, label_smoothing: float, temperature: float,
     js_weight: float, ignore_index: int, needs_grad: bool = False, temperature_tensor: Optional[Tensor] = None,
     js_weight_tensor: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(outputs [4], aux [4], unscaled gradients or empties). A given *_tensor (0-dim float32,
-    read on the device) replaces the float beside it. A backward needs needs_grad=True."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, ce_primary, ce_auxiliary, js: 0-dim; aux [4]; unscaled gradients, row statistics
+    or empties). A given *_tensor (0-dim float32, read on the device) replaces the float beside
+    it. A backward needs needs_grad=True."""
     return forward(
         logits_primary, logits_auxiliary, target, label_smoothing,
         temperature if temperature_tensor is None else temperature_tensor,
@@ -508,45 +563,51 @@ def _(logits_primary, logits_auxiliary, target, label_smoothing, temperature, js
       needs_grad=False, temperature_tensor=None, js_weight_tensor=None):
     f32 = dict(dtype=torch.float32)
     B, C = logits_primary.shape
+    outputs = tuple(logits_primary.new_empty((), **f32) for _ in range(4)) + (logits_primary.new_empty((4,), **f32),)
     if stores_gradients(C, needs_grad):
-        return (logits_primary.new_empty((4,), **f32), logits_primary.new_empty((4,), **f32),
-                logits_primary.new_empty((B, C)), logits_auxiliary.new_empty((B, C)))
-    shape = (B, 6) if needs_grad else (0,)
-    return (logits_primary.new_empty((4,), **f32), logits_primary.new_empty((4,), **f32),
-            logits_primary.new_empty(shape), logits_auxiliary.new_empty(shape))
+        return outputs + (logits_primary.new_empty((B, C)), logits_auxiliary.new_empty((B, C)))
+    if needs_grad:
+        return outputs + (logits_primary.new_empty((B, 6), **f32), logits_auxiliary.new_empty((0,)))
+    return outputs + (logits_primary.new_empty((0,)), logits_auxiliary.new_empty((0,)))
 
 
 @torch.library.custom_op("mgit_fast::mgit_loss_bwd", mutates_args=())
 def mgit_loss_bwd(
-    grad: Tensor, aux: Tensor, grad_primary: Tensor, grad_auxiliary: Tensor, logits_primary: Tensor,
+    grad_loss: Optional[Tensor], grad_ce_primary: Optional[Tensor], grad_ce_auxiliary: Optional[Tensor],
+    grad_js: Optional[Tensor], aux: Tensor, grad_primary: Tensor, grad_auxiliary: Tensor, logits_primary: Tensor,
     logits_auxiliary: Tensor, target: Tensor, label_smoothing: float, ignore_index: int, tempered: bool,
 ) -> Tuple[Tensor, Tensor]:
-    return backward(grad, aux, grad_primary, grad_auxiliary, logits_primary, logits_auxiliary, target,
-                    label_smoothing, ignore_index, tempered)
+    """(dz, dw) for the upstream gradients of the four outputs, at least one given."""
+    dz, dw = backward((grad_loss, grad_ce_primary, grad_ce_auxiliary, grad_js), aux, grad_primary, grad_auxiliary,
+                      logits_primary, logits_auxiliary, target, label_smoothing, ignore_index, tempered)
+    return dz, dw
 
 
 @mgit_loss_bwd.register_fake
-def _(grad, aux, grad_primary, grad_auxiliary, logits_primary, logits_auxiliary, target, label_smoothing,
-      ignore_index, tempered):
+def _(grad_loss, grad_ce_primary, grad_ce_auxiliary, grad_js, aux, grad_primary, grad_auxiliary, logits_primary,
+      logits_auxiliary, target, label_smoothing, ignore_index, tempered):
     return torch.empty_like(logits_primary), torch.empty_like(logits_auxiliary)
 
 
 def _setup(ctx, inputs, output):
     z, w, target, label_smoothing, temperature, _, ignore_index, needs_grad, t_tensor, _ = inputs
-    _, aux, gz, gw = output
+    aux, gz, gw = output[4:]
     ctx.mark_non_differentiable(aux, gz, gw)
-    ctx.set_materialize_grads(False)
+    ctx.set_materialize_grads(False)  # an output that got no gradient arrives as None: no zeros made
     ctx.save_for_backward(z, w, target, aux, gz, gw)
     ctx.needs_grad = needs_grad
     ctx.options = (label_smoothing, ignore_index, t_tensor is not None or temperature != 1.0)
 
 
-def _backward(ctx, grad_out, _grad_aux, _grad_gz, _grad_gw):
+def _backward(ctx, grad_loss, grad_ce_primary, grad_ce_auxiliary, grad_js, _grad_aux, _grad_gz, _grad_gw):
     if not ctx.needs_grad:
         raise RuntimeError("mgit_fast::mgit_loss_fwd was called with needs_grad=False: it has no backward")
+    grads = (grad_loss, grad_ce_primary, grad_ce_auxiliary, grad_js)
+    if all(g is None for g in grads):
+        return (None,) * 10
     z, w, target, aux, gz, gw = ctx.saved_tensors
-    grad = grad_out.float().contiguous() if grad_out is not None else torch.zeros(4, device=z.device)
-    dz, dw = mgit_loss_bwd(grad, aux, gz, gw, z, w, target, *ctx.options)
+    grads = tuple(g if g is None or g.dtype == torch.float32 else g.float() for g in grads)
+    dz, dw = mgit_loss_bwd(*grads, aux, gz, gw, z, w, target, *ctx.options)
     return (dz, dw) + (None,) * 8
 
 
@@ -554,18 +615,20 @@ mgit_loss_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def mgit_loss(logits_primary, logits_auxiliary, target, label_smoothing, temperature: Scalar, js_weight: Scalar,
-              ignore_index):
-    """(outputs [loss, ce_primary, ce_auxiliary, js], aux [kept rows, invalid labels, js_weight,
-    temperature]); arguments already checked by mgit_fast.functional. temperature and js_weight:
-    floats, or 0-dim float32 tensors on the logits' device that the kernels read when they run
-    (a captured CUDA graph sees in-place changes). Gradients are written in the forward when
-    grad mode is on and a logit requires grad; otherwise nothing beyond the outputs is."""
+              ignore_index) -> Tuple[Tuple[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """((loss, ce_primary, ce_auxiliary, js), aux [kept rows, invalid labels, js_weight,
+    temperature]); arguments already checked by mgit_fast.functional. The four outputs are
+    separate 0-dim float32 tensors, so a backward through some of them passes None for the
+    others (no zeros, no stack). temperature and js_weight: floats, or 0-dim float32 tensors on
+    the logits' device that the kernels read when they run (a captured CUDA graph sees in-place
+    changes). Gradients are written in the forward when grad mode is on and a logit requires
+    grad; otherwise nothing beyond the outputs is."""
     needs_grad = torch.is_grad_enabled() and (logits_primary.requires_grad or logits_auxiliary.requires_grad)
     t_tensor = temperature if isinstance(temperature, Tensor) else None
     js_tensor = js_weight if isinstance(js_weight, Tensor) else None
-    out, aux, _, _ = mgit_loss_fwd(
+    loss, ce_primary, ce_auxiliary, js, aux, _, _ = mgit_loss_fwd(
         _rows_contiguous(logits_primary), _rows_contiguous(logits_auxiliary), target.contiguous(),
         float(label_smoothing), 1.0 if t_tensor is not None else float(temperature),
         0.0 if js_tensor is not None else float(js_weight), int(ignore_index), needs_grad, t_tensor, js_tensor,
     )
-    return out, aux
+    return (loss, ce_primary, ce_auxiliary, js), aux

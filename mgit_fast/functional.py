@@ -135,7 +135,7 @@ def mgit_loss_checked(
         out, aux = kernel.mgit_loss(
             logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index
         )
-        return MGiTLossOutput(*out.unbind(0)), aux[1]
+        return MGiTLossOutput(*out), aux[1]  # four separate tensors: no unbind, so no zeros or stack in a backward
     out = reference.mgit_loss(logits_primary, logits_auxiliary, target, **options, ignore_index=ignore_index)
     return out, None
 

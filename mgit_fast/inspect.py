@@ -293,15 +293,22 @@ def attention_tile_areas(N: int, constants: Dict[str, Any]) -> Tuple[int, int, i
     return m_side * n_tiles, N * (N - n_cuda), m_side * n_cuda
 
 
-def loss_launches(B: int, C: int, dtype: torch.dtype = torch.bfloat16, target: Target = TARGETS["sm_90a"]
-                  ) -> List[Launch]:
+def loss_launches(B: int, C: int, dtype: torch.dtype = torch.bfloat16, target: Target = TARGETS["sm_90a"],
+                  *, every_output: bool = False) -> List[Launch]:
+    """The loss forward and the backward of `loss.backward()` (an upstream gradient for `loss`
+    only); with `every_output`, the backward's specialisation for gradients of all four outputs
+    too (labelled "4 grads"): the gate compiles both."""
     from mgit_fast.kernels import mgit_loss as kernel
 
     z, w = (torch.empty(B, C, device=META, dtype=dtype) for _ in range(2))
     y = torch.empty(B, device=META, dtype=torch.int64)
+    scalar = lambda: torch.empty((), device=META)  # noqa: E731
     with capture(target) as launches:  # with gradients: stored (C ≤ 2,048) and scaled, or recomputed from row stats
-        _, aux, saved_z, saved_w = kernel.forward(z, w, y, 0.1, 2.0, 0.1, -100, needs_grad=True)
-        kernel.backward(torch.empty(4, device=META), aux, saved_z, saved_w, z, w, y, 0.1, -100, tempered=True)
+        *_, aux, saved_z, saved_w = kernel.forward(z, w, y, 0.1, 2.0, 0.1, -100, needs_grad=True)
+        kernel.backward((scalar(), None, None, None), aux, saved_z, saved_w, z, w, y, 0.1, -100, tempered=True)
+        if every_output:
+            kernel.backward(tuple(scalar() for _ in range(4)), aux, saved_z, saved_w, z, w, y, 0.1, -100,
+                            tempered=True)
     size = torch.finfo(dtype).bits // 8
     stored = kernel.stores_gradients(C, True)
     reads = 1 if stored else 2  # a row longer than a chunk: a log-sum-exp pass and a JS pass
@@ -313,6 +320,8 @@ def loss_launches(B: int, C: int, dtype: torch.dtype = torch.bfloat16, target: T
         elif launch.kernel == "_mgit_loss_bwd_kernel":
             launch.work = dict(bytes=4 * B * C * size + (0 if stored else 24 * B),
                                flops=(2 if stored else 20) * B * C, precision="fp32")
+    if every_output:
+        launches[-1].label += " 4 grads"
     return launches
 
 
@@ -376,7 +385,7 @@ def shape_set(name: str, target: Target = TARGETS["sm_90a"]) -> List[Launch]:
                                                target=target)
         for B, C in LOSS_GRID:
             for dtype in (torch.bfloat16, torch.float32):
-                launches += loss_launches(B, C, dtype, target)
+                launches += loss_launches(B, C, dtype, target, every_output=True)
         for pair, (dim, depth, heads) in UPDATE_PAIRS.items():
             launches += update_launches(pair, dim, depth, heads, target)
     else:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import assert_rel_close
 from scipy.spatial.distance import jensenshannon
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mgit_fast import FusedMGiT, MGiTLoss, ViT, functional, reference
 from mgit_fast.kernels import mgit_loss as kernel
@@ -366,3 +367,144 @@ def test_bad_tensor_options(name, value, error, backend):
 def test_cuda_shapes(dtype, B, C):
     z, w, y = (t.cuda() for t in batch(B, C))
     compare(z, w, y, dtype, temperature=2.0)
+
+
+# ------------------------------------------------------------------------------------------
+# objectives that use some of the four outputs: the others' gradients arrive as None
+# ------------------------------------------------------------------------------------------
+class AtenOps(TorchDispatchMode):
+    """The aten ops that would launch on a GPU (not views, not allocations), outside our custom
+    ops (whose insides, the interpreter's copies, are not seen: the mode is off within an op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if func.namespace == "aten" and not func.is_view and name not in ("empty", "empty_strided", "detach"):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _objective(out, weights):
+    """Σ weight · output over the outputs named in `weights` (the others stay out of the graph)."""
+    return sum(c * getattr(out, name) for name, c in weights.items())
+
+
+def _some_outputs(weights, C, poison_logits=False, **options):
+    """The kernel's gradients of `_objective` (logits poisoned after the forward on request) and
+    the float64 reference's (zeros where an output does not depend on a logit)."""
+    options = {"label_smoothing": 0.1, "temperature": 2.0, "js_weight": 0.3, **options}
+    z, w, y = batch(7, C)
+    zz, ww = z.clone().requires_grad_(), w.clone().requires_grad_()
+    out = functional.mgit_loss(zz, ww, y, **options, backend="triton")
+    if poison_logits:
+        zz.data.fill_(float("nan"))
+        ww.data.fill_(float("nan"))
+    grads = torch.autograd.grad(_objective(out, weights), [zz, ww])
+    high = [t.double().requires_grad_() for t in (z, w)]
+    ref = reference.mgit_loss(*high, y, **options)
+    ref_grads = torch.autograd.grad(_objective(ref, weights), high, materialize_grads=True)
+    return grads, ref_grads
+
+
+# (weights, whether the forward's stored gradients only need scaling: g_js = λ·g_cp = λ·g_ca, λ = 0.3)
+SOME_OUTPUTS = [
+    ({"loss": 2.5}, True),
+    ({"ce_primary": 1.0}, False),
+    ({"ce_auxiliary": -0.7}, False),
+    ({"js": 3.0}, False),
+    ({"loss": 1.0, "js": 2.0}, False),
+    ({"ce_primary": 2.0, "ce_auxiliary": 2.0, "js": 0.6}, True),  # 2·(ce + ce + λ·js) without `loss`
+    ({"loss": 1.0, "ce_primary": 1.0}, False),
+    ({"ce_primary": 0.5, "js": -1.0}, False),
+    ({"ce_primary": 1.0, "ce_auxiliary": 1.0}, False),
+]
+
+
+@pytest.mark.parametrize("weights, scaled", SOME_OUTPUTS, ids=lambda v: "+".join(v) if isinstance(v, dict) else str(v))
+@pytest.mark.parametrize("C", [12, 3000])
+def test_gradients_when_some_outputs_are_used(programs, weights, scaled, C):
+    """One output, or a combination, in the objective: the float64 reference's gradients,
+    from the stored gradients (C = 12) or the saved row statistics (C = 3,000)."""
+    grads, ref_grads = _some_outputs(weights, C)
+    for name, g, r in zip(("d_primary", "d_auxiliary"), grads, ref_grads):
+        if r.abs().max() == 0:  # an output that does not depend on this logit
+            assert torch.equal(g, torch.zeros_like(g)), name
+        else:
+            assert_rel_close(g, r, 1e-5, name)
+
+
+@pytest.mark.parametrize("weights, scaled", SOME_OUTPUTS, ids=lambda v: "+".join(v) if isinstance(v, dict) else str(v))
+def test_absent_gradients_count_as_zero_in_the_devices_choice(weights, scaled):
+    """With rows of one chunk, the backward decides on the device whether the stored gradients
+    only need scaling, an absent upstream gradient counting as 0: then it reads no logit
+    (poisoning them after the forward changes nothing); otherwise it recomputes from them."""
+    grads, ref_grads = _some_outputs(weights, 12, poison_logits=True)
+    if scaled:
+        for name, g, r in zip(("d_primary", "d_auxiliary"), grads, ref_grads):
+            assert_rel_close(g, r, 1e-5, name)
+    else:
+        assert all(torch.isnan(g).any() for g in grads)
+
+
+@pytest.mark.parametrize(
+    "objective, ops",
+    [
+        (lambda out: out.loss, ["ones_like"]),
+        (lambda out: out.js, ["ones_like"]),
+        (lambda out: out.loss + 2 * out.js, ["mul", "add", "ones_like", "mul"]),  # the objective's own ops
+    ],
+)
+def test_no_torch_ops_around_the_kernels(launches, objective, ops):
+    """B = 256, C = 10: `out.loss.backward()` is the forward launch, the backward launch and
+    autograd's seed (ones_like); no zeros for the unused outputs, no stack."""
+    z, w, y = batch(256, 10)
+    zz, ww = z.requires_grad_(), w.requires_grad_()
+    with AtenOps() as seen:
+        out = functional.mgit_loss(zz, ww, y, temperature=2.0, backend="triton")
+        objective(out).backward()
+    assert [name for name, _ in launches] == ["_mgit_loss_fwd_kernel", "_mgit_loss_bwd_kernel"]
+    assert seen.names == ops
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity, whose backward passes no gradient (None) on."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def test_no_upstream_gradient_launches_nothing(programs, launches):
+    """All four upstream gradients None: no backward launch, no tensor made; the logits get
+    no gradient (zeros when materialised)."""
+    z, w, y = batch(7, 12)
+    zz, ww = z.requires_grad_(), w.requires_grad_()
+    out = functional.mgit_loss(zz, ww, y, backend="triton")
+    forward = list(launches)
+    cut = _NoGradient.apply(out.loss)
+    with AtenOps() as seen:
+        grads = torch.autograd.grad(cut, [zz, ww], allow_unused=True)
+    assert grads == (None, None)
+    assert launches == forward
+    assert seen.names == ["ones_like"]
+
+
+def test_one_logit_requires_grad_and_its_gradient_is_not_requested(programs):
+    """Only the auxiliary's logits require grad and the objective is ce_primary, which does not
+    depend on them: their gradient is exactly 0; js alone still reaches them."""
+    z, w, y = batch(7, 12)
+    ww = w.requires_grad_()
+    out = functional.mgit_loss(z, ww, y, temperature=2.0, js_weight=0.3, backend="triton")
+    (g,) = torch.autograd.grad(out.ce_primary * 3.0, [ww], retain_graph=True)
+    assert torch.equal(g, torch.zeros_like(g))
+    (g,) = torch.autograd.grad(out.js, [ww])
+    high = w.detach().double().requires_grad_()
+    ref = reference.mgit_loss(z.double(), high, y, temperature=2.0, js_weight=0.3)
+    assert_rel_close(g, torch.autograd.grad(ref.js, [high])[0], 1e-5, "d_auxiliary")
