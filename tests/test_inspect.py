@@ -27,12 +27,19 @@ def test_attention_grids_fit_cuda_limits_at_huge_batches(packed, variant):
     limits, and the program count covers every (query block, head)."""
     for B, H in ((10_000, 12), (50_000, 12)):
         launches = ins.attention_launches("huge", B, 197, H, 64, torch.bfloat16, variant, packed=packed)
+        shared = {"_attention_bwd_shared_kernel"} if variant == "bias" else set()  # the [H, N, N] bias's gradient
         assert {launch.kernel for launch in launches} == {
-            "_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"}
+            "_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"} | shared
         for launch in launches:
             assert ins.grid_problems(launch) == [], (launch.kernel, launch.grid)
             block = launch.constants["BLOCK_M"]  # every kernel's programs own BLOCK_M positions
-            assert launch.grid[0] == -(-197 // block) * B * H and launch.grid[1:] == (1, 1)
+            if launch.kernel == "_attention_bwd_shared_kernel":  # (tile, group of batch rows, head)
+                a = launch.args
+                tiles = -(-197 // block) * -(-197 // launch.constants["BLOCK_N"])
+                assert a["R"] == B and a["GROUP"] * a["GROUPS"] >= B > a["GROUP"] * (a["GROUPS"] - 1)
+                assert launch.grid[0] == tiles * a["GROUPS"] * H and launch.grid[1:] == (1, 1)
+            else:
+                assert launch.grid[0] == -(-197 // block) * B * H and launch.grid[1:] == (1, 1)
 
 
 def test_capture_records_the_jit_specialisation():
