@@ -83,6 +83,26 @@ def _bias_tile(BIAS, b, h, qi, ki, stride_bb, stride_bh, stride_bm, stride_bn, o
 
 
 @triton.jit
+def _mask_tile(
+    MASK, b, h, qi, ki, N, stride_mb, stride_mh, stride_mm, stride_mn,
+    HAS_MASK: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr,
+):
+    """mask[b, h, qi, ki] in fp32 (the multiplicative mask) for broadcastable query / key index
+    tensors, loaded under the same masks as `_scores`' bias (indices past the sequence read 0);
+    1.0, never read, without a mask."""
+    if HAS_MASK:
+        ptrs = MASK + b * stride_mb + h * stride_mh + qi * stride_mm + ki * stride_mn
+        if MASK_Q:
+            return tl.load(ptrs, mask=(qi < N) & (ki < N), other=0.0).to(tl.float32)
+        elif MASK_K:
+            return tl.load(ptrs, mask=ki < N, other=0.0).to(tl.float32)
+        else:
+            return tl.load(ptrs).to(tl.float32)
+    else:
+        return 1.0
+
+
+@triton.jit
 def _scores(
     qk, qi, ki, scale_log2, b, h, N,
     BIAS, stride_bb, stride_bh, stride_bm, stride_bn,
@@ -167,22 +187,27 @@ def _rescale(m_i, m_block):
 
 
 @triton.jit
-def _fwd_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
-    """One online-softmax step over a [rows, keys] score tile s (log2 units) and its values v."""
+def _fwd_step(m_i, l_i, acc, s, v, mk, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr):
+    """One online-softmax step over a [rows, keys] score tile s (log2 units) and its values v;
+    with a mask, the denominator l_i keeps the unmasked p and only p ⊙ mk meets v."""
     m_new, m_safe, alpha = _rescale(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_MASK:
+        p = p * mk
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _fwd_rows(
-    Q, K, V, O, LSE, BIAS, b, h, bh, start_m, scale_log2,
+    Q, K, V, O, LSE, BIAS, MASK, b, h, bh, start_m, scale_log2,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
+    stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn, N,
     D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, MASK_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Forward of the query rows start_m + [0, ROWS) of head (b, h)."""
     rows = start_m + tl.arange(0, ROWS)
@@ -202,7 +227,9 @@ def _fwd_rows(
             s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N,
                         BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
             v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :])
-            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, PRECISION)
+            mk = _mask_tile(MASK, b, h, rows[:, None], cols[None, :], N, stride_mb, stride_mh, stride_mm, stride_mn,
+                            HAS_MASK, MASK_ROWS, False)
+            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, mk, PRECISION, HAS_MASK)
     else:
         full_n = 0
     if TAIL_N > 1:  # SPLIT: the last N mod BLOCK_N keys in one narrow masked tile; else every block, masked
@@ -213,7 +240,9 @@ def _fwd_rows(
             s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N,
                         BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, True)
             v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok, other=0.0)
-            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, PRECISION)
+            mk = _mask_tile(MASK, b, h, rows[:, None], cols[None, :], N, stride_mb, stride_mh, stride_mm, stride_mn,
+                            HAS_MASK, MASK_ROWS, True)
+            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, mk, PRECISION, HAS_MASK)
     if TAIL_N == 1:  # one last key (N = BLOCK_N·n + 1, a class token): a rank-1 update on CUDA cores
         c = N - 1
         k_c = tl.load(K_bh + c * stride_kn + offs_d).to(tl.float32)
@@ -223,6 +252,9 @@ def _fwd_rows(
         m_new, m_safe, alpha = _rescale(m_i, s_c)
         p_c = tl.math.exp2(s_c - m_safe)
         l_i = l_i * alpha + p_c
+        if HAS_MASK:
+            p_c = p_c * _mask_tile(MASK, b, h, rows, c, N, stride_mb, stride_mh, stride_mm, stride_mn,
+                                   HAS_MASK, MASK_ROWS, False)
         acc = acc * alpha[:, None] + p_c[:, None] * v_c[None, :]
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -236,17 +268,19 @@ def _fwd_rows(
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, LSE, SCALE, BIAS, scale_value,
+    Q, K, V, O, LSE, SCALE, BIAS, MASK, scale_value,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
     H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     pid_m, bh, b, h = _program(N, H, BLOCK_M)
     scale_log2 = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR) * 1.4426950408889634
@@ -254,20 +288,23 @@ def _attention_fwd_kernel(
     # leftover rows in a TAIL_M-row tile (TAIL_M = BLOCK_M, never taken, when N divides)
     if SPLIT:
         if pid_m < N // BLOCK_M:
-            _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
+            _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                      stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                      D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                      stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn,
+                      stride_mb, stride_mh, stride_mm, stride_mn, N,
+                      D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
         else:
-            _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
+            _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                      stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                      D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                      stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn,
+                      stride_mb, stride_mh, stride_mm, stride_mn, N,
+                      D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
     else:  # one masked geometry (TAIL_M = BLOCK_M, every key block masked)
-        _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
+        _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                  D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                  stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn,
+                  stride_mb, stride_mh, stride_mm, stride_mn, N,
+                  D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
 
 
 @triton.jit
@@ -289,16 +326,18 @@ def _dbias_write(DBIAS, b, h, qi, ki, ds, stride_gb, stride_gh, stride_gm, strid
 
 @triton.jit
 def _dq_rows(
-    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, start_m, scale,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, MASK, DMASK, b, h, bh, slot, start_m, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn, N,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_dmb, stride_dmh, stride_dmm, stride_dmn, N,
     D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, MASK_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
     NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, NEED_DMASK: tl.constexpr, DMASK_ATOMIC: tl.constexpr,
 ):
-    """δ, dq, dbias and the dscale partial (stored at `slot`) of the query rows start_m + [0, ROWS)
-    of head (b, h)."""
+    """δ, dq, dbias, dmask and the dscale partial (stored at `slot`) of the query rows
+    start_m + [0, ROWS) of head (b, h)."""
     rows = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
     row_ok = rows < N
@@ -328,13 +367,22 @@ def _dq_rows(
             p = tl.math.exp2(s - lse[:, None])
             if MASK_ROWS:
                 p = tl.where(row_ok[:, None], p, 0.0)
-            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            dp = _mm(do, tl.trans(v), PRECISION)
+            if HAS_MASK:  # ds = p ⊙ (mask ⊙ dp − δ)
+                mk = _mask_tile(MASK, b, h, rows[:, None], cols[None, :], N, stride_mb, stride_mh, stride_mm,
+                                stride_mn, HAS_MASK, MASK_ROWS, False)
+                ds = p * (mk * dp - delta[:, None])
+            else:
+                ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(k.dtype), k, PRECISION)
             if NEED_DSCALE:
                 dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
             if NEED_DBIAS:
                 _dbias_write(DBIAS, b, h, rows[:, None], cols[None, :], ds, stride_gb, stride_gh, stride_gm,
                              stride_gn, row_ok[:, None], MASK_ROWS, DBIAS_ATOMIC)
+            if NEED_DMASK:  # dmask = p ⊙ dp
+                _dbias_write(DMASK, b, h, rows[:, None], cols[None, :], p * dp, stride_dmb, stride_dmh, stride_dmm,
+                             stride_dmn, row_ok[:, None], MASK_ROWS, DMASK_ATOMIC)
     else:
         full_n = 0
     if TAIL_N > 1:  # SPLIT: the last N mod BLOCK_N keys in one narrow masked tile; else every block, masked
@@ -347,13 +395,22 @@ def _dq_rows(
             s = _scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
                         stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, True)
             p = tl.where(row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            dp = _mm(do, tl.trans(v), PRECISION)
+            if HAS_MASK:
+                mk = _mask_tile(MASK, b, h, rows[:, None], cols[None, :], N, stride_mb, stride_mh, stride_mm,
+                                stride_mn, HAS_MASK, MASK_ROWS, True)
+                ds = p * (mk * dp - delta[:, None])
+            else:
+                ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(k.dtype), k, PRECISION)
             if NEED_DSCALE:
                 dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
             if NEED_DBIAS:
                 _dbias_write(DBIAS, b, h, rows[:, None], cols[None, :], ds, stride_gb, stride_gh, stride_gm,
                              stride_gn, row_ok[:, None] & col_ok[None, :], True, DBIAS_ATOMIC)
+            if NEED_DMASK:
+                _dbias_write(DMASK, b, h, rows[:, None], cols[None, :], p * dp, stride_dmb, stride_dmh, stride_dmm,
+                             stride_dmn, row_ok[:, None] & col_ok[None, :], True, DMASK_ATOMIC)
     if TAIL_N == 1:  # one last key: rank-1 on CUDA cores
         c = N - 1
         k_c = tl.load(K_bh + c * stride_kn + offs_d).to(tl.float32)
@@ -364,13 +421,22 @@ def _dq_rows(
         p_c = tl.math.exp2(s_c - lse)
         if MASK_ROWS:
             p_c = tl.where(row_ok, p_c, 0.0)
-        ds_c = p_c * (tl.sum(do.to(tl.float32) * v_c[None, :], 1) - delta)
+        dp_c = tl.sum(do.to(tl.float32) * v_c[None, :], 1)
+        if HAS_MASK:
+            m_c = _mask_tile(MASK, b, h, rows, c, N, stride_mb, stride_mh, stride_mm, stride_mn,
+                             HAS_MASK, MASK_ROWS, False)
+            ds_c = p_c * (m_c * dp_c - delta)
+        else:
+            ds_c = p_c * (dp_c - delta)
         dq += ds_c[:, None] * k_c[None, :]
         if NEED_DSCALE:
             dscale += tl.where(ds_c != 0.0, ds_c * qk_c, 0.0)
         if NEED_DBIAS:
             _dbias_write(DBIAS, b, h, rows, c, ds_c, stride_gb, stride_gh, stride_gm, stride_gn, row_ok,
                          MASK_ROWS, DBIAS_ATOMIC)
+        if NEED_DMASK:
+            _dbias_write(DMASK, b, h, rows, c, p_c * dp_c, stride_dmb, stride_dmh, stride_dmm, stride_dmn, row_ok,
+                         MASK_ROWS, DMASK_ATOMIC)
     if NEED_DSCALE:  # Σ_{m, n} ds[m, n] · (q_m · k_n) over this block's rows, from fp32 ds
         tl.store(DSCALE_PARTIAL + slot, tl.sum(dscale, 0))
     dq = dq * scale
@@ -380,7 +446,7 @@ def _dq_rows(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, SCALE, BIAS, scale_value,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, SCALE, BIAS, MASK, DMASK, scale_value,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -389,51 +455,59 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
     stride_gb, stride_gh, stride_gm, stride_gn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dmb, stride_dmh, stride_dmm, stride_dmn,
     H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, NEED_DMASK: tl.constexpr, DMASK_ATOMIC: tl.constexpr,
 ):
     pid_m, bh, b, h = _program(N, H, BLOCK_M)
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
     slot = bh * tl.cdiv(N, BLOCK_M) + pid_m
     if SPLIT:
         if pid_m < N // BLOCK_M:  # full query blocks, then the leftover rows in a TAIL_M-row tile
-            _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
+            _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, MASK, DMASK, b, h, bh, slot, pid_m * BLOCK_M, scale,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                      stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
                      stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+                     stride_mb, stride_mh, stride_mm, stride_mn, stride_dmb, stride_dmh, stride_dmm, stride_dmn,
                      N, D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION,
-                     NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT)
+                     NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT, HAS_MASK, NEED_DMASK, DMASK_ATOMIC)
         else:
-            _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
+            _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, MASK, DMASK, b, h, bh, slot, pid_m * BLOCK_M, scale,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                      stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
                      stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+                     stride_mb, stride_mh, stride_mm, stride_mn, stride_dmb, stride_dmh, stride_dmm, stride_dmn,
                      N, D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION,
-                     NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT)
+                     NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT, HAS_MASK, NEED_DMASK, DMASK_ATOMIC)
     else:  # one masked geometry (TAIL_M = BLOCK_M, every key block masked)
-        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
+        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, MASK, DMASK, b, h, bh, slot, pid_m * BLOCK_M, scale,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
                  stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+                 stride_mb, stride_mh, stride_mm, stride_mn, stride_dmb, stride_dmh, stride_dmm, stride_dmn,
                  N, D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION,
-                 NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT)
+                 NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT, HAS_MASK, NEED_DMASK, DMASK_ATOMIC)
 
 
 @triton.jit
 def _dkdv_keys(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, start_n, scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, start_n, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_bb, stride_bh, stride_bm, stride_bn, N,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
     D: tl.constexpr, KEYS: tl.constexpr, BLOCK_Q: tl.constexpr, TAIL_Q: tl.constexpr, MASK_KEYS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """dk, dv of the keys start_n + [0, KEYS) of head (b, h). SPLIT: in the transposed form,
-    sᵀ = k·qᵀ, pᵀ, dsᵀ are born [keys, queries], the layout their matmuls with dout and q need;
-    else one masked loop in the [queries, keys] form."""
+    sᵀ = k·qᵀ, pᵀ, dsᵀ are born [keys, queries], the layout their matmuls with dout and q need
+    (the mask tile is loaded as maskᵀ by index, [keys, queries]); else one masked loop in the
+    [queries, keys] form."""
     keys = start_n + tl.arange(0, KEYS)
     offs_d = tl.arange(0, D)
     key_ok = keys < N
@@ -455,8 +529,14 @@ def _dkdv_keys(
             st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
                          stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
             pt = tl.math.exp2(st - lse[None, :])
-            dv += _mm(pt.to(do.dtype), do, PRECISION)
-            dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
+            if HAS_MASK:  # dvᵀ-side: (pᵀ ⊙ maskᵀ)·dout; dsᵀ = pᵀ ⊙ (maskᵀ ⊙ dpᵀ − δ)
+                mkt = _mask_tile(MASK, b, h, qs[None, :], keys[:, None], N, stride_mb, stride_mh, stride_mm,
+                                 stride_mn, HAS_MASK, False, MASK_KEYS)
+                dv += _mm((pt * mkt).to(do.dtype), do, PRECISION)
+                dst = pt * (mkt * _mm(v, tl.trans(do), PRECISION) - delta[None, :])
+            else:
+                dv += _mm(pt.to(do.dtype), do, PRECISION)
+                dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
             dk += _mm(dst.to(q.dtype), q, PRECISION)
     else:
         full_m = 0
@@ -471,8 +551,14 @@ def _dkdv_keys(
             s = _scores(_mm(q, tl.trans(k), PRECISION), qs[:, None], keys[None, :], scale_log2, b, h, N, BIAS,
                         stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, True, MASK_KEYS)
             p = tl.where(q_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-            dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
-            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            if HAS_MASK:
+                mk = _mask_tile(MASK, b, h, qs[:, None], keys[None, :], N, stride_mb, stride_mh, stride_mm,
+                                stride_mn, HAS_MASK, True, MASK_KEYS)
+                dv += _mm(tl.trans((p * mk).to(do.dtype)), do, PRECISION)
+                ds = p * (mk * _mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            else:
+                dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
+                ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
             dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
     elif TAIL_Q > 1:  # the last N mod BLOCK_Q queries in one narrow masked tile
         for start_m in range(full_m, N, TAIL_Q):
@@ -485,8 +571,14 @@ def _dkdv_keys(
             st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
                          stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, True, MASK_KEYS)
             pt = tl.where(q_ok[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
-            dv += _mm(pt.to(do.dtype), do, PRECISION)
-            dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
+            if HAS_MASK:
+                mkt = _mask_tile(MASK, b, h, qs[None, :], keys[:, None], N, stride_mb, stride_mh, stride_mm,
+                                 stride_mn, HAS_MASK, True, MASK_KEYS)
+                dv += _mm((pt * mkt).to(do.dtype), do, PRECISION)
+                dst = pt * (mkt * _mm(v, tl.trans(do), PRECISION) - delta[None, :])
+            else:
+                dv += _mm(pt.to(do.dtype), do, PRECISION)
+                dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
             dk += _mm(dst.to(q.dtype), q, PRECISION)
     if TAIL_Q == 1:  # one last query: rank-1 on CUDA cores
         r = N - 1
@@ -497,8 +589,14 @@ def _dkdv_keys(
         st_r = _scores(tl.sum(k.to(tl.float32) * q_r[None, :], 1), r, keys, scale_log2, b, h, N, BIAS,
                        stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
         pt_r = tl.math.exp2(st_r - lse_r)
-        dv += pt_r[:, None] * do_r[None, :]
-        dst_r = pt_r * (tl.sum(v.to(tl.float32) * do_r[None, :], 1) - delta_r)
+        if HAS_MASK:
+            m_r = _mask_tile(MASK, b, h, r, keys, N, stride_mb, stride_mh, stride_mm, stride_mn,
+                             HAS_MASK, False, MASK_KEYS)
+            dv += (pt_r * m_r)[:, None] * do_r[None, :]
+            dst_r = pt_r * (m_r * tl.sum(v.to(tl.float32) * do_r[None, :], 1) - delta_r)
+        else:
+            dv += pt_r[:, None] * do_r[None, :]
+            dst_r = pt_r * (tl.sum(v.to(tl.float32) * do_r[None, :], 1) - delta_r)
         dk += dst_r[:, None] * q_r[None, :]
     dk = dk * scale
     _store_rows(_tile(DK, b, h, keys, offs_d, stride_dkb, stride_dkh, stride_dkn), dk.to(DK.dtype.element_ty),
@@ -509,7 +607,7 @@ def _dkdv_keys(
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SCALE, BIAS, scale_value,
+    Q, K, V, DO, LSE, DELTA, DK, DV, SCALE, BIAS, MASK, scale_value,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -517,34 +615,36 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
     H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """One program per block of BLOCK_M keys (the tile's M side), streaming queries BLOCK_N at a time."""
     pid_n, bh, b, h = _program(N, H, BLOCK_M)
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
     if SPLIT:
         if pid_n < N // BLOCK_M:  # full key blocks, then the leftover keys in a TAIL_M-row tile
-            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
+            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                        stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                       stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                       D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                       stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
+                       D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
         else:
-            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
+            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                        stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                       stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                       D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                       stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
+                       D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
     else:  # one masked geometry (TAIL_M = BLOCK_M, every key block masked)
-        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
+        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                   stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                   D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                   stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
+                   D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,9 +766,9 @@ def _scale_args(scale: Optional[Tensor], scale_value: float):
     return scale, 1.0, (scale.stride(0) if scale.dim() == 1 else 0)
 
 
-def forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask) -> Tensor:
+def forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask, mask=None) -> Tensor:
     """Writes attention of the [B, H, N, D] views q, k, v into the view `out`; returns lse
-    [B, H, N] (fp32, log2 units)."""
+    [B, H, N] (fp32, log2 units; the unmasked softmax's, also with a mask)."""
     B, H, N, D = q.shape
     lse = new_buffer((B, H, N), device=q.device, dtype=torch.float32)
     precision = _precision(q.dtype)
@@ -676,20 +776,48 @@ def forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask) -> Tenso
     scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
     with on_device(q):
         _attention_fwd_kernel[(triton.cdiv(N, tiles["BLOCK_M"]) * B * H,)](
-            q, k, v, out, lse, scale_t, bias, scale_v,
+            q, k, v, out, lse, scale_t, bias, mask, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out),
-            stride_sh, *_bias_strides(bias),
+            stride_sh, *_bias_strides(bias), *_bias_strides(mask),
             H, N, D=D,
             HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
-            PRECISION=precision, **tiles,
+            PRECISION=precision, HAS_MASK=mask is not None, **tiles,
         )
     return lse
 
 
+def _map_grad_buffer(param: Tensor, B: int, H: int, N: int, device) -> Tuple[Tensor, bool, Tuple[int, ...]]:
+    """The fp32 buffer a [H, N, N] / [B, H, N, N] map's gradient (the mask's; the bias's lines in
+    `backward_into` do the same) is written into by the dq kernel: the map's own shape, zeroed,
+    for relaxed atomics when it is shared over programs (over B or H); else per (b, h), written
+    plainly (under `torch.use_deterministic_algorithms(True)` then summed by `_map_grad_finish`).
+    Returns (buffer, atomic, its [B, H, N, N] strides)."""
+    shared = param.dim() == 3 or param.shape[0] == 1 or param.shape[1] == 1
+    atomic = shared and not torch.are_deterministic_algorithms_enabled()
+    if atomic:
+        buffer = torch.zeros(param.shape, device=device, dtype=torch.float32)
+        return buffer, True, _bias_strides(buffer)
+    buffer = new_buffer((B, H, N, N), device=device, dtype=torch.float32)
+    return buffer, False, buffer.stride()
+
+
+def _map_grad_finish(buffer: Tensor, param: Tensor, atomic: bool) -> Tensor:
+    """The gradient of `param` from its `_map_grad_buffer`: per-(b, h) gradients summed over the
+    broadcast dims in a fixed order, in the map's shape and dtype."""
+    if not atomic:
+        full_shape = param.shape if param.dim() == 4 else (1, *param.shape)
+        broadcast = tuple(d for d in (0, 1) if full_shape[d] == 1)
+        if broadcast:
+            buffer = buffer.sum(dim=broadcast, keepdim=True)
+    return buffer.reshape(param.shape).to(param.dtype)
+
+
 def backward_into(
-    dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias
-) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias) when asked."""
+    dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias,
+    mask=None, need_dmask=False,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias, dmask), each when
+    asked."""
     B, H, N, D = q.shape
     precision = _precision(q.dtype)
     tiles = tiling(N, D, precision)
@@ -710,19 +838,26 @@ def backward_into(
         else:
             dbias_buffer = new_buffer((B, H, N, N), device=q.device, dtype=torch.float32)
     dbias_strides = _bias_strides(dbias_buffer) if atomic else (dbias_buffer.stride() if need_dbias else (0,) * 4)
-    dq_tiles = tiling(N, D, precision, max_block_n=32) if need_dbias else tiles  # ds also goes to memory
+    dmask_buffer, dmask_atomic, dmask_strides = None, False, (0,) * 4
+    if need_dmask:
+        dmask_buffer, dmask_atomic, dmask_strides = _map_grad_buffer(mask, B, H, N, q.device)
+    # ds (or p ⊙ dp) also goes to memory: narrower key blocks
+    dq_tiles = tiling(N, D, precision, max_block_n=32) if (need_dbias or need_dmask) else tiles
     with on_device(q):
         _attention_bwd_dq_kernel[(m_blocks * B * H,)](
-            q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, scale_v,
+            q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, mask, dmask_buffer,
+            scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq),
-            stride_sh, *_bias_strides(bias), *dbias_strides, H, N,
-            NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic, **common, **dq_tiles,
+            stride_sh, *_bias_strides(bias), *dbias_strides, *_bias_strides(mask), *dmask_strides, H, N,
+            NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic,
+            HAS_MASK=mask is not None, NEED_DMASK=need_dmask, DMASK_ATOMIC=dmask_atomic, **common, **dq_tiles,
         )
         dkdv_tiles = _dkdv_tiling(tiles, precision, D)
         _attention_bwd_dkdv_kernel[(triton.cdiv(N, dkdv_tiles["BLOCK_M"]) * B * H,)](
-            q, k, v, dout, lse, delta, dk, dv, scale_t, bias, scale_v,
+            q, k, v, dout, lse, delta, dk, dv, scale_t, bias, mask, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
-            stride_sh, *_bias_strides(bias), H, N, **common, **dkdv_tiles,
+            stride_sh, *_bias_strides(bias), *_bias_strides(mask), H, N, HAS_MASK=mask is not None,
+            **common, **dkdv_tiles,
         )
 
     dscale = None
@@ -737,7 +872,8 @@ def backward_into(
             if broadcast:
                 dbias_buffer = dbias_buffer.sum(dim=broadcast, keepdim=True)
         dbias = dbias_buffer.reshape(bias.shape).to(bias.dtype)
-    return dscale, dbias
+    dmask = _map_grad_finish(dmask_buffer, mask, dmask_atomic) if need_dmask else None
+    return dscale, dbias, dmask
 
 
 # --------------------------------------------------------------------------------------------
@@ -753,15 +889,15 @@ def _heads(t: Tensor, num_heads: int, parts: int):
 @torch.library.custom_op("mgit_fast::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
-    diagonal_mask: bool,
+    diagonal_mask: bool, mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     out = new_buffer(q.shape, device=q.device, dtype=q.dtype)
-    lse = forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask)
+    lse = forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask, mask)
     return out, lse
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, scale_value, bias, diagonal_mask):
+def _(q, k, v, scale, scale_value, bias, diagonal_mask, mask=None):
     B, H, N, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -770,34 +906,38 @@ def _(q, k, v, scale, scale_value, bias, diagonal_mask):
 def attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: Optional[Tensor],
     scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool, need_dbias: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mask: Optional[Tensor] = None, need_dmask: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = (new_buffer(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-    dscale, dbias = backward_into(
-        dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias
+    dscale, dbias, dmask = backward_into(
+        dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias,
+        mask, need_dmask,
     )
-    return dq, dk, dv, _or_empty(dscale, q), _or_empty(dbias, q)
+    return dq, dk, dv, _or_empty(dscale, q), _or_empty(dbias, q), _or_empty(dmask, q)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias):
+def _(dout, q, k, v, out, lse, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask=None,
+      need_dmask=False):
     grads = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)]
-    return (*grads, _fake_grad(scale, need_dscale, q), _fake_grad(bias, need_dbias, q))
+    return (*grads, _fake_grad(scale, need_dscale, q), _fake_grad(bias, need_dbias, q),
+            _fake_grad(mask, need_dmask, q))
 
 
 @torch.library.custom_op("mgit_fast::attention_qkvpacked_fwd", mutates_args=())
 def attention_qkvpacked_fwd(
     qkv: Tensor, num_heads: int, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
-    diagonal_mask: bool,
+    diagonal_mask: bool, mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     B, N, width = qkv.shape
     out = new_buffer((B, N, width // 3), device=qkv.device, dtype=qkv.dtype)
     (out_heads,) = _heads(out, num_heads, 1)
-    lse = forward_into(*_heads(qkv, num_heads, 3), out_heads, scale, scale_value, bias, diagonal_mask)
+    lse = forward_into(*_heads(qkv, num_heads, 3), out_heads, scale, scale_value, bias, diagonal_mask, mask)
     return out, lse
 
 
 @attention_qkvpacked_fwd.register_fake
-def _(qkv, num_heads, scale, scale_value, bias, diagonal_mask):
+def _(qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask=None):
     B, N, width = qkv.shape
     return qkv.new_empty((B, N, width // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
 
@@ -806,23 +946,26 @@ def _(qkv, num_heads, scale, scale_value, bias, diagonal_mask):
 def attention_qkvpacked_bwd(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: Optional[Tensor],
     scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool, need_dbias: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    mask: Optional[Tensor] = None, need_dmask: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dqkv = new_buffer(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     (dout_heads,) = _heads(dout, num_heads, 1)
     (out_heads,) = _heads(out, num_heads, 1)
-    dscale, dbias = backward_into(
+    dscale, dbias, dmask = backward_into(
         dout_heads, *_heads(qkv, num_heads, 3), out_heads, lse, *_heads(dqkv, num_heads, 3),
-        scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias,
+        scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask, need_dmask,
     )
-    return dqkv, _or_empty(dscale, qkv), _or_empty(dbias, qkv)
+    return dqkv, _or_empty(dscale, qkv), _or_empty(dbias, qkv), _or_empty(dmask, qkv)
 
 
 @attention_qkvpacked_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias):
+def _(dout, qkv, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask=None,
+      need_dmask=False):
     return (
         torch.empty_like(qkv, memory_format=torch.contiguous_format),
         _fake_grad(scale, need_dscale, qkv),
         _fake_grad(bias, need_dbias, qkv),
+        _fake_grad(mask, need_dmask, qkv),
     )
 
 
@@ -839,41 +982,46 @@ def _unit_stride(t: Tensor) -> Tensor:
 
 
 def _setup_attention(ctx, inputs, output):
-    q, k, v, scale, scale_value, bias, diagonal_mask = inputs
+    q, k, v, scale, scale_value, bias, diagonal_mask, mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, scale, bias)
+    ctx.save_for_backward(q, k, v, out, lse, scale, bias, mask)
     ctx.scale_value, ctx.diagonal_mask = scale_value, diagonal_mask
 
 
 def _backward_attention(ctx, dout, _dlse):
-    q, k, v, out, lse, scale, bias = ctx.saved_tensors
+    q, k, v, out, lse, scale, bias, mask = ctx.saved_tensors
     need_dscale = scale is not None and ctx.needs_input_grad[3]
     need_dbias = bias is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, dscale, dbias = attention_bwd(
-        _unit_stride(dout), q, k, v, out, lse, scale, ctx.scale_value, bias, ctx.diagonal_mask, need_dscale, need_dbias
+    need_dmask = mask is not None and ctx.needs_input_grad[7]
+    dq, dk, dv, dscale, dbias, dmask = attention_bwd(
+        _unit_stride(dout), q, k, v, out, lse, scale, ctx.scale_value, bias, ctx.diagonal_mask, need_dscale, need_dbias,
+        mask, need_dmask,
     )
-    return dq, dk, dv, (dscale if need_dscale else None), None, (dbias if need_dbias else None), None
+    return (dq, dk, dv, (dscale if need_dscale else None), None, (dbias if need_dbias else None), None,
+            (dmask if need_dmask else None))
 
 
 attention_fwd.register_autograd(_backward_attention, setup_context=_setup_attention)
 
 
 def _setup_packed(ctx, inputs, output):
-    qkv, num_heads, scale, scale_value, bias, diagonal_mask = inputs
+    qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, scale, bias)
+    ctx.save_for_backward(qkv, out, lse, scale, bias, mask)
     ctx.num_heads, ctx.scale_value, ctx.diagonal_mask = num_heads, scale_value, diagonal_mask
 
 
 def _backward_packed(ctx, dout, _dlse):
-    qkv, out, lse, scale, bias = ctx.saved_tensors
+    qkv, out, lse, scale, bias, mask = ctx.saved_tensors
     need_dscale = scale is not None and ctx.needs_input_grad[2]
     need_dbias = bias is not None and ctx.needs_input_grad[4]
-    dqkv, dscale, dbias = attention_qkvpacked_bwd(
+    need_dmask = mask is not None and ctx.needs_input_grad[6]
+    dqkv, dscale, dbias, dmask = attention_qkvpacked_bwd(
         dout.contiguous(), qkv, out, lse, ctx.num_heads, scale, ctx.scale_value, bias, ctx.diagonal_mask,
-        need_dscale, need_dbias,
+        need_dscale, need_dbias, mask, need_dmask,
     )
-    return dqkv, None, (dscale if need_dscale else None), None, (dbias if need_dbias else None), None
+    return (dqkv, None, (dscale if need_dscale else None), None, (dbias if need_dbias else None), None,
+            (dmask if need_dmask else None))
 
 
 attention_qkvpacked_fwd.register_autograd(_backward_packed, setup_context=_setup_packed)
@@ -891,19 +1039,22 @@ def _split_scale(scale, head_dim: int) -> Tuple[Optional[Tensor], float]:
 
 
 def attention(q, k, v, scale=None, bias=None, diagonal_mask=False, mask=None) -> Tensor:
-    """``softmax(q·kᵀ·scale + bias)·v`` for q, k, v ``[B, H, N, D]``."""
-    if mask is not None:
-        raise NotImplementedError("mask: the Triton kernel does not take a multiplicative mask yet")
+    """``(softmax(q·kᵀ·scale + bias) ⊙ mask)·v`` for q, k, v ``[B, H, N, D]``.
+
+    ``scale``: None (``D**-0.5``), a float, or a learnable tensor ``[]`` / ``[H]``; ``bias`` and
+    ``mask`` (IBiT's multiplicative mask, applied to the probabilities with no renormalisation):
+    ``[H, N, N]`` or ``[B, H, N, N]`` (1 broadcasts over B and H), learnable; ``diagonal_mask``:
+    a token does not attend to itself. Gradients reach q, k, v, scale, bias and mask."""
     scale_t, scale_v = _split_scale(scale, q.shape[-1])
-    out, _ = attention_fwd(_unit_stride(q), _unit_stride(k), _unit_stride(v), scale_t, scale_v, bias, diagonal_mask)
+    out, _ = attention_fwd(_unit_stride(q), _unit_stride(k), _unit_stride(v), scale_t, scale_v, bias, diagonal_mask,
+                           mask)
     return out
 
 
 def attention_qkvpacked(qkv, num_heads, scale=None, bias=None, diagonal_mask=False, mask=None) -> Tensor:
-    """Attention from a packed ``qkv [B, N, 3·H·D]`` (read in place) to ``[B, N, H·D]``."""
-    if mask is not None:
-        raise NotImplementedError("mask: the Triton kernel does not take a multiplicative mask yet")
+    """Attention from a packed ``qkv [B, N, 3·H·D]`` (read in place) to ``[B, N, H·D]``; the
+    options as in `attention` (``mask``: ``[H, N, N]`` / ``[B, H, N, N]``, multiplicative, learnable)."""
     qkv = _unit_stride(qkv)
     scale_t, scale_v = _split_scale(scale, qkv.shape[-1] // (3 * num_heads))
-    out, _ = attention_qkvpacked_fwd(qkv, num_heads, scale_t, scale_v, bias, diagonal_mask)
+    out, _ = attention_qkvpacked_fwd(qkv, num_heads, scale_t, scale_v, bias, diagonal_mask, mask)
     return out
