@@ -1,26 +1,32 @@
 """Fused attention, forward and backward (flash-style), with the small-data variants.
 
-Math, per batch b and head h, for queries m and keys n of a sequence of N tokens:
+Math, per batch b and head h, for queries m and keys n of a sequence of N tokens, with M the
+multiplicative mask (IBiT; M ≡ 1 without one):
 
     s[m, n] = scale_h · (q_m · k_n) + bias[b, h, m, n]        (−∞ where m = n if diagonal_mask)
-    p[m, :] = softmax(s[m, :]),   out_m = Σ_n p[m, n] · v_n,   lse_m = log Σ_n exp s[m, n]
+    p[m, :] = softmax(s[m, :]),   a[m, n] = p[m, n] · M[b, h, m, n]   (no renormalisation)
+    out_m = Σ_n a[m, n] · v_n,    lse_m = log Σ_n exp s[m, n]          (the unmasked softmax's)
 
 Forward: one program per (query block, b·h) streams the key blocks with an online softmax in
-fp32 (exp2 domain), so nothing of size N×N is written; it stores `out` and `lse`.
+fp32 (exp2 domain), so nothing of size N×N is written; it stores `out` and `lse`. With a mask,
+the running max and denominator stay those of p; only the P·V product takes p ⊙ M.
 
-Backward, with ds[m, n] = p[m, n] · (dp[m, n] − δ_m), dp = dout · vᵀ, δ_m = dout_m · out_m:
+Backward, with dp = dout · vᵀ, δ_m = dout_m · out_m (= Σ_n p M dp, so still the row term) and
+ds[m, n] = p[m, n] · (M[m, n] · dp[m, n] − δ_m):
 
-    dv_n = Σ_m p[m, n] · dout_m          dk_n = scale_h · Σ_m ds[m, n] · q_m
-    dq_m = scale_h · Σ_n ds[m, n] · k_n  dbias[b, h, m, n] = ds[m, n]
-    dscale_h = Σ_{b, m, n} ds[m, n] · (q_m · k_n)
+    dv_n = Σ_m p[m, n] · M[m, n] · dout_m    dk_n = scale_h · Σ_m ds[m, n] · q_m
+    dq_m = scale_h · Σ_n ds[m, n] · k_n      dbias[b, h, m, n] = ds[m, n]
+    dscale_h = Σ_{b, m, n} ds[m, n] · (q_m · k_n)    dM[b, h, m, n] = p[m, n] · dp[m, n]
 
-Two kernels recompute p from the saved lse: one program per query block (δ, dq, dbias, and
+Two kernels recompute p from the saved lse: one program per query block (δ, dq, dbias, dM, and
 per-block partial sums of dscale reduced afterwards in a fixed order), then one per key block
 (dk, dv), which reads the δ the first wrote. The dk/dv kernel works in the transposed form,
-sᵀ = k·qᵀ, pᵀ = exp2(sᵀ − lse), dsᵀ = pᵀ ⊙ (v·doutᵀ − δ), so pᵀ and dsᵀ are born in the
-[keys, queries] layout their matmuls (pᵀ·dout, dsᵀ·q) take, with no transpose through shared
-memory. A bias shared over the batch (or heads) has its gradient summed with fp32 atomics, or,
-under `torch.use_deterministic_algorithms(True)`, written per batch and summed by torch.
+sᵀ = k·qᵀ, pᵀ = exp2(sᵀ − lse), dsᵀ = pᵀ ⊙ (Mᵀ ⊙ v·doutᵀ − δ), dv = (pᵀ ⊙ Mᵀ)·dout, so pᵀ
+and dsᵀ are born in the [keys, queries] layout their matmuls (pᵀ·dout, dsᵀ·q) take, with no
+transpose through shared memory (the Mᵀ tile is loaded transposed by index). A bias or mask
+shared over the batch (or heads) has its gradient summed with relaxed fp32 atomics, or, under
+`torch.use_deterministic_algorithms(True)`, written per batch and summed by torch. HAS_MASK is
+a constexpr: without a mask the kernels compile as they do with no mask argument at all.
 
 Launch geometry (`tiling`): a 1-D grid of (sequence block, b·h) pairs, sequence blocks fastest,
 so any batch fits CUDA's grid limits; head indices are int64, so offsets past 2³¹ do not wrap.
@@ -37,7 +43,8 @@ by dot precision and head dim (no kernel spills on sm_80 or sm_90a).
 
 Layouts: q, k, v, out are [B, H, N, D] views with unit stride on D and any other strides, so a
 packed qkv [B, N, 3·H·D] is read in place and the packed output [B, N, H·D] is written in
-place. Forward and backward are PyTorch custom ops, so torch.compile sees no graph break.
+place. bias and mask are [H, N, N] or [B, H, N, N] (size 1 broadcasts over B and H) in any
+float dtype and any strides (read as fp32); their gradients come back in their own dtype. Forward and backward are PyTorch custom ops, so torch.compile sees no graph break.
 """
 from __future__ import annotations
 
@@ -674,6 +681,34 @@ TILES = {
 SPLIT_TILES = {"half": {32: (2, 2), 64: (3, 2)}}  # num_stages: forward and dq kernels, dk/dv kernel
 
 
+# With a mask (its [rows, keys] tile live beside p, and in the dq kernel p ⊙ dp stored beside ds),
+# these specialisations spilled with the tiles above (8–256 B on sm_80 or sm_90a): only when
+# HAS_MASK they take these launch options, or a narrower streamed block (max_block_n).
+# Keys: (kernel, dot precision, head dim, split geometry).
+MASK_TILES = {
+    ("fwd", "tf32", 64, False): dict(num_stages=1),
+    ("dq", "half", 64, True): dict(max_block_n=16),
+    ("dq", "ieee", 64, False): dict(num_warps=2),
+    ("dkdv", "half", 128, False): dict(num_stages=1),
+    ("dkdv", "tf32", 64, False): dict(max_block_n=32, num_stages=1),
+}
+
+
+def _mask_tiling(kernel: str, tiles: dict, N: int, D: int, precision: str) -> dict:
+    """`tiles` of one kernel ("fwd", "dq" or "dkdv", as launched without a mask) with the
+    `MASK_TILES` entry applied, for a launch with a mask."""
+    over = dict(MASK_TILES.get((kernel, precision, D, tiles["SPLIT"]), {}))
+    max_block_n = over.pop("max_block_n", None)
+    if max_block_n is not None and max_block_n < tiles["BLOCK_N"]:
+        if kernel == "dkdv":  # the masked geometry's query block (TAIL_N = BLOCK_N there)
+            assert not tiles["SPLIT"]
+            tiles = dict(tiles, BLOCK_N=max_block_n, TAIL_N=max_block_n)
+        else:
+            narrow = tiling(N, D, precision, max_block_n=max_block_n)
+            tiles = dict(tiles, BLOCK_N=narrow["BLOCK_N"], TAIL_N=narrow["TAIL_N"])
+    return dict(tiles, **over)
+
+
 def _tail(rest: int, block: int, exact_one: bool) -> int:
     """Width of the tile that takes the last `rest` (< block) positions: 0 for none, 1 for one
     (a rank-1 update on CUDA cores, where allowed), else the smallest power of two ≥ 16."""
@@ -773,6 +808,8 @@ def forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask, mask=Non
     lse = new_buffer((B, H, N), device=q.device, dtype=torch.float32)
     precision = _precision(q.dtype)
     tiles = tiling(N, D, precision)
+    if mask is not None:
+        tiles = _mask_tiling("fwd", tiles, N, D, precision)
     scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
     with on_device(q):
         _attention_fwd_kernel[(triton.cdiv(N, tiles["BLOCK_M"]) * B * H,)](
@@ -843,6 +880,10 @@ def backward_into(
         dmask_buffer, dmask_atomic, dmask_strides = _map_grad_buffer(mask, B, H, N, q.device)
     # ds (or p ⊙ dp) also goes to memory: narrower key blocks
     dq_tiles = tiling(N, D, precision, max_block_n=32) if (need_dbias or need_dmask) else tiles
+    dkdv_tiles = _dkdv_tiling(tiles, precision, D)
+    if mask is not None:
+        dq_tiles = _mask_tiling("dq", dq_tiles, N, D, precision)
+        dkdv_tiles = _mask_tiling("dkdv", dkdv_tiles, N, D, precision)
     with on_device(q):
         _attention_bwd_dq_kernel[(m_blocks * B * H,)](
             q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, mask, dmask_buffer,
@@ -852,7 +893,6 @@ def backward_into(
             NEED_DSCALE=need_dscale, NEED_DBIAS=need_dbias, DBIAS_ATOMIC=atomic,
             HAS_MASK=mask is not None, NEED_DMASK=need_dmask, DMASK_ATOMIC=dmask_atomic, **common, **dq_tiles,
         )
-        dkdv_tiles = _dkdv_tiling(tiles, precision, D)
         _attention_bwd_dkdv_kernel[(triton.cdiv(N, dkdv_tiles["BLOCK_M"]) * B * H,)](
             q, k, v, dout, lse, delta, dk, dv, scale_t, bias, mask, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
