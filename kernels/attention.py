@@ -38,13 +38,13 @@ tile (≥ 16), or, when exactly one is left (N = 65, 257, 577: a class token aft
 the block), as a rank-1 update on CUDA cores. That split geometry serves fp16/bf16 at D = 32
 and 64 from N ≥ BLOCK_M (`SPLIT_TILES`); the other paths (FMA fp32, tf32, D = 16 and 128, short
 sequences) stream every block through one masked loop, their dk/dv programs owning BLOCK_N keys
-in the [queries, keys] form. Tiles come from `TILES`
-by dot precision and head dim (no kernel spills on sm_80 or sm_90a).
+in the [queries, keys] form. Tiles come from `TILES` by dot precision and head dim, with a mask
+amended by `MASK_TILES` (no kernel spills on sm_80 or sm_90a).
 
 Layouts: q, k, v, out are [B, H, N, D] views with unit stride on D and any other strides, so a
-packed qkv [B, N, 3·H·D] is read in place and the packed output [B, N, H·D] is written in
-place. bias and mask are [H, N, N] or [B, H, N, N] (size 1 broadcasts over B and H) in any
-float dtype and any strides (read as fp32); their gradients come back in their own dtype. Forward and backward are PyTorch custom ops, so torch.compile sees no graph break.
+packed qkv [B, N, 3·H·D] is read in place and the packed output [B, N, H·D] is written in place.
+bias and mask are [H, N, N] or [B, H, N, N] (1 broadcasts over B and H), any float dtype and
+strides (read as fp32), gradients in their own dtype. Forward and backward are custom ops.
 """
 from __future__ import annotations
 
