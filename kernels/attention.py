@@ -878,8 +878,9 @@ def backward_into(
     dmask_buffer, dmask_atomic, dmask_strides = None, False, (0,) * 4
     if need_dmask:
         dmask_buffer, dmask_atomic, dmask_strides = _map_grad_buffer(mask, B, H, N, q.device)
-    # ds (or p ⊙ dp) also goes to memory: narrower key blocks
-    dq_tiles = tiling(N, D, precision, max_block_n=32) if (need_dbias or need_dmask) else tiles
+    # ds (or p ⊙ dp) also goes to memory: narrower key blocks; with a mask always, so that a mask
+    # without a gradient takes the tiles the compile gate checks with one
+    dq_tiles = tiling(N, D, precision, max_block_n=32) if (need_dbias or mask is not None) else tiles
     dkdv_tiles = _dkdv_tiling(tiles, precision, D)
     if mask is not None:
         dq_tiles = _mask_tiling("dq", dq_tiles, N, D, precision)
