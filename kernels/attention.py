@@ -682,12 +682,13 @@ SPLIT_TILES = {"half": {32: (2, 2), 64: (3, 2)}}  # num_stages: forward and dq k
 
 
 # With a mask (its [rows, keys] tile live beside p, and in the dq kernel p ⊙ dp stored beside ds),
-# these specialisations spilled with the tiles above (8–256 B on sm_80 or sm_90a): only when
-# HAS_MASK they take these launch options, or a narrower streamed block (max_block_n).
-# Keys: (kernel, dot precision, head dim, split geometry).
+# these specialisations spilled with the tiles above (8–256 B on sm_80 or sm_90a, Triton 3.9 or
+# 3.6): only when HAS_MASK they take these launch options, or a narrower streamed block
+# (max_block_n). Keys: (kernel, dot precision, head dim, split geometry).
 MASK_TILES = {
     ("fwd", "tf32", 64, False): dict(num_stages=1),
     ("dq", "half", 64, True): dict(max_block_n=16),
+    ("dq", "tf32", 64, False): dict(max_block_n=16),  # spilled 16 B on Triton 3.6, sm_90a
     ("dq", "ieee", 64, False): dict(num_warps=2),
     ("dkdv", "half", 128, False): dict(num_stages=1),
     ("dkdv", "tf32", 64, False): dict(max_block_n=32, num_stages=1),
