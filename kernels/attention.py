@@ -690,6 +690,7 @@ MASK_TILES = {
     ("dq", "half", 64, True): dict(max_block_n=16),
     ("dq", "tf32", 64, False): dict(max_block_n=16),  # spilled 16 B on Triton 3.6, sm_90a
     ("dq", "ieee", 64, False): dict(num_warps=2),
+    ("dkdv", "half", 64, True): dict(max_block_n=16),  # 32 queries spilled 54 B on Triton 3.6, sm_80
     ("dkdv", "half", 128, False): dict(num_stages=1),
     ("dkdv", "tf32", 64, False): dict(max_block_n=32, num_stages=1),
 }
@@ -701,10 +702,9 @@ def _mask_tiling(kernel: str, tiles: dict, N: int, D: int, precision: str) -> di
     over = dict(MASK_TILES.get((kernel, precision, D, tiles["SPLIT"]), {}))
     max_block_n = over.pop("max_block_n", None)
     if max_block_n is not None and max_block_n < tiles["BLOCK_N"]:
-        if kernel == "dkdv":  # the masked geometry's query block (TAIL_N = BLOCK_N there)
-            assert not tiles["SPLIT"]
+        if kernel == "dkdv" and not tiles["SPLIT"]:  # the masked geometry's query block (TAIL_N = BLOCK_N)
             tiles = dict(tiles, BLOCK_N=max_block_n, TAIL_N=max_block_n)
-        else:
+        else:  # the streamed block and its tail as `tiling` cuts them (queries in the split dk/dv)
             narrow = tiling(N, D, precision, max_block_n=max_block_n)
             tiles = dict(tiles, BLOCK_N=narrow["BLOCK_N"], TAIL_N=narrow["TAIL_N"])
     return dict(tiles, **over)
