@@ -1,31 +1,39 @@
 """Fused attention, forward and backward (flash-style), with the small-data variants.
 
-Math, per batch b and head h, for queries m and keys n of a sequence of N tokens:
+Math, per batch b and head h, for queries m and keys n of a sequence of N tokens, with M the
+multiplicative mask (IBiT; M ≡ 1 without one):
 
     s[m, n] = scale_h · (q_m · k_n) + bias[b, h, m, n]        (−∞ where m = n if diagonal_mask)
-    p[m, :] = softmax(s[m, :]),   out_m = Σ_n p[m, n] · v_n,   lse_m = log Σ_n exp s[m, n]
+    p[m, :] = softmax(s[m, :]),   a[m, n] = p[m, n] · M[b, h, m, n]   (no renormalisation)
+    out_m = Σ_n a[m, n] · v_n,    lse_m = log Σ_n exp s[m, n]          (the unmasked softmax's)
 
 Forward: one program per (query block, b·h) streams the key blocks with an online softmax in
-fp32 (exp2 domain), so nothing of size N×N is written; it stores `out` and `lse`.
+fp32 (exp2 domain), so nothing of size N×N is written; it stores `out` and `lse`. With a mask,
+the running max and denominator stay those of p; only the P·V product takes p ⊙ M.
 
-Backward, with ds[m, n] = p[m, n] · (dp[m, n] − δ_m), dp = dout · vᵀ, δ_m = dout_m · out_m:
+Backward, with dp = dout · vᵀ, δ_m = dout_m · out_m (= Σ_n p M dp, so still the row term) and
+ds[m, n] = p[m, n] · (M[m, n] · dp[m, n] − δ_m):
 
-    dv_n = Σ_m p[m, n] · dout_m          dk_n = scale_h · Σ_m ds[m, n] · q_m
-    dq_m = scale_h · Σ_n ds[m, n] · k_n  dbias[b, h, m, n] = ds[m, n]
-    dscale_h = Σ_{b, m, n} ds[m, n] · (q_m · k_n)
+    dv_n = Σ_m p[m, n] · M[m, n] · dout_m    dk_n = scale_h · Σ_m ds[m, n] · q_m
+    dq_m = scale_h · Σ_n ds[m, n] · k_n      dbias[b, h, m, n] = ds[m, n]
+    dscale_h = Σ_{b, m, n} ds[m, n] · (q_m · k_n)    dM[b, h, m, n] = p[m, n] · dp[m, n]
 
-Two kernels recompute p from the saved lse: one program per query block (δ, dq, dbias, and
+Two kernels recompute p from the saved lse: one program per query block (δ, dq, dbias, dM, and
 per-block partial sums of dscale reduced afterwards in a fixed order), then one per key block
 (dk, dv), which reads the δ the first wrote. The dk/dv kernel works in the transposed form,
-sᵀ = k·qᵀ, pᵀ = exp2(sᵀ − lse), dsᵀ = pᵀ ⊙ (v·doutᵀ − δ), so pᵀ and dsᵀ are born in the
-[keys, queries] layout their matmuls (pᵀ·dout, dsᵀ·q) take, with no transpose through shared
-memory. A per-batch bias [B, H, N, N] has its gradient ds written by the dq kernel. A bias
-shared over the batch (or heads) has it summed by a third pass (`shared_grad`): one program per
-(tile, group of (b, h) pairs), which recomputes p and dp for each pair of its group (2 matmuls),
-sums ds in registers and adds the sum with one relaxed fp32 atomic per element, instead of one
-atomic per element per (b, h): 256-way contention on every element at B = 256 becomes ≈ 11-way
-at ViT-S/16 (`shared_grad_groups`). Under `torch.use_deterministic_algorithms(True)`, or when
-the tiles alone fill the GPU, one group takes every pair and stores in a fixed order.
+sᵀ = k·qᵀ, pᵀ = exp2(sᵀ − lse), dsᵀ = pᵀ ⊙ (Mᵀ ⊙ v·doutᵀ − δ), dv = (pᵀ ⊙ Mᵀ)·dout, so pᵀ
+and dsᵀ are born in the [keys, queries] layout their matmuls (pᵀ·dout, dsᵀ·q) take, with no
+transpose through shared memory (the Mᵀ tile is loaded transposed by index). HAS_MASK is a
+constexpr: without a mask the kernels compile as they do with no mask argument at all.
+
+A per-batch bias or mask [B, H, N, N] has its gradient (ds, or p ⊙ dp) written by the dq
+kernel. One shared over the batch (or heads) has it summed by a third pass (`shared_grad`): one
+program per (tile, group of (b, h) pairs), which recomputes p and dp for each pair of its group
+(2 matmuls), sums the gradient in registers and adds the sum with one relaxed fp32 atomic per
+element, instead of one atomic per element per (b, h): 256-way contention on every element at
+B = 256 becomes ≈ 11-way at ViT-S/16 (`shared_grad_groups`). Under
+`torch.use_deterministic_algorithms(True)`, or when the tiles alone fill the GPU, one group
+takes every pair and stores in a fixed order.
 
 Launch geometry (`tiling`): a 1-D grid of (sequence block, b·h) pairs, sequence blocks fastest,
 so any batch fits CUDA's grid limits; head indices are int64, so offsets past 2³¹ do not wrap.
@@ -37,12 +45,13 @@ tile (≥ 16), or, when exactly one is left (N = 65, 257, 577: a class token aft
 the block), as a rank-1 update on CUDA cores. That split geometry serves fp16/bf16 at D = 32
 and 64 from N ≥ BLOCK_M (`SPLIT_TILES`); the other paths (FMA fp32, tf32, D = 16 and 128, short
 sequences) stream every block through one masked loop, their dk/dv programs owning BLOCK_N keys
-in the [queries, keys] form. Tiles come from `TILES`
-by dot precision and head dim (no kernel spills on sm_80 or sm_90a).
+in the [queries, keys] form. Tiles come from `TILES` by dot precision and head dim, with a mask
+amended by `MASK_TILES` (no kernel spills on sm_80 or sm_90a).
 
 Layouts: q, k, v, out are [B, H, N, D] views with unit stride on D and any other strides, so a
-packed qkv [B, N, 3·H·D] is read in place and the packed output [B, N, H·D] is written in
-place. Forward and backward are PyTorch custom ops, so torch.compile sees no graph break.
+packed qkv [B, N, 3·H·D] is read in place and the packed output [B, N, H·D] is written in place.
+bias and mask are [H, N, N] or [B, H, N, N] (1 broadcasts over B and H), any float dtype and
+strides (read as fp32), gradients in their own dtype. Forward and backward are custom ops.
 """
 from __future__ import annotations
 
@@ -85,6 +94,26 @@ def _bias_tile(BIAS, b, h, qi, ki, stride_bb, stride_bh, stride_bm, stride_bn, o
         return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
     else:
         return tl.load(ptrs).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _mask_tile(
+    MASK, b, h, qi, ki, N, stride_mb, stride_mh, stride_mm, stride_mn,
+    HAS_MASK: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr,
+):
+    """mask[b, h, qi, ki] in fp32 (the multiplicative mask) for broadcastable query / key index
+    tensors, loaded under the same masks as `_scores`' bias (indices past the sequence read 0);
+    1.0, never read, without a mask."""
+    if HAS_MASK:
+        ptrs = MASK + b * stride_mb + h * stride_mh + qi * stride_mm + ki * stride_mn
+        if MASK_Q:
+            return tl.load(ptrs, mask=(qi < N) & (ki < N), other=0.0).to(tl.float32)
+        elif MASK_K:
+            return tl.load(ptrs, mask=ki < N, other=0.0).to(tl.float32)
+        else:
+            return tl.load(ptrs).to(tl.float32)
+    else:
+        return 1.0
 
 
 @triton.jit
@@ -172,22 +201,27 @@ def _rescale(m_i, m_block):
 
 
 @triton.jit
-def _fwd_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
-    """One online-softmax step over a [rows, keys] score tile s (log2 units) and its values v."""
+def _fwd_step(m_i, l_i, acc, s, v, mk, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr):
+    """One online-softmax step over a [rows, keys] score tile s (log2 units) and its values v;
+    with a mask, the denominator l_i keeps the unmasked p and only p ⊙ mk meets v."""
     m_new, m_safe, alpha = _rescale(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_MASK:
+        p = p * mk
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _fwd_rows(
-    Q, K, V, O, LSE, BIAS, b, h, bh, start_m, scale_log2,
+    Q, K, V, O, LSE, BIAS, MASK, b, h, bh, start_m, scale_log2,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
+    stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn, N,
     D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, MASK_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Forward of the query rows start_m + [0, ROWS) of head (b, h)."""
     rows = start_m + tl.arange(0, ROWS)
@@ -207,7 +241,9 @@ def _fwd_rows(
             s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N,
                         BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
             v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :])
-            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, PRECISION)
+            mk = _mask_tile(MASK, b, h, rows[:, None], cols[None, :], N, stride_mb, stride_mh, stride_mm, stride_mn,
+                            HAS_MASK, MASK_ROWS, False)
+            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, mk, PRECISION, HAS_MASK)
     else:
         full_n = 0
     if TAIL_N > 1:  # SPLIT: the last N mod BLOCK_N keys in one narrow masked tile; else every block, masked
@@ -218,7 +254,9 @@ def _fwd_rows(
             s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N,
                         BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, True)
             v = tl.load(V_bh + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok, other=0.0)
-            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, PRECISION)
+            mk = _mask_tile(MASK, b, h, rows[:, None], cols[None, :], N, stride_mb, stride_mh, stride_mm, stride_mn,
+                            HAS_MASK, MASK_ROWS, True)
+            m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, mk, PRECISION, HAS_MASK)
     if TAIL_N == 1:  # one last key (N = BLOCK_N·n + 1, a class token): a rank-1 update on CUDA cores
         c = N - 1
         k_c = tl.load(K_bh + c * stride_kn + offs_d).to(tl.float32)
@@ -228,6 +266,9 @@ def _fwd_rows(
         m_new, m_safe, alpha = _rescale(m_i, s_c)
         p_c = tl.math.exp2(s_c - m_safe)
         l_i = l_i * alpha + p_c
+        if HAS_MASK:
+            p_c = p_c * _mask_tile(MASK, b, h, rows, c, N, stride_mb, stride_mh, stride_mm, stride_mn,
+                                   HAS_MASK, MASK_ROWS, False)
         acc = acc * alpha[:, None] + p_c[:, None] * v_c[None, :]
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -241,17 +282,19 @@ def _fwd_rows(
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, LSE, SCALE, BIAS, scale_value,
+    Q, K, V, O, LSE, SCALE, BIAS, MASK, scale_value,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
     H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     pid_m, bh, b, h = _program(N, H, BLOCK_M)
     scale_log2 = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR) * 1.4426950408889634
@@ -259,51 +302,49 @@ def _attention_fwd_kernel(
     # leftover rows in a TAIL_M-row tile (TAIL_M = BLOCK_M, never taken, when N divides)
     if SPLIT:
         if pid_m < N // BLOCK_M:
-            _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
+            _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                      stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                      D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                      stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn,
+                      stride_mb, stride_mh, stride_mm, stride_mn, N,
+                      D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
         else:
-            _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
+            _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                      stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                      D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                      stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn,
+                      stride_mb, stride_mh, stride_mm, stride_mn, N,
+                      D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
     else:  # one masked geometry (TAIL_M = BLOCK_M, every key block masked)
-        _fwd_rows(Q, K, V, O, LSE, BIAS, b, h, bh, pid_m * BLOCK_M, scale_log2,
+        _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                  D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                  stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn,
+                  stride_mb, stride_mh, stride_mm, stride_mn, N,
+                  D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
 
 
 @triton.jit
-def _dbias_write(DBIAS, b, h, qi, ki, ds, stride_gb, stride_gh, stride_gm, stride_gn, ok,
-                 MASKED: tl.constexpr, ATOMIC: tl.constexpr):
-    """dbias[b, h, qi, ki] = ds, or += ds with relaxed atomics for a bias shared over programs."""
+def _dbias_write(DBIAS, b, h, qi, ki, ds, stride_gb, stride_gh, stride_gm, stride_gn, ok, MASKED: tl.constexpr):
+    """dbias[b, h, qi, ki] = ds (or dmask = p ⊙ dp) of a per-batch map: one program per element."""
     ptrs = DBIAS + b * stride_gb + h * stride_gh + qi * stride_gm + ki * stride_gn
-    if ATOMIC:
-        if MASKED:
-            tl.atomic_add(ptrs, ds, mask=ok, sem="relaxed")
-        else:
-            tl.atomic_add(ptrs, ds, sem="relaxed")
+    if MASKED:
+        tl.store(ptrs, ds, mask=ok)
     else:
-        if MASKED:
-            tl.store(ptrs, ds, mask=ok)
-        else:
-            tl.store(ptrs, ds)
+        tl.store(ptrs, ds)
 
 
 @triton.jit
 def _dq_rows(
-    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, start_m, scale,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, MASK, DMASK, b, h, bh, slot, start_m, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn, N,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_dmb, stride_dmh, stride_dmm, stride_dmn, N,
     D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, MASK_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr, SPLIT: tl.constexpr,
+    NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, NEED_DMASK: tl.constexpr,
 ):
-    """δ, dq, dbias and the dscale partial (stored at `slot`) of the query rows start_m + [0, ROWS)
-    of head (b, h)."""
+    """δ, dq, dbias, dmask and the dscale partial (stored at `slot`) of the query rows
+    start_m + [0, ROWS) of head (b, h)."""
     rows = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
     row_ok = rows < N
@@ -333,13 +374,22 @@ def _dq_rows(
             p = tl.math.exp2(s - lse[:, None])
             if MASK_ROWS:
                 p = tl.where(row_ok[:, None], p, 0.0)
-            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            dp = _mm(do, tl.trans(v), PRECISION)
+            if HAS_MASK:  # ds = p ⊙ (mask ⊙ dp − δ)
+                mk = _mask_tile(MASK, b, h, rows[:, None], cols[None, :], N, stride_mb, stride_mh, stride_mm,
+                                stride_mn, HAS_MASK, MASK_ROWS, False)
+                ds = p * (mk * dp - delta[:, None])
+            else:
+                ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(k.dtype), k, PRECISION)
             if NEED_DSCALE:
                 dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
             if NEED_DBIAS:
                 _dbias_write(DBIAS, b, h, rows[:, None], cols[None, :], ds, stride_gb, stride_gh, stride_gm,
-                             stride_gn, row_ok[:, None], MASK_ROWS, DBIAS_ATOMIC)
+                             stride_gn, row_ok[:, None], MASK_ROWS)
+            if NEED_DMASK:  # dmask = p ⊙ dp
+                _dbias_write(DMASK, b, h, rows[:, None], cols[None, :], p * dp, stride_dmb, stride_dmh, stride_dmm,
+                             stride_dmn, row_ok[:, None], MASK_ROWS)
     else:
         full_n = 0
     if TAIL_N > 1:  # SPLIT: the last N mod BLOCK_N keys in one narrow masked tile; else every block, masked
@@ -352,13 +402,22 @@ def _dq_rows(
             s = _scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
                         stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, True)
             p = tl.where(row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            dp = _mm(do, tl.trans(v), PRECISION)
+            if HAS_MASK:
+                mk = _mask_tile(MASK, b, h, rows[:, None], cols[None, :], N, stride_mb, stride_mh, stride_mm,
+                                stride_mn, HAS_MASK, MASK_ROWS, True)
+                ds = p * (mk * dp - delta[:, None])
+            else:
+                ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(k.dtype), k, PRECISION)
             if NEED_DSCALE:
                 dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
             if NEED_DBIAS:
                 _dbias_write(DBIAS, b, h, rows[:, None], cols[None, :], ds, stride_gb, stride_gh, stride_gm,
-                             stride_gn, row_ok[:, None] & col_ok[None, :], True, DBIAS_ATOMIC)
+                             stride_gn, row_ok[:, None] & col_ok[None, :], True)
+            if NEED_DMASK:
+                _dbias_write(DMASK, b, h, rows[:, None], cols[None, :], p * dp, stride_dmb, stride_dmh, stride_dmm,
+                             stride_dmn, row_ok[:, None] & col_ok[None, :], True)
     if TAIL_N == 1:  # one last key: rank-1 on CUDA cores
         c = N - 1
         k_c = tl.load(K_bh + c * stride_kn + offs_d).to(tl.float32)
@@ -369,13 +428,22 @@ def _dq_rows(
         p_c = tl.math.exp2(s_c - lse)
         if MASK_ROWS:
             p_c = tl.where(row_ok, p_c, 0.0)
-        ds_c = p_c * (tl.sum(do.to(tl.float32) * v_c[None, :], 1) - delta)
+        dp_c = tl.sum(do.to(tl.float32) * v_c[None, :], 1)
+        if HAS_MASK:
+            m_c = _mask_tile(MASK, b, h, rows, c, N, stride_mb, stride_mh, stride_mm, stride_mn,
+                             HAS_MASK, MASK_ROWS, False)
+            ds_c = p_c * (m_c * dp_c - delta)
+        else:
+            ds_c = p_c * (dp_c - delta)
         dq += ds_c[:, None] * k_c[None, :]
         if NEED_DSCALE:
             dscale += tl.where(ds_c != 0.0, ds_c * qk_c, 0.0)
         if NEED_DBIAS:
             _dbias_write(DBIAS, b, h, rows, c, ds_c, stride_gb, stride_gh, stride_gm, stride_gn, row_ok,
-                         MASK_ROWS, DBIAS_ATOMIC)
+                         MASK_ROWS)
+        if NEED_DMASK:
+            _dbias_write(DMASK, b, h, rows, c, p_c * dp_c, stride_dmb, stride_dmh, stride_dmm, stride_dmn, row_ok,
+                         MASK_ROWS)
     if NEED_DSCALE:  # Σ_{m, n} ds[m, n] · (q_m · k_n) over this block's rows, from fp32 ds
         tl.store(DSCALE_PARTIAL + slot, tl.sum(dscale, 0))
     dq = dq * scale
@@ -385,7 +453,7 @@ def _dq_rows(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, SCALE, BIAS, scale_value,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, SCALE, BIAS, MASK, DMASK, scale_value,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -394,51 +462,59 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
     stride_gb, stride_gh, stride_gm, stride_gn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dmb, stride_dmh, stride_dmm, stride_dmn,
     H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr, DBIAS_ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DBIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, NEED_DMASK: tl.constexpr,
 ):
     pid_m, bh, b, h = _program(N, H, BLOCK_M)
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
     slot = bh * tl.cdiv(N, BLOCK_M) + pid_m
     if SPLIT:
         if pid_m < N // BLOCK_M:  # full query blocks, then the leftover rows in a TAIL_M-row tile
-            _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
+            _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, MASK, DMASK, b, h, bh, slot, pid_m * BLOCK_M, scale,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                      stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
                      stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+                     stride_mb, stride_mh, stride_mm, stride_mn, stride_dmb, stride_dmh, stride_dmm, stride_dmn,
                      N, D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION,
-                     NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT)
+                     NEED_DSCALE, NEED_DBIAS, SPLIT, HAS_MASK, NEED_DMASK)
         else:
-            _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
+            _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, MASK, DMASK, b, h, bh, slot, pid_m * BLOCK_M, scale,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                      stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
                      stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+                     stride_mb, stride_mh, stride_mm, stride_mn, stride_dmb, stride_dmh, stride_dmm, stride_dmn,
                      N, D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION,
-                     NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT)
+                     NEED_DSCALE, NEED_DBIAS, SPLIT, HAS_MASK, NEED_DMASK)
     else:  # one masked geometry (TAIL_M = BLOCK_M, every key block masked)
-        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, b, h, bh, slot, pid_m * BLOCK_M, scale,
+        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE_PARTIAL, DBIAS, BIAS, MASK, DMASK, b, h, bh, slot, pid_m * BLOCK_M, scale,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh,
                  stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gm, stride_gn,
+                 stride_mb, stride_mh, stride_mm, stride_mn, stride_dmb, stride_dmh, stride_dmm, stride_dmn,
                  N, D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION,
-                 NEED_DSCALE, NEED_DBIAS, DBIAS_ATOMIC, SPLIT)
+                 NEED_DSCALE, NEED_DBIAS, SPLIT, HAS_MASK, NEED_DMASK)
 
 
 @triton.jit
 def _dkdv_keys(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, start_n, scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, start_n, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_bb, stride_bh, stride_bm, stride_bn, N,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
     D: tl.constexpr, KEYS: tl.constexpr, BLOCK_Q: tl.constexpr, TAIL_Q: tl.constexpr, MASK_KEYS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """dk, dv of the keys start_n + [0, KEYS) of head (b, h). SPLIT: in the transposed form,
-    sᵀ = k·qᵀ, pᵀ, dsᵀ are born [keys, queries], the layout their matmuls with dout and q need;
-    else one masked loop in the [queries, keys] form."""
+    sᵀ = k·qᵀ, pᵀ, dsᵀ are born [keys, queries], the layout their matmuls with dout and q need
+    (the mask tile is loaded as maskᵀ by index, [keys, queries]); else one masked loop in the
+    [queries, keys] form."""
     keys = start_n + tl.arange(0, KEYS)
     offs_d = tl.arange(0, D)
     key_ok = keys < N
@@ -460,8 +536,14 @@ def _dkdv_keys(
             st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
                          stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
             pt = tl.math.exp2(st - lse[None, :])
-            dv += _mm(pt.to(do.dtype), do, PRECISION)
-            dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
+            if HAS_MASK:  # dvᵀ-side: (pᵀ ⊙ maskᵀ)·dout; dsᵀ = pᵀ ⊙ (maskᵀ ⊙ dpᵀ − δ)
+                mkt = _mask_tile(MASK, b, h, qs[None, :], keys[:, None], N, stride_mb, stride_mh, stride_mm,
+                                 stride_mn, HAS_MASK, False, MASK_KEYS)
+                dv += _mm((pt * mkt).to(do.dtype), do, PRECISION)
+                dst = pt * (mkt * _mm(v, tl.trans(do), PRECISION) - delta[None, :])
+            else:
+                dv += _mm(pt.to(do.dtype), do, PRECISION)
+                dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
             dk += _mm(dst.to(q.dtype), q, PRECISION)
     else:
         full_m = 0
@@ -476,8 +558,14 @@ def _dkdv_keys(
             s = _scores(_mm(q, tl.trans(k), PRECISION), qs[:, None], keys[None, :], scale_log2, b, h, N, BIAS,
                         stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, True, MASK_KEYS)
             p = tl.where(q_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-            dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
-            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            if HAS_MASK:
+                mk = _mask_tile(MASK, b, h, qs[:, None], keys[None, :], N, stride_mb, stride_mh, stride_mm,
+                                stride_mn, HAS_MASK, True, MASK_KEYS)
+                dv += _mm(tl.trans((p * mk).to(do.dtype)), do, PRECISION)
+                ds = p * (mk * _mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            else:
+                dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
+                ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
             dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
     elif TAIL_Q > 1:  # the last N mod BLOCK_Q queries in one narrow masked tile
         for start_m in range(full_m, N, TAIL_Q):
@@ -490,8 +578,14 @@ def _dkdv_keys(
             st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
                          stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, True, MASK_KEYS)
             pt = tl.where(q_ok[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
-            dv += _mm(pt.to(do.dtype), do, PRECISION)
-            dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
+            if HAS_MASK:
+                mkt = _mask_tile(MASK, b, h, qs[None, :], keys[:, None], N, stride_mb, stride_mh, stride_mm,
+                                 stride_mn, HAS_MASK, True, MASK_KEYS)
+                dv += _mm((pt * mkt).to(do.dtype), do, PRECISION)
+                dst = pt * (mkt * _mm(v, tl.trans(do), PRECISION) - delta[None, :])
+            else:
+                dv += _mm(pt.to(do.dtype), do, PRECISION)
+                dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
             dk += _mm(dst.to(q.dtype), q, PRECISION)
     if TAIL_Q == 1:  # one last query: rank-1 on CUDA cores
         r = N - 1
@@ -502,8 +596,14 @@ def _dkdv_keys(
         st_r = _scores(tl.sum(k.to(tl.float32) * q_r[None, :], 1), r, keys, scale_log2, b, h, N, BIAS,
                        stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
         pt_r = tl.math.exp2(st_r - lse_r)
-        dv += pt_r[:, None] * do_r[None, :]
-        dst_r = pt_r * (tl.sum(v.to(tl.float32) * do_r[None, :], 1) - delta_r)
+        if HAS_MASK:
+            m_r = _mask_tile(MASK, b, h, r, keys, N, stride_mb, stride_mh, stride_mm, stride_mn,
+                             HAS_MASK, False, MASK_KEYS)
+            dv += (pt_r * m_r)[:, None] * do_r[None, :]
+            dst_r = pt_r * (m_r * tl.sum(v.to(tl.float32) * do_r[None, :], 1) - delta_r)
+        else:
+            dv += pt_r[:, None] * do_r[None, :]
+            dst_r = pt_r * (tl.sum(v.to(tl.float32) * do_r[None, :], 1) - delta_r)
         dk += dst_r[:, None] * q_r[None, :]
     dk = dk * scale
     _store_rows(_tile(DK, b, h, keys, offs_d, stride_dkb, stride_dkh, stride_dkn), dk.to(DK.dtype.element_ty),
@@ -514,7 +614,7 @@ def _dkdv_keys(
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SCALE, BIAS, scale_value,
+    Q, K, V, DO, LSE, DELTA, DK, DV, SCALE, BIAS, MASK, scale_value,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -522,34 +622,36 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
     H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """One program per block of BLOCK_M keys (the tile's M side), streaming queries BLOCK_N at a time."""
     pid_n, bh, b, h = _program(N, H, BLOCK_M)
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
     if SPLIT:
         if pid_n < N // BLOCK_M:  # full key blocks, then the leftover keys in a TAIL_M-row tile
-            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
+            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                        stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                       stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                       D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                       stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
+                       D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
         else:
-            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
+            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                        stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                       stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                       D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                       stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
+                       D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
     else:  # one masked geometry (TAIL_M = BLOCK_M, every key block masked)
-        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, b, h, bh, pid_n * BLOCK_M, scale,
+        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-                   stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, N,
-                   D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT)
+                   stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
+                   D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
 
 
 @triton.jit
@@ -721,6 +823,35 @@ TILES = {
 SPLIT_TILES = {"half": {32: (2, 2), 64: (3, 2)}}  # num_stages: forward and dq kernels, dk/dv kernel
 
 
+# With a mask (its [rows, keys] tile live beside p, and in the dq kernel p ⊙ dp stored beside ds),
+# these specialisations spilled with the tiles above (8–256 B on sm_80 or sm_90a, Triton 3.9 or
+# 3.6): only when HAS_MASK they take these launch options, or a narrower streamed block
+# (max_block_n). Keys: (kernel, dot precision, head dim, split geometry).
+MASK_TILES = {
+    ("fwd", "tf32", 64, False): dict(num_stages=1),
+    ("dq", "half", 64, True): dict(max_block_n=16),
+    ("dq", "tf32", 64, False): dict(max_block_n=16),  # spilled 16 B on Triton 3.6, sm_90a
+    ("dq", "ieee", 64, False): dict(num_warps=2),
+    ("dkdv", "half", 64, True): dict(max_block_n=16),  # 32 queries spilled 54 B on Triton 3.6, sm_80
+    ("dkdv", "half", 128, False): dict(num_stages=1),
+    ("dkdv", "tf32", 64, False): dict(max_block_n=32, num_stages=1),
+}
+
+
+def _mask_tiling(kernel: str, tiles: dict, N: int, D: int, precision: str) -> dict:
+    """`tiles` of one kernel ("fwd", "dq" or "dkdv", as launched without a mask) with the
+    `MASK_TILES` entry applied, for a launch with a mask."""
+    over = dict(MASK_TILES.get((kernel, precision, D, tiles["SPLIT"]), {}))
+    max_block_n = over.pop("max_block_n", None)
+    if max_block_n is not None and max_block_n < tiles["BLOCK_N"]:
+        if kernel == "dkdv" and not tiles["SPLIT"]:  # the masked geometry's query block (TAIL_N = BLOCK_N)
+            tiles = dict(tiles, BLOCK_N=max_block_n, TAIL_N=max_block_n)
+        else:  # the streamed block and its tail as `tiling` cuts them (queries in the split dk/dv)
+            narrow = tiling(N, D, precision, max_block_n=max_block_n)
+            tiles = dict(tiles, BLOCK_N=narrow["BLOCK_N"], TAIL_N=narrow["TAIL_N"])
+    return dict(tiles, **over)
+
+
 def _tail(rest: int, block: int, exact_one: bool) -> int:
     """Width of the tile that takes the last `rest` (< block) positions: 0 for none, 1 for one
     (a rank-1 update on CUDA cores, where allowed), else the smallest power of two ≥ 16."""
@@ -813,22 +944,24 @@ def _scale_args(scale: Optional[Tensor], scale_value: float):
     return scale, 1.0, (scale.stride(0) if scale.dim() == 1 else 0)
 
 
-def forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask) -> Tensor:
+def forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask, mask=None) -> Tensor:
     """Writes attention of the [B, H, N, D] views q, k, v into the view `out`; returns lse
-    [B, H, N] (fp32, log2 units)."""
+    [B, H, N] (fp32, log2 units; the unmasked softmax's, also with a mask)."""
     B, H, N, D = q.shape
     lse = new_buffer((B, H, N), device=q.device, dtype=torch.float32)
     precision = _precision(q.dtype)
     tiles = tiling(N, D, precision)
+    if mask is not None:
+        tiles = _mask_tiling("fwd", tiles, N, D, precision)
     scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
     with on_device(q):
         _attention_fwd_kernel[(triton.cdiv(N, tiles["BLOCK_M"]) * B * H,)](
-            q, k, v, out, lse, scale_t, bias, scale_v,
+            q, k, v, out, lse, scale_t, bias, mask, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out),
-            stride_sh, *_bias_strides(bias),
+            stride_sh, *_bias_strides(bias), *_bias_strides(mask),
             H, N, D=D,
             HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
-            PRECISION=precision, **tiles,
+            PRECISION=precision, HAS_MASK=mask is not None, **tiles,
         )
     return lse
 
@@ -894,9 +1027,11 @@ def shared_grad(
 
 
 def backward_into(
-    dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias
-) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias) when asked."""
+    dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias,
+    mask=None, need_dmask=False,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias, dmask), each when
+    asked."""
     B, H, N, D = q.shape
     precision = _precision(q.dtype)
     tiles = tiling(N, D, precision)
@@ -908,23 +1043,34 @@ def backward_into(
     )
     m_blocks = triton.cdiv(N, tiles["BLOCK_M"])
     dscale_partial = new_buffer((B, H, m_blocks), device=q.device, dtype=torch.float32) if need_dscale else None
-    shared = need_dbias and _broadcast_dims(bias) != ()
-    per_batch_dbias = need_dbias and not shared  # written by the dq kernel, one program per element
+    shared_bias = need_dbias and _broadcast_dims(bias) != ()
+    shared_mask = need_dmask and _broadcast_dims(mask) != ()
+    per_batch_dbias = need_dbias and not shared_bias  # written by the dq kernel, one program per element
+    per_batch_dmask = need_dmask and not shared_mask
     dbias_buffer = new_buffer(bias.shape, device=q.device, dtype=torch.float32) if per_batch_dbias else None
-    dbias_strides = _bias_strides(dbias_buffer) if per_batch_dbias else (0,) * 4
-    dq_tiles = tiling(N, D, precision, max_block_n=32) if per_batch_dbias else tiles  # ds also goes to memory
+    dmask_buffer = new_buffer(mask.shape, device=q.device, dtype=torch.float32) if per_batch_dmask else None
+    # ds (or p ⊙ dp) also goes to memory: narrower key blocks; with a mask always, so that a mask
+    # without a gradient takes the tiles the compile gate checks with one
+    dq_tiles = tiling(N, D, precision, max_block_n=32) if (per_batch_dbias or mask is not None) else tiles
+    dkdv_tiles = _dkdv_tiling(tiles, precision, D)
+    if mask is not None:
+        dq_tiles = _mask_tiling("dq", dq_tiles, N, D, precision)
+        dkdv_tiles = _mask_tiling("dkdv", dkdv_tiles, N, D, precision)
     with on_device(q):
         _attention_bwd_dq_kernel[(m_blocks * B * H,)](
-            q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, scale_v,
+            q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, mask, dmask_buffer,
+            scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq),
-            stride_sh, *_bias_strides(bias), *dbias_strides, H, N,
-            NEED_DSCALE=need_dscale, NEED_DBIAS=per_batch_dbias, DBIAS_ATOMIC=False, **common, **dq_tiles,
+            stride_sh, *_bias_strides(bias), *_bias_strides(dbias_buffer), *_bias_strides(mask),
+            *_bias_strides(dmask_buffer), H, N,
+            NEED_DSCALE=need_dscale, NEED_DBIAS=per_batch_dbias,
+            HAS_MASK=mask is not None, NEED_DMASK=per_batch_dmask, **common, **dq_tiles,
         )
-        dkdv_tiles = _dkdv_tiling(tiles, precision, D)
         _attention_bwd_dkdv_kernel[(triton.cdiv(N, dkdv_tiles["BLOCK_M"]) * B * H,)](
-            q, k, v, dout, lse, delta, dk, dv, scale_t, bias, scale_v,
+            q, k, v, dout, lse, delta, dk, dv, scale_t, bias, mask, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
-            stride_sh, *_bias_strides(bias), H, N, **common, **dkdv_tiles,
+            stride_sh, *_bias_strides(bias), *_bias_strides(mask), H, N, HAS_MASK=mask is not None,
+            **common, **dkdv_tiles,
         )
 
     dscale = None
@@ -932,11 +1078,16 @@ def backward_into(
         per_head = dscale_partial.sum(dim=(0, 2))  # [H]
         dscale = (per_head if scale.dim() == 1 else per_head.sum()).to(scale.dtype)
     dbias = None
-    if shared:
-        dbias = shared_grad(bias, dout, q, k, v, lse, delta, scale, scale_value, bias, None, diagonal_mask, False)
+    if shared_bias:
+        dbias = shared_grad(bias, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, False)
     elif per_batch_dbias:
         dbias = dbias_buffer.to(bias.dtype)
-    return dscale, dbias
+    dmask = None
+    if shared_mask:
+        dmask = shared_grad(mask, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, True)
+    elif per_batch_dmask:
+        dmask = dmask_buffer.to(mask.dtype)
+    return dscale, dbias, dmask
 
 
 # --------------------------------------------------------------------------------------------
@@ -952,15 +1103,15 @@ def _heads(t: Tensor, num_heads: int, parts: int):
 @torch.library.custom_op("mgit_fast::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
-    diagonal_mask: bool,
+    diagonal_mask: bool, mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     out = new_buffer(q.shape, device=q.device, dtype=q.dtype)
-    lse = forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask)
+    lse = forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask, mask)
     return out, lse
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, scale_value, bias, diagonal_mask):
+def _(q, k, v, scale, scale_value, bias, diagonal_mask, mask=None):
     B, H, N, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -969,34 +1120,38 @@ def _(q, k, v, scale, scale_value, bias, diagonal_mask):
 def attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: Optional[Tensor],
     scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool, need_dbias: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mask: Optional[Tensor] = None, need_dmask: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = (new_buffer(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-    dscale, dbias = backward_into(
-        dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias
+    dscale, dbias, dmask = backward_into(
+        dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias,
+        mask, need_dmask,
     )
-    return dq, dk, dv, _or_empty(dscale, q), _or_empty(dbias, q)
+    return dq, dk, dv, _or_empty(dscale, q), _or_empty(dbias, q), _or_empty(dmask, q)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias):
+def _(dout, q, k, v, out, lse, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask=None,
+      need_dmask=False):
     grads = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)]
-    return (*grads, _fake_grad(scale, need_dscale, q), _fake_grad(bias, need_dbias, q))
+    return (*grads, _fake_grad(scale, need_dscale, q), _fake_grad(bias, need_dbias, q),
+            _fake_grad(mask, need_dmask, q))
 
 
 @torch.library.custom_op("mgit_fast::attention_qkvpacked_fwd", mutates_args=())
 def attention_qkvpacked_fwd(
     qkv: Tensor, num_heads: int, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
-    diagonal_mask: bool,
+    diagonal_mask: bool, mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     B, N, width = qkv.shape
     out = new_buffer((B, N, width // 3), device=qkv.device, dtype=qkv.dtype)
     (out_heads,) = _heads(out, num_heads, 1)
-    lse = forward_into(*_heads(qkv, num_heads, 3), out_heads, scale, scale_value, bias, diagonal_mask)
+    lse = forward_into(*_heads(qkv, num_heads, 3), out_heads, scale, scale_value, bias, diagonal_mask, mask)
     return out, lse
 
 
 @attention_qkvpacked_fwd.register_fake
-def _(qkv, num_heads, scale, scale_value, bias, diagonal_mask):
+def _(qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask=None):
     B, N, width = qkv.shape
     return qkv.new_empty((B, N, width // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
 
@@ -1005,23 +1160,26 @@ def _(qkv, num_heads, scale, scale_value, bias, diagonal_mask):
 def attention_qkvpacked_bwd(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: Optional[Tensor],
     scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool, need_dbias: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    mask: Optional[Tensor] = None, need_dmask: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dqkv = new_buffer(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     (dout_heads,) = _heads(dout, num_heads, 1)
     (out_heads,) = _heads(out, num_heads, 1)
-    dscale, dbias = backward_into(
+    dscale, dbias, dmask = backward_into(
         dout_heads, *_heads(qkv, num_heads, 3), out_heads, lse, *_heads(dqkv, num_heads, 3),
-        scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias,
+        scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask, need_dmask,
     )
-    return dqkv, _or_empty(dscale, qkv), _or_empty(dbias, qkv)
+    return dqkv, _or_empty(dscale, qkv), _or_empty(dbias, qkv), _or_empty(dmask, qkv)
 
 
 @attention_qkvpacked_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias):
+def _(dout, qkv, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask=None,
+      need_dmask=False):
     return (
         torch.empty_like(qkv, memory_format=torch.contiguous_format),
         _fake_grad(scale, need_dscale, qkv),
         _fake_grad(bias, need_dbias, qkv),
+        _fake_grad(mask, need_dmask, qkv),
     )
 
 
@@ -1038,41 +1196,46 @@ def _unit_stride(t: Tensor) -> Tensor:
 
 
 def _setup_attention(ctx, inputs, output):
-    q, k, v, scale, scale_value, bias, diagonal_mask = inputs
+    q, k, v, scale, scale_value, bias, diagonal_mask, mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, scale, bias)
+    ctx.save_for_backward(q, k, v, out, lse, scale, bias, mask)
     ctx.scale_value, ctx.diagonal_mask = scale_value, diagonal_mask
 
 
 def _backward_attention(ctx, dout, _dlse):
-    q, k, v, out, lse, scale, bias = ctx.saved_tensors
+    q, k, v, out, lse, scale, bias, mask = ctx.saved_tensors
     need_dscale = scale is not None and ctx.needs_input_grad[3]
     need_dbias = bias is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, dscale, dbias = attention_bwd(
-        _unit_stride(dout), q, k, v, out, lse, scale, ctx.scale_value, bias, ctx.diagonal_mask, need_dscale, need_dbias
+    need_dmask = mask is not None and ctx.needs_input_grad[7]
+    dq, dk, dv, dscale, dbias, dmask = attention_bwd(
+        _unit_stride(dout), q, k, v, out, lse, scale, ctx.scale_value, bias, ctx.diagonal_mask, need_dscale, need_dbias,
+        mask, need_dmask,
     )
-    return dq, dk, dv, (dscale if need_dscale else None), None, (dbias if need_dbias else None), None
+    return (dq, dk, dv, (dscale if need_dscale else None), None, (dbias if need_dbias else None), None,
+            (dmask if need_dmask else None))
 
 
 attention_fwd.register_autograd(_backward_attention, setup_context=_setup_attention)
 
 
 def _setup_packed(ctx, inputs, output):
-    qkv, num_heads, scale, scale_value, bias, diagonal_mask = inputs
+    qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, scale, bias)
+    ctx.save_for_backward(qkv, out, lse, scale, bias, mask)
     ctx.num_heads, ctx.scale_value, ctx.diagonal_mask = num_heads, scale_value, diagonal_mask
 
 
 def _backward_packed(ctx, dout, _dlse):
-    qkv, out, lse, scale, bias = ctx.saved_tensors
+    qkv, out, lse, scale, bias, mask = ctx.saved_tensors
     need_dscale = scale is not None and ctx.needs_input_grad[2]
     need_dbias = bias is not None and ctx.needs_input_grad[4]
-    dqkv, dscale, dbias = attention_qkvpacked_bwd(
+    need_dmask = mask is not None and ctx.needs_input_grad[6]
+    dqkv, dscale, dbias, dmask = attention_qkvpacked_bwd(
         dout.contiguous(), qkv, out, lse, ctx.num_heads, scale, ctx.scale_value, bias, ctx.diagonal_mask,
-        need_dscale, need_dbias,
+        need_dscale, need_dbias, mask, need_dmask,
     )
-    return dqkv, None, (dscale if need_dscale else None), None, (dbias if need_dbias else None), None
+    return (dqkv, None, (dscale if need_dscale else None), None, (dbias if need_dbias else None), None,
+            (dmask if need_dmask else None))
 
 
 attention_qkvpacked_fwd.register_autograd(_backward_packed, setup_context=_setup_packed)
@@ -1090,19 +1253,22 @@ def _split_scale(scale, head_dim: int) -> Tuple[Optional[Tensor], float]:
 
 
 def attention(q, k, v, scale=None, bias=None, diagonal_mask=False, mask=None) -> Tensor:
-    """``softmax(q·kᵀ·scale + bias)·v`` for q, k, v ``[B, H, N, D]``."""
-    if mask is not None:
-        raise NotImplementedError("mask: the Triton kernel does not take a multiplicative mask yet")
+    """``(softmax(q·kᵀ·scale + bias) ⊙ mask)·v`` for q, k, v ``[B, H, N, D]``.
+
+    ``scale``: None (``D**-0.5``), a float, or a learnable tensor ``[]`` / ``[H]``; ``bias`` and
+    ``mask`` (IBiT's multiplicative mask, applied to the probabilities with no renormalisation):
+    ``[H, N, N]`` or ``[B, H, N, N]`` (1 broadcasts over B and H), learnable; ``diagonal_mask``:
+    a token does not attend to itself. Gradients reach q, k, v, scale, bias and mask."""
     scale_t, scale_v = _split_scale(scale, q.shape[-1])
-    out, _ = attention_fwd(_unit_stride(q), _unit_stride(k), _unit_stride(v), scale_t, scale_v, bias, diagonal_mask)
+    out, _ = attention_fwd(_unit_stride(q), _unit_stride(k), _unit_stride(v), scale_t, scale_v, bias, diagonal_mask,
+                           mask)
     return out
 
 
 def attention_qkvpacked(qkv, num_heads, scale=None, bias=None, diagonal_mask=False, mask=None) -> Tensor:
-    """Attention from a packed ``qkv [B, N, 3·H·D]`` (read in place) to ``[B, N, H·D]``."""
-    if mask is not None:
-        raise NotImplementedError("mask: the Triton kernel does not take a multiplicative mask yet")
+    """Attention from a packed ``qkv [B, N, 3·H·D]`` (read in place) to ``[B, N, H·D]``; the
+    options as in `attention` (``mask``: ``[H, N, N]`` / ``[B, H, N, N]``, multiplicative, learnable)."""
     qkv = _unit_stride(qkv)
     scale_t, scale_v = _split_scale(scale, qkv.shape[-1] // (3 * num_heads))
-    out, _ = attention_qkvpacked_fwd(qkv, num_heads, scale_t, scale_v, bias, diagonal_mask)
+    out, _ = attention_qkvpacked_fwd(qkv, num_heads, scale_t, scale_v, bias, diagonal_mask, mask)
     return out

@@ -197,16 +197,18 @@ UPDATE_PAIRS = {"vit_s": (384, 12, 6), "vit_b": (768, 12, 12)}
 # tf32 and fp16 share their tiles and
 # code paths with bf16 but for the operand type, so two variants cover them
 GATE_ATTENTION = [
-    (torch.bfloat16, False, ("plain", "lsa", "bias", "bias_batch")),
-    (torch.float16, False, ("plain", "bias")),
-    (torch.float32, False, ("plain", "lsa", "bias", "bias_batch")),
-    (torch.float32, True, ("plain", "bias")),
+    (torch.bfloat16, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")),
+    (torch.float16, False, ("plain", "bias", "lsa_mask")),
+    (torch.float32, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")),
+    (torch.float32, True, ("plain", "bias", "lsa_mask")),
 ]
 # N = 65 takes the rank-1 CUDA-core tail (the last key in the forward and dq kernels, the last
 # query in the dk/dv kernel)
-GATE_ATTENTION_RANK1 = [(torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch")] + [
+GATE_ATTENTION_RANK1 = [
+    (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")
+] + [
     (torch.float16, False, "plain"), (torch.float32, False, "lsa"), (torch.float32, False, "bias"),
-    (torch.float32, True, "plain"),
+    (torch.float32, False, "lsa_mask"), (torch.float32, True, "plain"),
 ]
 META = torch.device("meta")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -238,7 +240,9 @@ def attention_launches(
 ) -> List[Launch]:
     """Forward and backward of one attention call. `variant`: plain, lsa (learnable [H] scale and
     diagonal mask), bias (a learnable [H, N, N] bias, its gradient summed over the batch by the
-    shared-gradient pass) or bias_batch ([B, H, N, N], its gradient written by the dq kernel)."""
+    shared-gradient pass), bias_batch ([B, H, N, N], its gradient written by the dq kernel),
+    lsa_mask (LSA with a learnable multiplicative [H, N, N] mask, its gradient from the
+    shared-gradient pass) or lsa_mask_batch (LSA with a [B, H, N, N] mask)."""
     from mgit_fast.kernels import attention as kernel
 
     new = lambda *shape, dt=dtype: torch.empty(shape, device=META, dtype=dt)  # noqa: E731
@@ -248,27 +252,34 @@ def attention_launches(
         dq, dk, dv = kernel._heads(new(B, N, 3 * H * D), H, 3)
     else:
         q, k, v, out, dq, dk, dv = (new(B, H, N, D) for _ in range(7))
-    scale = new(H, dt=torch.float32) if variant == "lsa" else None
+    lsa = variant.startswith("lsa")
+    scale = new(H, dt=torch.float32) if lsa else None
     bias = {"bias": lambda: new(H, N, N, dt=torch.float32),
             "bias_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
+    mask = {"lsa_mask": lambda: new(H, N, N, dt=torch.float32),
+            "lsa_mask_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
     with tf32(allow_tf32), capture(target) as launches:
-        lse = kernel.forward_into(q, k, v, out, scale, D**-0.5, bias, variant == "lsa")
+        lse = kernel.forward_into(q, k, v, out, scale, D**-0.5, bias, lsa, mask)
         if backward:
-            kernel.backward_into(out, q, k, v, out, lse, dq, dk, dv, scale, D**-0.5, bias, variant == "lsa",
-                                 scale is not None, bias is not None)
+            kernel.backward_into(out, q, k, v, out, lse, dq, dk, dv, scale, D**-0.5, bias, lsa,
+                                 scale is not None, bias is not None, mask, mask is not None)
     precision = _precision_name(dtype, allow_tf32)
     size = torch.finfo(dtype).bits // 8
-    bias_bytes = 0 if bias is None else bias.numel() * 4
+    # a score map (bias or mask) is read by each kernel; its gradient is written by the dq kernel
+    # (per batch) or by the shared-gradient pass (one write or atomic per element per group)
+    bias_bytes = sum(t.numel() * 4 for t in (bias, mask) if t is not None)
+    map_bytes = {name: (0 if t is None else t.numel() * 4) for name, t in (("bias", bias), ("mask", mask))}
     for launch in launches:
         if launch.kernel == "_attention_fwd_kernel":
             mm, nbytes = 2, 4 * B * H * N * D * size + 4 * B * H * N + bias_bytes
         elif launch.kernel == "_attention_bwd_dq_kernel":
-            dbias_bytes = bias_bytes if launch.args["NEED_DBIAS"] else 0
-            mm, nbytes = 3, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes + dbias_bytes
+            written = map_bytes["bias"] * bool(launch.args["NEED_DBIAS"]) + map_bytes["mask"] * bool(launch.args["NEED_DMASK"])
+            mm, nbytes = 3, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes + written
         elif launch.kernel == "_attention_bwd_dkdv_kernel":
             mm, nbytes = 4, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes
         elif launch.kernel == "_attention_bwd_shared_kernel":  # one write (or atomic) per element per group
-            mm, nbytes = 2, 4 * B * H * N * D * size + 8 * B * H * N + bias_bytes * (1 + launch.args["GROUPS"])
+            target = map_bytes["mask" if launch.args["GRAD_OF_MASK"] else "bias"]
+            mm, nbytes = 2, 4 * B * H * N * D * size + 8 * B * H * N + bias_bytes + target * launch.args["GROUPS"]
         else:
             continue
         tc, tc_useful, cuda = attention_tile_areas(N, launch.constants)
@@ -361,13 +372,13 @@ def update_launches(name: str, dim: int, depth: int, heads: int, target: Target 
 
 
 def shape_set(name: str, target: Target = TARGETS["sm_90a"]) -> List[Launch]:
-    """`bench`: the benchmark shapes (bf16 attention, LSA and bias variants; the loss grid; the
-    update of a ViT-S and a ViT-B pair). `gate`: every specialisation the supported shape table
+    """`bench`: the benchmark shapes (bf16 attention, LSA, bias and masked LSA variants; the loss
+    grid; the update of a ViT-S and a ViT-B pair). `gate`: every specialisation the supported shape table
     produces (head dims 16–128, fp32 with and without TF32, fp16, bf16, every variant)."""
     launches: List[Launch] = []
     if name == "bench":
         for label, B, N, dim, H in BENCH_ATTENTION:
-            for variant in ("plain", "lsa", "bias"):
+            for variant in ("plain", "lsa", "bias", "lsa_mask"):
                 launches += attention_launches(label, B, N, H, dim // H, torch.bfloat16, variant, target=target)
         for B, C in LOSS_GRID:
             launches += loss_launches(B, C, target=target)

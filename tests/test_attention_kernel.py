@@ -181,9 +181,10 @@ def test_full_blocks_and_tails(N, dtype, variant):
 
 
 def _dscale_terms(x, upstream, diagonal):
-    """Σ_{b, m, n} |ds[m, n] · (q_m · k_n)| per head (summed over heads for a scalar scale), float64."""
+    """Σ_{b, m, n} |ds[m, n] · (q_m · k_n)| per head (summed over heads for a scalar scale), float64;
+    with a multiplicative mask M in x, ds = p ⊙ (M ⊙ dp − δ)."""
     q, k, v = (x[n].detach() for n in "qkv")
-    scale, bias = x["scale"].detach(), x["bias"]
+    scale, bias, mask = x["scale"].detach(), x.get("bias"), x.get("mask")
     qk = torch.einsum("bhnd,bhmd->bhnm", q, k)
     s = qk * (scale.view(1, -1, 1, 1) if scale.dim() else scale)
     if bias is not None:
@@ -192,6 +193,8 @@ def _dscale_terms(x, upstream, diagonal):
         s = s.masked_fill(torch.eye(q.shape[2], dtype=torch.bool), float("-inf"))
     p = torch.softmax(s, -1)
     dp = torch.einsum("bhnd,bhmd->bhnm", upstream, v)
+    if mask is not None:
+        dp = dp * mask.detach()
     ds = p * (dp - (p * dp).sum(-1, keepdim=True))
     terms = (ds * qk).abs().sum(dim=(0, 2, 3))
     return terms if scale.dim() else terms.sum()
@@ -276,6 +279,150 @@ def test_deterministic_dbias_equals_atomic(monkeypatch, N):
         ref_bias = bias.detach().double().requires_grad_()
         ref = reference.attention_qkvpacked(qkv.double(), H, bias=ref_bias)
         assert_rel_close(grads[1], torch.autograd.grad(ref, ref_bias, upstream.double())[0], 1e-5, "dbias")
+
+
+# --------------------------------------------------------------------------------------------
+# the multiplicative mask (IBiT): (softmax(s) ⊙ mask)·v, no renormalisation
+# --------------------------------------------------------------------------------------------
+def make_mask(shape):
+    """A mask with values in [−0.5, 1.5): outside [0, 1] and negative, so that no step may assume
+    a probability-like mask (float64; cast per test)."""
+    return torch.rand(shape, dtype=torch.float64) * 2 - 0.5
+
+
+def make_mask_options(variant, B, H, N):
+    """scale, bias, mask, diagonal_mask for a named mask variant."""
+    mask_shapes = {"shared_mask": (H, N, N), "batch_mask": (B, H, N, N), "broadcast_mask": (1, N, N),
+                   "head_broadcast_mask": (B, 1, N, N), "mask_bias": (H, N, N), "lsa_mask": (H, N, N),
+                   "lsa_batch_mask": (B, H, N, N), "mask_everything": (B, H, N, N)}
+    scale, bias, diagonal = make_options(
+        {"mask_bias": "batch_bias", "lsa_mask": "lsa", "lsa_batch_mask": "lsa", "mask_everything": "everything"}
+        .get(variant, "plain"), B, H, N)
+    if variant == "mask_bias":
+        scale = 0.3
+    return scale, bias, make_mask(mask_shapes[variant]), diagonal
+
+
+def run_mask_case(shape, dtype, variant, packed=False):
+    """The kernel against the float64 reference for one mask variant: out and the gradients of q,
+    k, v (or a packed qkv read in place from a wider buffer), scale, bias and mask. In fp16/bf16
+    d(scale) is bounded against Σ |ds·(q·k)| (see test_full_blocks_and_tails)."""
+    B, H, N, D = shape
+    scale, bias, mask, diagonal = make_mask_options(variant, B, H, N)
+    if packed:
+        wide = torch.randn(B, N, 3 * H * D + 16, dtype=torch.float64)
+        inputs = dict(qkv=wide[..., 8 : 8 + 3 * H * D])
+        fn = lambda qkv, **a: functional.attention_qkvpacked(qkv, H, **a, backend="triton")  # noqa: E731
+        ref_fn = lambda qkv, **a: reference.attention_qkvpacked(qkv, H, **a)  # noqa: E731
+    else:
+        inputs = {n: torch.randn(B, H, N, D, dtype=torch.float64) for n in "qkv"}
+        fn, ref_fn = (lambda **a: functional.attention(**a, backend="triton")), reference.attention
+    inputs.update(scale=scale, bias=bias, mask=mask)
+    names = [n for n, t in inputs.items() if isinstance(t, torch.Tensor)]
+    low = {n: leaf(t, dtype if n in ("q", "k", "v", "qkv") else torch.float32) for n, t in inputs.items()}
+    high = {n: leaf(t, torch.float64) for n, t in low.items()}
+    out = fn(**low, diagonal_mask=diagonal)
+    upstream = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    grads = list(torch.autograd.grad(out, [low[n] for n in names], upstream))
+    ref = ref_fn(**high, diagonal_mask=diagonal)
+    ref_grads = list(torch.autograd.grad(ref, [high[n] for n in names], upstream.double()))
+    for n, g in zip(names, grads):
+        assert g.dtype == low[n].dtype and g.shape == low[n].shape, n
+    if "scale" in names and dtype != torch.float32:
+        i = names.index("scale")
+        if packed:  # the reference's [B, N, H·D] views as [B, H, N, D]
+            qkv = high["qkv"].detach().view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+            x = dict(q=qkv[0], k=qkv[1], v=qkv[2], scale=high["scale"], bias=high["bias"], mask=high["mask"])
+            up = upstream.double().view(B, N, H, D).transpose(1, 2)
+        else:
+            x, up = high, upstream.double()
+        terms = _dscale_terms(x, up, diagonal)
+        err = (grads[i].double() - ref_grads[i]).abs()
+        assert torch.isfinite(grads[i]).all() and (err <= 1e-2 * terms).all(), (err, terms)
+        del names[i], grads[i], ref_grads[i]
+    check(out, grads, ref, ref_grads, names, dtype)
+
+
+MASK_VARIANTS = ["shared_mask", "batch_mask", "broadcast_mask", "head_broadcast_mask", "mask_bias", "lsa_mask"]
+
+
+@pytest.mark.parametrize("variant", MASK_VARIANTS)
+def test_mask_every_variant_fp32(variant):
+    """Every mask shape ([H, N, N], [B, H, N, N], broadcast over B or H) alone, with a bias and
+    a float scale, and with LSA (learnable [H] scale, diagonal mask): the masked-loop geometry."""
+    run_mask_case((2, 3, 17, 16), torch.float32, variant)
+
+
+@pytest.mark.parametrize(
+    "N, dtype, variant",
+    [
+        (65, torch.float16, "lsa_mask"),  # split: full blocks, a 16-row tail, rank-1 last key / query
+        (197, torch.float16, "mask_everything"),  # split: 16-wide masked tails on both sides
+        (17, torch.bfloat16, "lsa_batch_mask"),  # N < BLOCK_M: one masked loop
+        (65, torch.bfloat16, "mask_bias"),  # bf16 multiplies in fp32 here ("upcast"): the masked loop
+        (40, torch.float32, "lsa_batch_mask"),  # FMA fp32: a masked loop over 16 × 16 tiles
+    ],
+)
+def test_mask_full_blocks_and_tails(N, dtype, variant):
+    """D = 64 around the tile sizes: the mask tile on full blocks, on masked tails, on the rank-1
+    CUDA-core step, and transposed (maskᵀ by index) in the dk/dv kernel's split form. Under the
+    interpreter only fp16 takes the split geometry (bf16 runs the "upcast" dots, whose tiles are
+    the masked loop's), so fp16 covers it."""
+    run_mask_case((2, 1 if N > 100 else 2, N, 64), dtype, variant)
+
+
+@pytest.mark.parametrize("N, dtype, variant", [(20, torch.float32, "mask_everything"),
+                                               (197, torch.bfloat16, "lsa_mask")])
+def test_mask_packed(N, dtype, variant):
+    run_mask_case((2, 3, N, 32), dtype, variant, packed=True)
+
+
+def test_deterministic_dmask_equals_atomic(monkeypatch):
+    """A mask shared over the batch or heads: relaxed atomics, or under deterministic algorithms
+    per-(b, h) gradients summed by torch; both equal the reference. N = 65, fp16, D = 32 takes
+    the split geometry and its rank-1 step (both write dmask)."""
+    B, H, N, D, dtype = 2, 2, 65, 32, torch.float16
+    qkv = torch.randn(B, N, 3 * H * D).to(dtype)
+    upstream = torch.randn(B, N, H * D).to(dtype)
+    for shape in [(H, N, N), (B, 1, N, N), (1, 1, N, N)]:
+        mask = make_mask(shape).float().requires_grad_()
+        grads = []
+        for deterministic in (False, True):
+            monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda d=deterministic: d)
+            out = functional.attention_qkvpacked(qkv, H, mask=mask, diagonal_mask=True, backend="triton")
+            grads.append(torch.autograd.grad(out, mask, upstream)[0])
+        assert grads[0].shape == mask.shape
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+        ref_mask = mask.detach().double().requires_grad_()
+        ref = reference.attention_qkvpacked(qkv.double(), H, mask=ref_mask, diagonal_mask=True)
+        dmask = torch.autograd.grad(ref, ref_mask, upstream.double())[0]
+        assert_rel_close(grads[1], dmask, TOL[dtype], "dmask")
+
+
+def test_mask_without_grad_skips_dmask(monkeypatch):
+    """A mask that needs no gradient: no dmask buffer, no dmask write; a half-precision mask reads
+    as fp32 and its gradient comes back in its own dtype."""
+    q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.float64) for _ in range(3))
+    mask = make_mask((2, 9, 9))
+    x = [t.float().requires_grad_() for t in (q, k, v)]
+
+    def refuse(*args):
+        raise AssertionError("shared-gradient pass run for a mask that needs no gradient")
+
+    with monkeypatch.context() as m:
+        m.setattr(kernel, "shared_grad", refuse)
+        out = functional.attention(*x, mask=mask.float(), backend="triton")
+        grads = torch.autograd.grad(out.sum(), x)
+    ref_x = [t.detach().double().requires_grad_() for t in x]
+    ref = reference.attention(*ref_x, mask=mask.float().double())
+    check(out, grads, ref, torch.autograd.grad(ref.sum(), ref_x), ["q", "k", "v"], torch.float32)
+    half_mask = mask.to(torch.bfloat16).requires_grad_()
+    out = functional.attention(*x, mask=half_mask, backend="triton")
+    (dmask,) = torch.autograd.grad(out.sum(), [half_mask])
+    assert dmask.dtype == torch.bfloat16 and dmask.shape == half_mask.shape
+    ref_mask = half_mask.detach().double().requires_grad_()
+    ref = reference.attention(*(t.detach().double() for t in x), mask=ref_mask)
+    assert_rel_close(dmask, torch.autograd.grad(ref.sum(), ref_mask)[0], 2e-2, "dmask")
 
 
 def test_only_requested_gradients_are_computed():

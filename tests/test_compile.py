@@ -16,8 +16,12 @@ def test_attention_op_registrations():
     scale = torch.full((H,), D**-0.5, requires_grad=True)
     bias = torch.randn(H, N, N, requires_grad=True)
     torch.library.opcheck(attention_kernel.attention_fwd, (q, k, v, scale, 1.0, bias, True))
+    mask = torch.rand(B, H, N, N, requires_grad=True)
+    torch.library.opcheck(attention_kernel.attention_fwd, (q, k, v, scale, 1.0, bias, True, mask))
     qkv = torch.randn(B, N, 3 * H * D, requires_grad=True)
     torch.library.opcheck(attention_kernel.attention_qkvpacked_fwd, (qkv, H, None, D**-0.5, None, False))
+    torch.library.opcheck(attention_kernel.attention_qkvpacked_fwd,
+                          (qkv, H, None, D**-0.5, None, False, torch.rand(H, N, N, requires_grad=True)))
 
 
 def test_loss_op_registrations():

@@ -21,7 +21,7 @@ TARGET = ins.TARGETS["sm_90a"]
 
 
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("variant", ["plain", "lsa", "bias"])
+@pytest.mark.parametrize("variant", ["plain", "lsa", "bias", "lsa_mask"])
 def test_attention_grids_fit_cuda_limits_at_huge_batches(packed, variant):
     """B·H = 120,000 (ViT-B at batch 10,000) and 600,000: every launch's grid is within CUDA's
     limits, and the program count covers every (query block, head)."""
@@ -50,7 +50,8 @@ def test_capture_records_the_jit_specialisation():
     assert fwd.signature["Q"] == "*bf16" and fwd.signature["stride_qn"] == "i32"
     assert fwd.constants == {"D": 64, "BLOCK_M": 64, "BLOCK_N": 32, "TAIL_M": 16, "TAIL_N": 1, "SPLIT": True,
                              "HAS_SCALE_TENSOR": False, "HAS_BIAS": False,
-                             "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None, "BIAS": None}
+                             "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None, "BIAS": None,
+                             "HAS_MASK": False, "MASK": None}
     names = list(fwd.args)
     aligned = {names[path[0]] for path, value in fwd.attrs.items() if ["tt.divisibility", 16] in value}
     assert {"Q", "K", "V", "O", "LSE"} <= aligned  # k, v views start H·D·2 = 384 bytes in
@@ -77,6 +78,10 @@ def test_large_dbias_and_packed_offsets_are_int64_safe():
     dq = next(launch for launch in launches if launch.kernel == "_attention_bwd_dq_kernel")
     assert dq.args["stride_gb"] == 16 * 577 * 577 and 512 * dq.args["stride_gb"] * 4 > 2**31
     assert "to(tl.int64)" in inspect.getsource(attention_kernel._program.fn)
+    launches = ins.attention_launches("dmask", 512, 577, 16, 64, torch.bfloat16, "lsa_mask_batch")
+    dq = next(launch for launch in launches if launch.kernel == "_attention_bwd_dq_kernel")
+    assert dq.constants["NEED_DMASK"]  # a per-batch mask: plain stores from the dq kernel
+    assert dq.args["stride_dmb"] == 16 * 577 * 577 and dq.args["stride_mb"] == 16 * 577 * 577
 
 
 def test_loss_and_update_launches_at_scale():
