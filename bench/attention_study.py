@@ -232,7 +232,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not (run_dir(runs, regime, variant, seed) / "metrics.json").exists()]
     start = time.perf_counter()
     made = 0
+    commit_file = runs / "commit.txt"  # the code the runs were made with (the report may come later)
     if not args.report_only and todo:
+        runs.mkdir(parents=True, exist_ok=True)
+        commit_file.write_text(_git_commit() + "\n")
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = [pool.submit(one_run, str(runs), r, v, s, args.epochs) for r, v, s in todo]
             for future in futures:
@@ -252,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "wall_seconds": wall,
         "runs_made": made,
         "jobs": args.jobs,
-        "git_commit": _git_commit(),
+        "git_commit": commit_file.read_text().strip() if commit_file.exists() else _git_commit(),
         "torch": torch.__version__,
         "init_check": shared_init_is_identical(0),
     }
