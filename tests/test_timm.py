@@ -181,3 +181,19 @@ def test_ibit_timm_model_from_the_main_job_config():
     masks = [m for m in model.modules() if isinstance(m, IBiTMask)]
     assert len(masks) == len(model.blocks) and all(m.mask_rank == 2 and m.grid_size == 2 for m in masks)
     assert model(data.x_test[:3]).shape == (3, 10)
+
+
+def test_fused_mgit_trains_an_ibit_timm_model():
+    primary = small_image()
+    patch_vit(primary, variant="ibit", mask_rank=4)
+    mgit = FusedMGiT(primary, aux_depth=1, lr=1e-2, aux_seed=0, backend="torch")
+    auxiliary_mask = mgit.auxiliary.blocks[0].attn.ibit
+    assert isinstance(auxiliary_mask, IBiTMask) and auxiliary_mask.mask_rank == 4
+    before = {n: p.detach().clone() for n, p in mgit.named_parameters() if ".ibit." in n}
+    assert len(before) == 2 * 2 + 2  # primary: 2 blocks × (U, V); auxiliary: 1 block × (U, V)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        stats = mgit.training_step(x, y)
+        assert torch.isfinite(stats["loss"]) and not bool(stats["skipped"])
+    changed = [n for n, p in mgit.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
