@@ -269,4 +269,11 @@ def _additive(attn_mask: Tensor) -> Tensor:
     return attn_mask if attn_mask.dim() != 2 else attn_mask.unsqueeze(0)
 
 
-__all__ = ["ATTENTION_VARIANTS", "FusedAttention", "GaussianMixtureBias", "IBiTMask", "ibit_initial_mask", "ibit_widths"]
+__all__ = [
+    "ATTENTION_VARIANTS",
+    "FusedAttention",
+    "GaussianMixtureBias",
+    "IBiTMask",
+    "ibit_initial_mask",
+    "ibit_widths",
+]

@@ -136,9 +136,10 @@ class ViT(nn.Module):
 
     Defaults are a small-data ViT for 32×32 images (Lee et al.'s CIFAR setting). ``attention``
     picks the attention variant of every block (``"standard"``, ``"lsa"``, ``"gmm"``, ``"ibit"``;
-    see ``FusedAttention``; ``mask_rank`` is IBiT's mask rank, None for a full mask), ``spt`` the Shifted Patch Tokenization, ``drop_path`` the stochastic
-    depth of the last block (rising linearly from 0 at the first). ``ViT(**model.config)``
-    rebuilds a model of the same shape.
+    see ``FusedAttention``), ``mask_rank`` the rank of IBiT's mask (None: a full ``[N, N]`` mask
+    per head; ``IBiTMask``), ``spt`` the Shifted Patch Tokenization, ``drop_path`` the
+    stochastic depth of the last block (rising linearly from 0 at the first).
+    ``ViT(**model.config)`` rebuilds a model of the same shape.
     """
 
     def __init__(
