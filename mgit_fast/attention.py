@@ -6,7 +6,7 @@ Triton kernel on CUDA, ``mgit_fast.reference`` elsewhere.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import functional
 
-ATTENTION_VARIANTS = ("standard", "lsa", "gmm")
+ATTENTION_VARIANTS = ("standard", "lsa", "gmm", "ibit")
 
 
 class GaussianMixtureBias(nn.Module):
@@ -60,6 +60,121 @@ class GaussianMixtureBias(nn.Module):
         return f"num_heads={self.num_heads}, grid_size={self.grid_size}, num_kernels={self.num_kernels}"
 
 
+def ibit_widths(num_heads: int) -> Tensor:
+    """IBiT's per-head Gaussian widths, in patches: head ``h`` starts at ``σ_h = h + 1``
+    (1, 2, …, H), from a local head to a nearly flat one, as the GMM's kernel widths."""
+    return torch.arange(1, num_heads + 1, dtype=torch.float64)
+
+
+def ibit_initial_mask(num_heads: int, grid_size: int, num_prefix_tokens: int = 1) -> Tensor:
+    """The IBiT mask at initialisation, ``[H, N, N]`` float64, ``N = num_prefix_tokens +
+    grid_size²``: ``exp(−‖pos_i − pos_j‖² / (2σ_h²))`` between patches ``i`` and ``j`` (row-major
+    grid positions, in patches; ``σ_h`` from ``ibit_widths``), 1 in the prefix tokens' rows
+    and columns."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    positions = torch.stack([rows.flatten(), cols.flatten()], dim=-1).double()
+    sq_dist = (positions[:, None] - positions[None, :]).square().sum(dim=-1)
+    sigma = rearrange(ibit_widths(num_heads), "h -> h 1 1")
+    patches = torch.exp(-sq_dist / (2.0 * sigma.square()))
+    return F.pad(patches, (num_prefix_tokens, 0, num_prefix_tokens, 0), value=1.0)
+
+
+class IBiTMask(nn.Module):
+    """IBiT's learnable multiplicative attention mask, one ``[N, N]`` map per head.
+
+    IBiT (Utilizing Inductive Biases to Create a More Data Efficient Attention Mechanism)
+    multiplies the attention map element-wise by a learned mask, ``A = softmax(s) ⊙ M``, with
+    no renormalisation; ``out = A·v``. This module holds ``M`` and returns it, ``[H, N, N]``,
+    ``N = num_prefix_tokens + grid_size²`` (prefix tokens, e.g. the class token, first; then
+    the patches in row-major order).
+
+    Initialisation (``ibit_initial_mask``): between patches a 2-D Gaussian of their distance,
+    ``exp(−‖pos_i − pos_j‖² / (2σ_h²))`` with width ``σ_h = h + 1`` patches for head ``h``
+    (1, 2, …, H); 1 in the prefix tokens' rows and columns (plain attention there). Every
+    entry is learnable.
+
+    ``mask_rank=None``: ``M`` is a full ``[H, N, N]`` parameter (``mask``).
+    ``mask_rank=r``: ``M = 1 + U·Vᵀ`` with ``U, V`` ``[H, N, r]`` parameters (``mask_u``,
+    ``mask_v``), initialised to the best rank-``r`` approximation (Frobenius and spectral norm)
+    of the symmetric ``init − 1``: from its eigendecomposition ``Q·diag(λ)·Qᵀ`` the ``r``
+    eigenpairs of largest ``|λ|``, ``U = Q_r·√|λ_r|``, ``V = Q_r·√|λ_r|·sign(λ_r)``. ``init − 1``
+    is zero in the prefix rows and columns, so these start at exactly 1 (and can learn); its
+    rank is at most ``grid_size²``, so ``1 ≤ r ≤ grid_size²``.
+    """
+
+    def __init__(
+        self, num_heads: int, grid_size: int, mask_rank: Optional[int] = None, num_prefix_tokens: int = 1
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_heads", num_heads), ("grid_size", grid_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
+            raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be ≥ 0, got {num_prefix_tokens}")
+        num_patches = grid_size * grid_size
+        if mask_rank is not None:
+            if isinstance(mask_rank, bool) or not isinstance(mask_rank, int):
+                raise TypeError(f"mask_rank must be an int or None, got {type(mask_rank).__name__}")
+            if not 1 <= mask_rank <= num_patches:
+                raise ValueError(
+                    f"mask_rank must be in [1, grid_size² = {num_patches}] (the rank of the initial "
+                    f"mask − 1), got {mask_rank}"
+                )
+        self.num_heads = num_heads
+        self.grid_size = grid_size
+        self.mask_rank = mask_rank
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_tokens = num_prefix_tokens + num_patches
+        N = self.num_tokens
+        if mask_rank is None:
+            self.mask = nn.Parameter(torch.empty(num_heads, N, N))
+            self.mask_u = self.mask_v = None
+        else:
+            self.mask = None
+            self.mask_u = nn.Parameter(torch.empty(num_heads, N, mask_rank))
+            self.mask_v = nn.Parameter(torch.empty(num_heads, N, mask_rank))
+        self.reset_parameters()
+
+    def initial_factors(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(U, V, discarded)`` in float64: the rank-``mask_rank`` factors of ``init − 1``
+        and, per head, the eigenvalues left out (``‖init − 1 − U·Vᵀ‖_F = ‖discarded‖``)."""
+        P, p0 = self.grid_size**2, self.num_prefix_tokens
+        target = ibit_initial_mask(self.num_heads, self.grid_size, p0)[:, p0:, p0:] - 1.0
+        eigenvalues, eigenvectors = torch.linalg.eigh(target)  # ascending; symmetric [H, P, P]
+        order = eigenvalues.abs().argsort(dim=-1, descending=True)
+        eigenvalues = eigenvalues.gather(-1, order)
+        eigenvectors = eigenvectors.gather(-1, order.unsqueeze(-2).expand(-1, P, -1))
+        kept, discarded = eigenvalues[:, : self.mask_rank], eigenvalues[:, self.mask_rank :]
+        root = kept.abs().sqrt().unsqueeze(-2)
+        u = eigenvectors[:, :, : self.mask_rank] * root
+        v = u * kept.sign().unsqueeze(-2)
+        pad = (0, 0, p0, 0)  # prefix tokens' rows of U and V: 0, so M stays 1 there
+        return F.pad(u, pad), F.pad(v, pad), discarded
+
+    def reset_parameters(self) -> None:
+        """The Gaussian initialisation (full mask), or its best rank-``mask_rank`` approximation."""
+        with torch.no_grad():
+            if self.mask_rank is None:
+                self.mask.copy_(ibit_initial_mask(self.num_heads, self.grid_size, self.num_prefix_tokens))
+            else:
+                u, v, _ = self.initial_factors()
+                self.mask_u.copy_(u)
+                self.mask_v.copy_(v)
+
+    def forward(self) -> Tensor:
+        if self.mask_rank is None:
+            return self.mask
+        return 1.0 + torch.einsum("hir,hjr->hij", self.mask_u, self.mask_v)
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, grid_size={self.grid_size}, mask_rank={self.mask_rank}, "
+                f"num_prefix_tokens={self.num_prefix_tokens}")
+
+
 class FusedAttention(nn.Module):
     """Multi-head self-attention, ``[B, N, C] → [B, N, C]``, on the fused attention op.
 
@@ -69,7 +184,11 @@ class FusedAttention(nn.Module):
         (an ``[H]`` parameter starting at ``scale``) and no token attends to itself;
       - ``"gmm"``: a learnable Gaussian-mixture bias over the patch grid (``gmm``, a
         ``GaussianMixtureBias`` of ``num_kernels`` kernels); needs ``grid_size`` (patches per
-        side) and ``N = 1 + grid_size²`` tokens, the class token first.
+        side) and ``N = 1 + grid_size²`` tokens, the class token first;
+      - ``"ibit"``: IBiT, ``(softmax(q·kᵀ·scale) ⊙ M)·v`` with a learnable multiplicative mask
+        ``M`` (``ibit``, an ``IBiTMask``, full or of rank ``mask_rank``) and no
+        renormalisation; needs ``grid_size`` and ``N = num_prefix_tokens + grid_size²`` tokens,
+        the prefix (class) tokens first.
     ``backend``: ``None`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
     """
 
@@ -84,14 +203,18 @@ class FusedAttention(nn.Module):
         grid_size: Optional[int] = None,
         num_kernels: int = 2,
         backend: Optional[str] = None,
+        mask_rank: Optional[int] = None,
+        num_prefix_tokens: int = 1,
     ) -> None:
         super().__init__()
         if variant not in ATTENTION_VARIANTS:
             raise ValueError(f"variant must be one of {ATTENTION_VARIANTS}, got {variant!r}")
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
             raise ValueError(f"num_heads must be a positive int dividing dim={dim}, got {num_heads!r}")
-        if variant == "gmm" and grid_size is None:
-            raise ValueError("grid_size (patches per side) is required for variant='gmm'")
+        if variant in ("gmm", "ibit") and grid_size is None:
+            raise ValueError(f"grid_size (patches per side) is required for variant={variant!r}")
+        if mask_rank is not None and variant != "ibit":
+            raise ValueError(f"mask_rank applies to variant='ibit' only, got variant={variant!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.variant = variant
@@ -106,9 +229,10 @@ class FusedAttention(nn.Module):
         else:
             self.scale = self.initial_scale
         self.gmm = GaussianMixtureBias(num_heads, grid_size, num_kernels) if variant == "gmm" else None
+        self.ibit = IBiTMask(num_heads, grid_size, mask_rank, num_prefix_tokens) if variant == "ibit" else None
 
     def reset_parameters(self) -> None:
-        """Resets the learnable LSA scale (``qkv``, ``proj`` and ``gmm`` reset themselves)."""
+        """Resets the learnable LSA scale (``qkv``, ``proj``, ``gmm`` and ``ibit`` reset themselves)."""
         if isinstance(self.scale, nn.Parameter):
             with torch.no_grad():
                 self.scale.fill_(self.initial_scale)
@@ -130,6 +254,7 @@ class FusedAttention(nn.Module):
             scale=self.scale,
             bias=bias,
             diagonal_mask=self.diagonal_mask,
+            mask=self.ibit() if self.ibit is not None else None,
             backend=self.backend,
         )
         return self.proj_drop(self.proj(out))
@@ -144,4 +269,11 @@ def _additive(attn_mask: Tensor) -> Tensor:
     return attn_mask if attn_mask.dim() != 2 else attn_mask.unsqueeze(0)
 
 
-__all__ = ["ATTENTION_VARIANTS", "FusedAttention", "GaussianMixtureBias"]
+__all__ = [
+    "ATTENTION_VARIANTS",
+    "FusedAttention",
+    "GaussianMixtureBias",
+    "IBiTMask",
+    "ibit_initial_mask",
+    "ibit_widths",
+]

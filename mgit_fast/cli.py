@@ -8,6 +8,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
+from .attention import ATTENTION_VARIANTS
 from .data import DATASETS, check_dataset_name
 
 
@@ -63,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=float, default=d.lr, help="peak AdamW learning rate (warm-up, then cosine decay)")
     add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (≥ 0)")
     add("--label-smoothing", type=float, default=d.label_smoothing, help="ε of both cross-entropies, in [0, 1)")
-    add("--attention", choices=("standard", "lsa", "gmm"), default="standard", help="attention variant")
+    add("--attention", choices=ATTENTION_VARIANTS, default="standard",
+        help="attention variant: standard, lsa (locality self-attention), gmm (Gaussian-mixture bias), ibit "
+             "(learned multiplicative mask, softmax(s) ⊙ M; with --model timm:NAME too)")
+    add("--mask-rank", type=int, default=d.mask_rank, help="IBiT: learn the mask as 1 + U·Vᵀ of this rank "
+        "(1 to the patches per image) instead of a full N×N mask per head (default: full)")
     add("--spt", action="store_true", help="shifted patch tokenization")
     add("--patch-size", type=int, default=d.patch_size, help="patch side in pixels")
     add("--depth", type=int, default=d.depth, help="primary's encoder blocks")
@@ -132,6 +137,14 @@ def validate(args: argparse.Namespace) -> Optional[str]:
             return "--model timm:...: timm is not installed (pip install --no-deps timm; see the README)"
         if not timm.is_model(args.model[5:]):
             return f"--model: timm has no model named {args.model[5:]!r}"
+    if args.mask_rank is not None:
+        if args.attention != "ibit":
+            return f"--mask-rank applies to --attention ibit only, got --attention {args.attention}"
+        size = _image_size(args.dataset)
+        patches = (size // args.patch_size) ** 2
+        if not 1 <= args.mask_rank <= max(patches, 1):
+            return (f"--mask-rank must be in [1, {patches}] (the patches per {size}×{size} image at --patch-size "
+                    f"{args.patch_size}), got {args.mask_rank}")
     if args.embed_dim % args.num_heads:
         return f"--num-heads ({args.num_heads}) must divide --embed-dim ({args.embed_dim})"
     if not 1 <= args.aux_depth <= args.depth:
@@ -149,6 +162,12 @@ def validate(args: argparse.Namespace) -> Optional[str]:
     except OSError as exc:
         return f"--out: cannot write to {args.out}: {exc.strerror or exc}"
     return None
+
+
+def _image_size(dataset: str) -> int:
+    """The side of ``dataset``'s images: 8 for digits and synthetic, 32 otherwise (CIFAR, SVHN,
+    image folders, which are resized to 32)."""
+    return 8 if dataset in ("digits", "synthetic") else 32
 
 
 def _cuda_available() -> bool:
@@ -200,6 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         attention=args.attention,
+        mask_rank=args.mask_rank,
         spt=args.spt,
         patch_size=args.patch_size,
         depth=args.depth,

@@ -21,7 +21,19 @@ def decays(name: str, param: Tensor, no_weight_decay: set) -> bool:
 
 
 def _decay_flags(model: Optional[nn.Module], named: Sequence[Tuple[str, Tensor]]) -> List[bool]:
+    """The weight-decay rule per parameter; besides the model's ``no_weight_decay()``, the
+    attention-mask parameters (``GaussianMixtureBias``, ``IBiTMask``) never decay, also in a
+    model that does not list them (a timm ViT given IBiT masks by ``patch_vit``)."""
+    from .attention import GaussianMixtureBias, IBiTMask
+
     excluded = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if model is not None:
+        excluded.update(
+            f"{module_name}.{name}".lstrip(".")
+            for module_name, module in model.named_modules()
+            if isinstance(module, (GaussianMixtureBias, IBiTMask))
+            for name, _ in module.named_parameters()
+        )
     return [decays(name, p, excluded) for name, p in named]
 
 

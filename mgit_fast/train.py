@@ -59,6 +59,7 @@ class TrainConfig:
     num_heads: int = 4
     mlp_ratio: float = 2.0
     attention: str = "standard"
+    mask_rank: Optional[int] = None  # IBiT (attention="ibit"): the mask's rank, None for a full mask
     spt: bool = False
     drop_path: float = 0.0
     # MGiT
@@ -256,8 +257,13 @@ def build_model(cfg: TrainConfig, data) -> nn.Module:
     if cfg.model.startswith("timm:"):
         import timm
 
-        return timm.create_model(cfg.model[5:], pretrained=False, img_size=size, in_chans=chans, num_classes=classes,
-                                 patch_size=cfg.patch_size, drop_path_rate=cfg.drop_path)
+        model = timm.create_model(cfg.model[5:], pretrained=False, img_size=size, in_chans=chans,
+                                  num_classes=classes, patch_size=cfg.patch_size, drop_path_rate=cfg.drop_path)
+        if cfg.attention == "ibit":  # timm's attention → FusedAttention with an IBiT mask sized from the model
+            from .patching import patch_vit
+
+            patch_vit(model, variant="ibit", mask_rank=cfg.mask_rank)
+        return model
     return ViT(
         img_size=size,
         patch_size=cfg.patch_size,
@@ -270,6 +276,7 @@ def build_model(cfg: TrainConfig, data) -> nn.Module:
         attention=cfg.attention,
         spt=cfg.spt,
         drop_path=cfg.drop_path,
+        mask_rank=cfg.mask_rank,
     )
 
 

@@ -82,6 +82,11 @@ def test_coupled_mgit_primary_differs_from_the_baseline():
     (["--train-per-class", "0"], "--train-per-class"), (["--model", "resnet"], "--model"),
     (["--model", "timm:no_such_model"], "--model"), (["--dataset", "cifar11"], "--dataset"),
     (["--dataset", "folder:/no/such/folder"], "--dataset"),
+    (["--attention", "window"], "--attention"), (["--mask-rank", "2"], "--mask-rank"),
+    (["--attention", "ibit", "--mask-rank", "0"], "--mask-rank"),
+    (["--attention", "ibit", "--mask-rank", "5"], "--mask-rank"),
+    (["--attention", "ibit", "--mask-rank", "x"], "--mask-rank"),
+    (["--attention", "ibit", "--dataset", "cifar10", "--mask-rank", "65"], "--mask-rank"),
 ])
 def test_bad_arguments_fail_at_once_with_one_line(bad, option, tmp_path, capsys):
     """Each bad argument: exit code 2, one line naming the option, before any training."""
@@ -190,3 +195,31 @@ def test_batches_are_the_per_step_draws():
             total = total + x.double().sum().float()
         assert history["loss"][epoch] == float(total) / 5
         assert history["skipped"][epoch] == 0.0
+
+
+@pytest.mark.parametrize("mask_rank", [None, 2])
+def test_cli_trains_ibit_on_digits(mask_rank, tmp_path):
+    """--attention ibit (and --mask-rank) on digits: 8×8 images, 4×4 patches, so 5 tokens."""
+    out = tmp_path / "run"
+    rank = ["--mask-rank", str(mask_rank)] if mask_rank is not None else []
+    code = main(["train", "--attention", "ibit", *rank, "--epochs", "1", "--seeds", "1", "--depth", "1",
+                 "--embed-dim", "16", "--num-heads", "2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["attention"] == "ibit" and metrics["config"]["mask_rank"] == mask_rank
+    assert metrics["config"]["dataset"] == "digits"
+    for arm in ("baseline", "mgit"):
+        assert 0 <= metrics[arm]["test_accuracy"][0] <= 100
+
+
+def test_ibit_config_builds_masked_models():
+    from mgit_fast.attention import IBiTMask
+    from mgit_fast.data import load_dataset
+    from mgit_fast.train import build_model
+
+    data = load_dataset("digits")
+    model = build_model(TrainConfig(attention="ibit", mask_rank=3, **{k: v for k, v in TINY.items()
+                                                                    if k in ("embed_dim", "depth", "num_heads")}),
+                        data)
+    masks = [m for m in model.modules() if isinstance(m, IBiTMask)]
+    assert len(masks) == 2 and all(m.mask_rank == 3 and m.num_tokens == 5 for m in masks)

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mgit_fast.attention import FusedAttention, GaussianMixtureBias
+from mgit_fast.attention import FusedAttention, GaussianMixtureBias, IBiTMask, ibit_initial_mask
 from mgit_fast.models import Block, DropPath, ViT, make_auxiliary
 from mgit_fast.models.vit import ShiftedPatchEmbed, shifted_images
 
-VARIANTS = ("standard", "lsa", "gmm")
+VARIANTS = ("standard", "lsa", "gmm", "ibit")
 TINY = dict(img_size=8, patch_size=2, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=2)
 NUM_TOKENS = 1 + (8 // 2) ** 2
 
@@ -137,6 +137,184 @@ def test_gradients_reach_mask_parameters(variant, names):
 
 
 # --------------------------------------------------------------------------------------------
+# IBiT: the multiplicative mask
+# --------------------------------------------------------------------------------------------
+def ibit_init_loop(num_heads: int, grid_size: int, prefix: int = 1) -> Tensor:
+    """IBiT's initial mask, element by element, in float64: a Gaussian of the patch distance
+    of width h + 1 patches in head h; 1 in the prefix tokens' rows and columns."""
+    P = grid_size * grid_size
+    mask = torch.ones(num_heads, prefix + P, prefix + P, dtype=torch.float64)
+    for h in range(num_heads):
+        for i in range(P):
+            for j in range(P):
+                (ri, ci), (rj, cj) = divmod(i, grid_size), divmod(j, grid_size)
+                sq_dist = (ri - rj) ** 2 + (ci - cj) ** 2
+                mask[h, prefix + i, prefix + j] = math.exp(-sq_dist / (2 * (h + 1) ** 2))
+    return mask
+
+
+@pytest.mark.parametrize("grid_size, prefix", [(3, 1), (2, 1), (4, 3), (3, 0)])
+def test_ibit_mask_starts_as_gaussians_with_ones_for_the_prefix_tokens(grid_size, prefix):
+    module = IBiTMask(num_heads=3, grid_size=grid_size, num_prefix_tokens=prefix)
+    mask = module()
+    N = prefix + grid_size**2
+    assert mask.shape == (3, N, N) and mask.dtype == torch.float32 and module.num_tokens == N
+    expected = ibit_init_loop(3, grid_size, prefix)
+    assert (mask.double() - expected).abs().max() < 1e-7
+    assert (mask[:, :prefix, :] == 1).all() and (mask[:, :, :prefix] == 1).all()
+    assert (torch.diagonal(mask, dim1=-2, dim2=-1) == 1).all()
+    # neighbours (distance 1) in head 0 start at exp(-1/2); the heads widen: head h > head h-1 off the diagonal
+    assert mask[0, prefix, prefix + 1].item() == pytest.approx(math.exp(-0.5), rel=1e-6)
+    off = ~torch.eye(grid_size**2, dtype=torch.bool)
+    patches = mask[:, prefix:, prefix:]
+    assert (patches[1][off] > patches[0][off]).all() and (patches[2][off] > patches[1][off]).all()
+    assert torch.equal(ibit_initial_mask(3, grid_size, prefix), expected)
+    assert dict(module.named_parameters()).keys() == {"mask"}
+
+
+@pytest.mark.parametrize("grid_size, heads", [(2, 4), (3, 3), (4, 2)])
+def test_ibit_low_rank_start_is_the_best_rank_r_approximation(grid_size, heads):
+    """M = 1 + U·Vᵀ starts at the best rank-r approximation of init − 1: its error is the
+    norm of the discarded eigenvalues, equal to the Eckart–Young optimum (singular values of
+    the symmetric target), falls with r and is zero at r = grid_size²; prefix rows/columns
+    start at exactly 1."""
+    P = grid_size**2
+    target = ibit_init_loop(heads, grid_size) - 1.0
+    singular = torch.linalg.svdvals(target)  # [H, P + 1], descending; |eigenvalues| of a symmetric matrix
+    previous = None
+    for rank in range(1, P + 1):
+        module = IBiTMask(heads, grid_size, mask_rank=rank)
+        assert dict(module.named_parameters()).keys() == {"mask_u", "mask_v"}
+        assert module.mask_u.shape == module.mask_v.shape == (heads, P + 1, rank)
+        u, v, discarded = module.initial_factors()
+        error = torch.linalg.matrix_norm(target - u @ v.transpose(-1, -2))  # Frobenius, per head
+        optimum = singular[:, rank:].square().sum(-1).sqrt()
+        assert torch.allclose(error, discarded.norm(dim=-1), rtol=1e-9, atol=1e-12)
+        assert torch.allclose(error, optimum, rtol=1e-9, atol=1e-12)
+        mask = module()
+        assert (mask[:, 0, :] == 1).all() and (mask[:, :, 0] == 1).all()
+        float_error = torch.linalg.matrix_norm(mask.double() - 1.0 - target)
+        assert torch.allclose(float_error, error, atol=1e-5)
+        if previous is not None:
+            assert (error <= previous + 1e-12).all()
+        previous = error
+    assert error.max() < 1e-12  # full rank: exact
+    if P > 2:  # a low rank is already a close start: rank 2 keeps most of the structure
+        rank2 = IBiTMask(heads, grid_size, mask_rank=2)
+        assert (torch.linalg.matrix_norm(rank2().double() - 1 - target) < 0.5 * torch.linalg.matrix_norm(target)).all()
+
+
+def ibit_attention_reference(attn: FusedAttention, x: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q·kᵀ·scale) ⊙ M, not renormalised, times v; then the projection."""
+    B, N, C = x.shape
+    H = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+    probs = ((q @ k.transpose(-2, -1)) * (C // H) ** -0.5).softmax(dim=-1) * mask
+    return attn.proj((probs @ v).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("mask_rank", [None, 2])
+def test_ibit_attention_is_softmax_times_mask_without_renormalisation(mask_rank):
+    attn = FusedAttention(32, num_heads=2, variant="ibit", grid_size=3, mask_rank=mask_rank).double()
+    with torch.no_grad():
+        for p in attn.ibit.parameters():
+            p.copy_(torch.rand_like(p) * 2)
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    mask = attn.ibit()
+    assert rel_err(attn(x), ibit_attention_reference(attn, x, mask)) < 1e-12
+    # renormalising the masked rows would be a different operation
+    renormalised = mask / (mask.sum(-1, keepdim=True))
+    assert rel_err(attn(x), ibit_attention_reference(attn, x, renormalised)) > 1e-3
+
+
+@pytest.mark.parametrize("mask_rank", [None, 3])
+def test_ibit_mask_gradients_match_finite_differences(mask_rank):
+    """float64, small: every mask parameter's gradient against central differences."""
+    attn = FusedAttention(8, num_heads=2, variant="ibit", grid_size=2, mask_rank=mask_rank, backend="torch").double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    weights = torch.randn(2, 5, 8, dtype=torch.float64)
+
+    def loss() -> Tensor:
+        return (attn(x) * weights).sum()
+
+    params = dict(attn.ibit.named_parameters())
+    assert set(params) == ({"mask"} if mask_rank is None else {"mask_u", "mask_v"})
+    grads = torch.autograd.grad(loss(), list(params.values()))
+    eps = 1e-6
+    for (name, p), grad in zip(params.items(), grads):
+        numeric = torch.zeros_like(p)
+        with torch.no_grad():
+            for index in range(p.numel()):
+                flat = p.view(-1)
+                flat[index] += eps
+                up = loss()
+                flat[index] -= 2 * eps
+                down = loss()
+                flat[index] += eps
+                numeric.view(-1)[index] = (up - down) / (2 * eps)
+        assert grad.abs().sum() > 0, name
+        assert rel_err(grad, numeric) < 1e-7, name
+
+
+def test_ibit_reset_parameters_restores_the_start():
+    for rank in (None, 2):
+        module = IBiTMask(2, 3, mask_rank=rank)
+        start = module().detach().clone()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        assert not torch.equal(module(), start)
+        module.reset_parameters()
+        assert torch.equal(module(), start)
+
+
+def test_vit_ibit_forward_backward_weight_decay_and_auxiliary():
+    for rank in (None, 2):
+        model = tiny_vit(attention="ibit", mask_rank=rank, depth=3)
+        assert model.config["mask_rank"] == rank and ViT(**model.config).config == model.config
+        masks = {n for n, _ in model.named_parameters() if ".ibit." in n}
+        assert len(masks) == (3 if rank is None else 6)
+        assert masks <= model.no_weight_decay()
+        F.cross_entropy(model(images(4)), torch.tensor([0, 1, 2, 3])).backward()
+        for name in masks:
+            grad = dict(model.named_parameters())[name].grad
+            assert grad is not None and torch.isfinite(grad).all(), name
+            # Only the class token's row of the last block reaches the head; there
+            # dM[0, j] · U[0] = 0 at the start (U's class-token row is 0), so that block's V gets
+            # no gradient yet; every other mask parameter gets one.
+            assert (grad.abs().sum() == 0) == (name == "blocks.2.attn.ibit.mask_v"), name
+        with torch.no_grad():
+            for block in model.blocks:
+                for p in block.attn.ibit.parameters():
+                    p.mul_(0.5)
+        auxiliary = make_auxiliary(model, 1, seed=0)
+        start = IBiTMask(2, 4, mask_rank=rank)()
+        assert torch.equal(auxiliary.blocks[0].attn.ibit(), start)  # a fresh mask, the primary's untouched
+        assert not torch.equal(model.blocks[0].attn.ibit(), start)
+        model.init_weights()
+        assert all(torch.equal(block.attn.ibit(), start) for block in model.blocks)
+
+
+def test_fused_mgit_steps_an_ibit_vit():
+    from mgit_fast import FusedMGiT
+
+    primary = tiny_vit(attention="ibit", mask_rank=None)
+    mgit = FusedMGiT(primary, aux_depth=1, aux_seed=0, lr=1e-2, backend="torch")
+    names = [n for n, _ in mgit.optimizer.named_primary]
+    decays = dict(zip(names, mgit.optimizer.decay_primary))
+    assert not any(decays[n] for n in names if ".ibit." in n) and decays["blocks.0.attn.qkv.weight"]
+    before = {n: p.detach().clone() for n, p in mgit.primary.named_parameters() if ".ibit." in n}
+    aux_before = mgit.auxiliary.blocks[0].attn.ibit.mask.detach().clone()
+    x, y = images(8), torch.randint(0, 5, (8,))
+    for _ in range(2):
+        stats = mgit.training_step(x, y)
+        assert torch.isfinite(stats["loss"]) and not bool(stats["skipped"])
+    for name, start in before.items():
+        assert not torch.equal(dict(mgit.primary.named_parameters())[name], start), name
+    assert not torch.equal(mgit.auxiliary.blocks[0].attn.ibit.mask, aux_before)
+
+
+# --------------------------------------------------------------------------------------------
 # ViT
 # --------------------------------------------------------------------------------------------
 def timm_names(depth: int, variant: str, spt: bool) -> set:
@@ -151,6 +329,8 @@ def timm_names(depth: int, variant: str, spt: bool) -> set:
             names.add(f"blocks.{i}.attn.scale")
         if variant == "gmm":
             names |= {f"blocks.{i}.attn.gmm.weight", f"blocks.{i}.attn.gmm.log_sigma"}
+        if variant == "ibit":
+            names.add(f"blocks.{i}.attn.ibit.mask")
     return names
 
 
@@ -177,7 +357,9 @@ def test_parameter_names_and_shapes(variant, spt):
 def test_no_weight_decay(variant):
     model = tiny_vit(attention=variant)
     gmm_names = {f"blocks.{i}.attn.gmm.{n}" for i in range(2) for n in ("weight", "log_sigma")}
-    assert model.no_weight_decay() == {"pos_embed", "cls_token"} | (gmm_names if variant == "gmm" else set())
+    ibit_names = {f"blocks.{i}.attn.ibit.mask" for i in range(2)}
+    masks = {"gmm": gmm_names, "ibit": ibit_names}.get(variant, set())
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"} | masks
     assert model.no_weight_decay() <= set(dict(model.named_parameters()))
 
 
@@ -205,7 +387,8 @@ def test_standard_vit_matches_timm_forward():
 def test_init_weights_reinitialises_every_parameter():
     model = tiny_vit(attention="lsa", spt=True)
     gmm_model = tiny_vit(attention="gmm")
-    for m in (model, gmm_model):
+    ibit_models = [tiny_vit(attention="ibit"), tiny_vit(attention="ibit", mask_rank=3)]
+    for m in (model, gmm_model, *ibit_models):
         with torch.no_grad():
             for p in m.parameters():
                 p.fill_(7.0)
@@ -223,14 +406,16 @@ def test_backward_through_vit(variant, spt):
     F.cross_entropy(model(images(4)), torch.tensor([0, 1, 2, 3])).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    mask_names = ("attn.scale", "gmm.weight", "gmm.log_sigma")
+    mask_names = ("attn.scale", "gmm.weight", "gmm.log_sigma", "ibit.mask")
     mask_grads = {n: p.grad for n, p in model.named_parameters() if n.endswith(mask_names)}
-    assert len(mask_grads) == {"standard": 0, "lsa": 2, "gmm": 4}[variant]
+    assert len(mask_grads) == {"standard": 0, "lsa": 2, "gmm": 4, "ibit": 2}[variant]
     for name, grad in mask_grads.items():
         # Only the class token reaches the head, and its row carries no GMM bias, so the last
         # block's GMM gets a zero gradient; every other mask parameter gets a nonzero one.
         last_gmm = name.startswith("blocks.1.attn.gmm")
         assert (grad.abs().sum() == 0) == last_gmm, name
+        if name == "blocks.1.attn.ibit.mask":  # IBiT's class-token row is a mask entry like any other
+            assert (grad[:, 0].abs() > 0).all() and (grad[:, 1:] == 0).all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +516,8 @@ def test_make_auxiliary(variant, spt):
     for name, p in auxiliary.named_parameters():
         assert p.shape == trained[name].shape, name
         assert not torch.equal(p, trained[name]), f"{name} kept the primary's value"
-        if p.dim() >= 2 and "gmm" not in name:  # randomly initialised: independent of the primary's init
+        masks = ("gmm", "ibit")  # start at fixed values; everything else is drawn at random
+        if p.dim() >= 2 and not any(m in name for m in masks):  # independent of the primary's init
             assert not torch.equal(p, initial[name]), name
     assert auxiliary(images()).shape == (3, 5)
     # the primary is untouched
@@ -411,6 +597,17 @@ def test_make_auxiliary_errors():
         (dict(variant="gmm"), ValueError, "grid_size"),
         (dict(variant="gmm", grid_size=0), ValueError, "grid_size"),
         (dict(variant="gmm", grid_size=3, num_kernels=0), ValueError, "num_kernels"),
+        (dict(variant="ibit"), ValueError, "grid_size"),
+        (dict(variant="ibit", grid_size=0), ValueError, "grid_size"),
+        (dict(variant="ibit", grid_size=2.0), TypeError, "grid_size"),
+        (dict(variant="ibit", grid_size=3, mask_rank=0), ValueError, "mask_rank"),
+        (dict(variant="ibit", grid_size=3, mask_rank=10), ValueError, "mask_rank"),
+        (dict(variant="ibit", grid_size=3, mask_rank=2.0), TypeError, "mask_rank"),
+        (dict(variant="ibit", grid_size=3, mask_rank=True), TypeError, "mask_rank"),
+        (dict(variant="ibit", grid_size=3, num_prefix_tokens=-1), ValueError, "num_prefix_tokens"),
+        (dict(variant="ibit", grid_size=3, num_prefix_tokens=1.0), TypeError, "num_prefix_tokens"),
+        (dict(variant="gmm", grid_size=3, mask_rank=2), ValueError, "mask_rank"),
+        (dict(mask_rank=2), ValueError, "mask_rank"),
     ],
 )
 def test_attention_errors(kwargs, error, name):
@@ -426,6 +623,8 @@ def test_attention_errors(kwargs, error, name):
         (dict(num_heads=3), "num_heads"),
         (dict(depth=0), "depth"),
         (dict(drop_path=1.5), "drop_path"),
+        (dict(attention="lsa", mask_rank=2), "mask_rank"),
+        (dict(attention="ibit", mask_rank=17), "mask_rank"),
     ],
 )
 def test_vit_errors(kwargs, name):

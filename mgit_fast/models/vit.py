@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..attention import ATTENTION_VARIANTS, FusedAttention, GaussianMixtureBias
+from ..attention import ATTENTION_VARIANTS, FusedAttention, GaussianMixtureBias, IBiTMask
 
 LAYER_NORM_EPS = 1e-6  # timm's ViT LayerNorm epsilon
 
@@ -73,11 +73,12 @@ class Block(nn.Module):
         attention: str = "standard",
         grid_size: Optional[int] = None,
         backend: Optional[str] = None,
+        mask_rank: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = FusedAttention(
-            dim, num_heads, qkv_bias, variant=attention, grid_size=grid_size, backend=backend
+            dim, num_heads, qkv_bias, variant=attention, grid_size=grid_size, backend=backend, mask_rank=mask_rank
         )
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -134,10 +135,11 @@ class ViT(nn.Module):
     """Vision Transformer with a class token, learned position embeddings and pre-norm blocks.
 
     Defaults are a small-data ViT for 32×32 images (Lee et al.'s CIFAR setting). ``attention``
-    picks the attention variant of every block (``"standard"``, ``"lsa"``, ``"gmm"``; see
-    ``FusedAttention``), ``spt`` the Shifted Patch Tokenization, ``drop_path`` the stochastic
-    depth of the last block (rising linearly from 0 at the first). ``ViT(**model.config)``
-    rebuilds a model of the same shape.
+    picks the attention variant of every block (``"standard"``, ``"lsa"``, ``"gmm"``, ``"ibit"``;
+    see ``FusedAttention``), ``mask_rank`` the rank of IBiT's mask (None: a full ``[N, N]`` mask
+    per head; ``IBiTMask``), ``spt`` the Shifted Patch Tokenization, ``drop_path`` the
+    stochastic depth of the last block (rising linearly from 0 at the first).
+    ``ViT(**model.config)`` rebuilds a model of the same shape.
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class ViT(nn.Module):
         drop_path: float = 0.0,
         qkv_bias: bool = True,
         backend: Optional[str] = None,
+        mask_rank: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.config: Dict[str, Any] = dict(
@@ -171,6 +174,7 @@ class ViT(nn.Module):
             drop_path=drop_path,
             qkv_bias=qkv_bias,
             backend=backend,
+            mask_rank=mask_rank,
         )
         for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth"):
             _positive_int(name, self.config[name])
@@ -178,6 +182,8 @@ class ViT(nn.Module):
             raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
         if attention not in ATTENTION_VARIANTS:
             raise ValueError(f"attention must be one of {ATTENTION_VARIANTS}, got {attention!r}")
+        if mask_rank is not None and attention != "ibit":
+            raise ValueError(f"mask_rank applies to attention='ibit' only, got attention={attention!r}")
         if not 0.0 <= drop_path <= 1.0:
             raise ValueError(f"drop_path must be in [0, 1], got {drop_path!r}")
         self.img_size = img_size
@@ -196,7 +202,7 @@ class ViT(nn.Module):
         drop_rates = torch.linspace(0.0, drop_path, depth).tolist()
         self.blocks = nn.Sequential(
             *(
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, attention, grid_size, backend)
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, attention, grid_size, backend, mask_rank)
                 for rate in drop_rates
             )
         )
@@ -207,7 +213,7 @@ class ViT(nn.Module):
     def init_weights(self) -> None:
         """(Re-)initialises every parameter: truncated normal (std 0.02) for the Linear and
         patch-embedding weights, ``pos_embed`` and ``cls_token``; zero biases; LayerNorm to
-        the identity; the LSA scales and GMM masks to their starting values."""
+        the identity; the LSA scales, GMM masks and IBiT masks to their starting values."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
@@ -218,15 +224,15 @@ class ViT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, (FusedAttention, GaussianMixtureBias)):
+            elif isinstance(module, (FusedAttention, GaussianMixtureBias, IBiTMask)):
                 module.reset_parameters()
 
     def no_weight_decay(self) -> Set[str]:
         """Names of ≥2-dim parameters that take no weight decay: the embeddings and the GMM
-        mask parameters."""
+        and IBiT mask parameters."""
         names = {"pos_embed", "cls_token"}
         for module_name, module in self.named_modules():
-            if isinstance(module, GaussianMixtureBias):
+            if isinstance(module, (GaussianMixtureBias, IBiTMask)):
                 names.update(f"{module_name}.{name}" for name, _ in module.named_parameters())
         return names
 
