@@ -835,11 +835,13 @@ MASK_TILES = {
     ("dkdv", "half", 64, True): dict(max_block_n=16),  # 32 queries spilled 54 B on Triton 3.6, sm_80
     ("dkdv", "half", 128, False): dict(num_stages=1),
     ("dkdv", "tf32", 64, False): dict(max_block_n=32, num_stages=1),
+    ("dq", "tf32", 128, False): dict(num_stages=1),  # a shared mask, no dmask store: spilled 12 B on sm_90a
+    ("shared", "ieee", 64, False): dict(num_warps=2),  # spilled 8 B on sm_90a
 }
 
 
 def _mask_tiling(kernel: str, tiles: dict, N: int, D: int, precision: str) -> dict:
-    """`tiles` of one kernel ("fwd", "dq" or "dkdv", as launched without a mask) with the
+    """`tiles` of one kernel ("fwd", "dq", "dkdv" or "shared", as launched without a mask) with the
     `MASK_TILES` entry applied, for a launch with a mask."""
     over = dict(MASK_TILES.get((kernel, precision, D, tiles["SPLIT"]), {}))
     max_block_n = over.pop("max_block_n", None)
@@ -1005,6 +1007,8 @@ def shared_grad(
     # it holds q, dout, k and v of a pair at once: at most 2 stages (3 left 2 blocks/SM at D = 64
     # on sm_90a), 1 with tf32 (2 spilled 236 B at D = 32 on sm_80)
     tiles.update(num_stages=1 if precision == "tf32" else min(tiles["num_stages"], 2))
+    if mask is not None:
+        tiles = _mask_tiling("shared", tiles, N, D, precision)
     full = target.shape if target.dim() == 4 else (1, *target.shape)
     slices_b, slices_h = full[0], full[1]
     per_b, per_h = B // slices_b, H // slices_h  # contributors per slice along b and h

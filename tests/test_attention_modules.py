@@ -105,10 +105,11 @@ def test_attn_mask_becomes_a_bias(mask_kind):
     assert_rel_close(attention(x, attn_mask=mask), timm_style(x, attn_mask=mask), 1e-5, "masked")
 
 
-@pytest.mark.parametrize("variant", ["standard", "lsa", "gmm"])
-def test_fused_attention_triton_equals_torch(variant):
+@pytest.mark.parametrize("variant, mask_rank", [("standard", None), ("lsa", None), ("gmm", None), ("ibit", None),
+                                               ("ibit", 2)])
+def test_fused_attention_triton_equals_torch(variant, mask_rank):
     torch.manual_seed(0)
-    module = FusedAttention(32, 2, variant=variant, grid_size=3, backend="torch")
+    module = FusedAttention(32, 2, variant=variant, grid_size=3, backend="torch", mask_rank=mask_rank)
     twin = copy.deepcopy(module)
     twin.backend = "triton"
     x = torch.randn(2, 10, 32)
@@ -147,7 +148,7 @@ VIT_SHAPES = [(32, 3, 65, 64), (16, 6, 197, 64), (8, 12, 197, 64), (4, 4, 577, 3
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", VIT_SHAPES)
-@pytest.mark.parametrize("variant", ["standard", "lsa", "bias"])
+@pytest.mark.parametrize("variant", ["standard", "lsa", "bias", "mask"])
 def test_cuda_vit_shapes_against_float64_and_sdpa(dtype, shape, variant):
     from mgit_fast import functional
 
@@ -155,14 +156,15 @@ def test_cuda_vit_shapes_against_float64_and_sdpa(dtype, shape, variant):
     qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=dtype, requires_grad=True)
     scale = (torch.rand(H, device="cuda") * 0.1 + D**-0.5).requires_grad_() if variant == "lsa" else None
     bias = torch.randn(H, N, N, device="cuda", requires_grad=True) if variant == "bias" else None
-    out = functional.attention_qkvpacked(qkv, H, scale=scale, bias=bias, diagonal_mask=variant == "lsa")
-    leaves = [t for t in (qkv, scale, bias) if t is not None]
+    mask = (torch.rand(H, N, N, device="cuda") * 1.5).requires_grad_() if variant == "mask" else None
+    out = functional.attention_qkvpacked(qkv, H, scale=scale, bias=bias, diagonal_mask=variant == "lsa", mask=mask)
+    leaves = [t for t in (qkv, scale, bias, mask) if t is not None]
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, upstream)
     twins = [t.detach().double().requires_grad_() for t in leaves]
     ref = reference.attention_qkvpacked(
         twins[0], H, scale=twins[1] if scale is not None else None, bias=twins[-1] if bias is not None else None,
-        diagonal_mask=variant == "lsa",
+        diagonal_mask=variant == "lsa", mask=twins[-1] if mask is not None else None,
     )
     ref_grads = torch.autograd.grad(ref, twins, upstream.double())
     assert_rel_close(out, ref, 2e-2, "out")
