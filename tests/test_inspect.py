@@ -27,7 +27,7 @@ def test_attention_grids_fit_cuda_limits_at_huge_batches(packed, variant):
     limits, and the program count covers every (query block, head)."""
     for B, H in ((10_000, 12), (50_000, 12)):
         launches = ins.attention_launches("huge", B, 197, H, 64, torch.bfloat16, variant, packed=packed)
-        shared = {"_attention_bwd_shared_kernel"} if variant == "bias" else set()  # the [H, N, N] bias's gradient
+        shared = {"_attention_bwd_shared_kernel"} if variant in ("bias", "lsa_mask") else set()  # an [H, N, N] map
         assert {launch.kernel for launch in launches} == {
             "_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"} | shared
         for launch in launches:
