@@ -31,7 +31,7 @@ kernel. One shared over the batch (or heads) has it summed by a third pass (`sha
 program per (tile, group of (b, h) pairs), which recomputes p and dp for each pair of its group
 (2 matmuls), sums the gradient in registers and adds the sum with one relaxed fp32 atomic per
 element, instead of one atomic per element per (b, h): 256-way contention on every element at
-B = 256 becomes ≈ 11-way at ViT-S/16 (`shared_grad_groups`). Under
+B = 256 becomes 7-way at ViT-S/16 (`shared_grad_groups`). Under
 `torch.use_deterministic_algorithms(True)`, or when the tiles alone fill the GPU, one group
 takes every pair and stores in a fixed order.
 
