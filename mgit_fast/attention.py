@@ -18,6 +18,14 @@ from . import functional
 ATTENTION_VARIANTS = ("standard", "lsa", "gmm", "ibit")
 
 
+def patch_sq_dist(grid_size: int) -> Tensor:
+    """``[P, P]`` float64 squared distances, in patches, between the ``P = grid_size²`` patches
+    of a square grid in row-major order."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    positions = torch.stack([rows.flatten(), cols.flatten()], dim=-1).double()
+    return (positions[:, None] - positions[None, :]).square().sum(dim=-1)
+
+
 class GaussianMixtureBias(nn.Module):
     """A learnable Gaussian-mixture attention bias over a square patch grid.
 
@@ -37,10 +45,7 @@ class GaussianMixtureBias(nn.Module):
         self.num_kernels = num_kernels
         self.weight = nn.Parameter(torch.empty(num_heads, num_kernels))
         self.log_sigma = nn.Parameter(torch.empty(num_heads, num_kernels))
-        rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-        positions = torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()
-        sq_dist = (positions[:, None] - positions[None, :]).square().sum(dim=-1)
-        self.register_buffer("sq_dist", sq_dist, persistent=False)
+        self.register_buffer("sq_dist", patch_sq_dist(grid_size).float(), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -71,11 +76,8 @@ def ibit_initial_mask(num_heads: int, grid_size: int, num_prefix_tokens: int = 1
     grid_size²``: ``exp(−‖pos_i − pos_j‖² / (2σ_h²))`` between patches ``i`` and ``j`` (row-major
     grid positions, in patches; ``σ_h`` from ``ibit_widths``), 1 in the prefix tokens' rows
     and columns."""
-    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-    positions = torch.stack([rows.flatten(), cols.flatten()], dim=-1).double()
-    sq_dist = (positions[:, None] - positions[None, :]).square().sum(dim=-1)
     sigma = rearrange(ibit_widths(num_heads), "h -> h 1 1")
-    patches = torch.exp(-sq_dist / (2.0 * sigma.square()))
+    patches = torch.exp(-patch_sq_dist(grid_size) / (2.0 * sigma.square()))
     return F.pad(patches, (num_prefix_tokens, 0, num_prefix_tokens, 0), value=1.0)
 
 

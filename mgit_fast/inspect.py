@@ -267,8 +267,8 @@ def attention_launches(
     size = torch.finfo(dtype).bits // 8
     # a score map (bias or mask) is read by each kernel; its gradient is written by the dq kernel
     # (per batch) or by the shared-gradient pass (one write or atomic per element per group)
-    bias_bytes = sum(t.numel() * 4 for t in (bias, mask) if t is not None)
     map_bytes = {name: (0 if t is None else t.numel() * 4) for name, t in (("bias", bias), ("mask", mask))}
+    bias_bytes = sum(map_bytes.values())
     for launch in launches:
         if launch.kernel == "_attention_fwd_kernel":
             mm, nbytes = 2, 4 * B * H * N * D * size + 4 * B * H * N + bias_bytes
