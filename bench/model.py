@@ -419,14 +419,16 @@ def _rand(*shape, dtype=torch.float32, device="cpu", grad=False, real=True):
     return t.requires_grad_(grad)
 
 
-def attention_part(B: int, N: int, H: int, D: int, variant: str, *, real: bool = True):
-    """Our attention, forward and backward, bf16, packed qkv as a ViT block calls it."""
+def attention_part(B: int, N: int, H: int, D: int, variant: str, *, real: bool = True, dtype=torch.bfloat16):
+    """Our attention, forward and backward, bf16, packed qkv as a ViT block calls it. The reduced
+    runs take fp16 (the same bytes): the interpreter runs bf16 dots upcast, in the one masked
+    geometry, where a GPU takes the split one and the fused backward."""
     from mgit_fast import functional
 
-    qkv = _rand(B, N, 3 * H * D, dtype=torch.bfloat16, grad=True, real=real)
+    qkv = _rand(B, N, 3 * H * D, dtype=dtype, grad=True, real=real)
     scale = torch.full((H,), D**-0.5, requires_grad=True) if variant == "lsa" else None
     bias = (0.1 * torch.randn(H, N, N) if real else torch.empty(H, N, N)).requires_grad_() if variant == "bias" else None
-    dout = _rand(B, N, H * D, dtype=torch.bfloat16, real=real)
+    dout = _rand(B, N, H * D, dtype=dtype, real=real)
 
     def run(counter: OpCounter):
         out = functional.attention_qkvpacked(qkv, H, scale=scale, bias=bias, diagonal_mask=variant == "lsa",
@@ -518,7 +520,7 @@ def update_size(dim: int, depth: int, small: bool = False) -> int:
 def run_full(make: Callable, target: insp.Target):
     """(launches with their regions, torch ops) of one full-size run (kernels captured, not run)."""
     counter = OpCounter()
-    with capture_with_spans(target) as (captured, collect):
+    with insp.backward_path(target), capture_with_spans(target) as (captured, collect):
         run = make()
         if hasattr(run, "warm"):
             run.warm()
@@ -862,7 +864,7 @@ def model_part(part: str, shape: str, a: Dict[str, Any], target: insp.Target, fa
         B, N, H, D, variant = a["B"], a["N"], a["H"], a["D"], a["variant"]
         work = insp.attention_launches(shape, B, N, H, D, torch.bfloat16, variant, target=target)
         result = ours_part(part, shape, lambda: attention_part(B, N, H, D, variant, real=False),
-                           [(("attention", b, N, h, D, variant), lambda b=b, h=h: attention_part(b, N, h, D, variant))
+                           [(("attention", b, N, h, D, variant), lambda b=b, h=h: attention_part(b, N, h, D, variant, dtype=torch.float16))
                             for b, h in SMALL_ATTENTION],
                            work, target, facts, useful=attention_useful_flops(B, N, H, D))
         eager = eager_attention(B, N, H, D, variant)

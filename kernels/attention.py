@@ -503,18 +503,20 @@ def _attention_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_keys(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, start_n, scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, ACC, b, h, bh, start_n, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
     D: tl.constexpr, KEYS: tl.constexpr, BLOCK_Q: tl.constexpr, TAIL_Q: tl.constexpr, MASK_KEYS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, FUSED: tl.constexpr = False, NEED_DSCALE: tl.constexpr = False,
 ):
     """dk, dv of the keys start_n + [0, KEYS) of head (b, h). SPLIT: in the transposed form,
     sᵀ = k·qᵀ, pᵀ, dsᵀ are born [keys, queries], the layout their matmuls with dout and q need
     (the mask tile is loaded as maskᵀ by index, [keys, queries]); else one masked loop in the
-    [queries, keys] form."""
+    [queries, keys] form. FUSED (SPLIT only): also adds these keys' share of dq / scale, as
+    dqᵀ = kᵀ·dsᵀ ([D, queries], dsᵀ as the B operand it is born as), into the [D, N] fp32
+    scratch ACC, and returns their share of the dscale sum (0 unless NEED_DSCALE)."""
     keys = start_n + tl.arange(0, KEYS)
     offs_d = tl.arange(0, D)
     key_ok = keys < N
@@ -523,6 +525,9 @@ def _dkdv_keys(
     scale_log2 = scale * 1.4426950408889634
     dk = tl.zeros([KEYS, D], dtype=tl.float32)
     dv = tl.zeros([KEYS, D], dtype=tl.float32)
+    dscale = tl.zeros([KEYS], dtype=tl.float32)
+    if FUSED:
+        kt = tl.trans(k)  # [D, keys], the A operand of dqᵀ = kᵀ·dsᵀ
     Q_bh = Q + b * stride_qb + h * stride_qh
     DO_bh = DO + b * stride_dob + h * stride_doh
     if SPLIT:
@@ -533,7 +538,8 @@ def _dkdv_keys(
             do = tl.load(DO_bh + qs[:, None] * stride_don + offs_d[None, :])
             lse = tl.load(LSE + bh * N + qs)
             delta = tl.load(DELTA + bh * N + qs)
-            st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
+            qkt = _mm(k, tl.trans(q), PRECISION)
+            st = _scores(qkt, qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
                          stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
             pt = tl.math.exp2(st - lse[None, :])
             if HAS_MASK:  # dvᵀ-side: (pᵀ ⊙ maskᵀ)·dout; dsᵀ = pᵀ ⊙ (maskᵀ ⊙ dpᵀ − δ)
@@ -544,7 +550,12 @@ def _dkdv_keys(
             else:
                 dv += _mm(pt.to(do.dtype), do, PRECISION)
                 dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
-            dk += _mm(dst.to(q.dtype), q, PRECISION)
+            dst_in = dst.to(q.dtype)
+            dk += _mm(dst_in, q, PRECISION)
+            if FUSED:
+                tl.atomic_add(ACC + offs_d[:, None] * N + qs[None, :], _mm(kt, dst_in, PRECISION), sem="relaxed")
+                if NEED_DSCALE:
+                    dscale += tl.sum(tl.where(dst != 0.0, dst * qkt, 0.0), 1)
     else:
         full_m = 0
     if not SPLIT:  # one masked loop in the [queries, keys] form (the transposed one spills on these paths)
@@ -575,7 +586,8 @@ def _dkdv_keys(
             do = tl.load(DO_bh + qs[:, None] * stride_don + offs_d[None, :], mask=q_ok[:, None], other=0.0)
             lse = tl.load(LSE + bh * N + qs, mask=q_ok, other=0.0)
             delta = tl.load(DELTA + bh * N + qs, mask=q_ok, other=0.0)
-            st = _scores(_mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
+            qkt = _mm(k, tl.trans(q), PRECISION)
+            st = _scores(qkt, qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS,
                          stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, True, MASK_KEYS)
             pt = tl.where(q_ok[None, :], tl.math.exp2(st - lse[None, :]), 0.0)
             if HAS_MASK:
@@ -586,14 +598,21 @@ def _dkdv_keys(
             else:
                 dv += _mm(pt.to(do.dtype), do, PRECISION)
                 dst = pt * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])
-            dk += _mm(dst.to(q.dtype), q, PRECISION)
+            dst_in = dst.to(q.dtype)
+            dk += _mm(dst_in, q, PRECISION)
+            if FUSED:
+                tl.atomic_add(ACC + offs_d[:, None] * N + qs[None, :], _mm(kt, dst_in, PRECISION),
+                              mask=q_ok[None, :], sem="relaxed")
+                if NEED_DSCALE:
+                    dscale += tl.sum(tl.where(dst != 0.0, dst * qkt, 0.0), 1)
     if TAIL_Q == 1:  # one last query: rank-1 on CUDA cores
         r = N - 1
         q_r = tl.load(Q_bh + r * stride_qn + offs_d).to(tl.float32)
         do_r = tl.load(DO_bh + r * stride_don + offs_d).to(tl.float32)
         lse_r = tl.load(LSE + bh * N + r)
         delta_r = tl.load(DELTA + bh * N + r)
-        st_r = _scores(tl.sum(k.to(tl.float32) * q_r[None, :], 1), r, keys, scale_log2, b, h, N, BIAS,
+        qk_r = tl.sum(k.to(tl.float32) * q_r[None, :], 1)
+        st_r = _scores(qk_r, r, keys, scale_log2, b, h, N, BIAS,
                        stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
         pt_r = tl.math.exp2(st_r - lse_r)
         if HAS_MASK:
@@ -605,11 +624,16 @@ def _dkdv_keys(
             dv += pt_r[:, None] * do_r[None, :]
             dst_r = pt_r * (tl.sum(v.to(tl.float32) * do_r[None, :], 1) - delta_r)
         dk += dst_r[:, None] * q_r[None, :]
+        if FUSED:
+            tl.atomic_add(ACC + offs_d * N + r, tl.sum(dst_r[:, None] * k.to(tl.float32), 0), sem="relaxed")
+            if NEED_DSCALE:
+                dscale += tl.where(dst_r != 0.0, dst_r * qk_r, 0.0)
     dk = dk * scale
     _store_rows(_tile(DK, b, h, keys, offs_d, stride_dkb, stride_dkh, stride_dkn), dk.to(DK.dtype.element_ty),
                 key_ok, MASK_KEYS)
     _store_rows(_tile(DV, b, h, keys, offs_d, stride_dvb, stride_dvh, stride_dvn), dv.to(DV.dtype.element_ty),
                 key_ok, MASK_KEYS)
+    return tl.sum(dscale, 0)
 
 
 @triton.jit
@@ -635,23 +659,114 @@ def _attention_bwd_dkdv_kernel(
     scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
     if SPLIT:
         if pid_n < N // BLOCK_M:  # full key blocks, then the leftover keys in a TAIL_M-row tile
-            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
+            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, DK, b, h, bh, pid_n * BLOCK_M, scale,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                        stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
                        stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
                        D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
         else:
-            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
+            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, DK, b, h, bh, pid_n * BLOCK_M, scale,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                        stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
                        stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
                        D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
     else:  # one masked geometry (TAIL_M = BLOCK_M, every key block masked)
-        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
+        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, DK, b, h, bh, pid_n * BLOCK_M, scale,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
                    stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn, N,
                    D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK)
+
+
+@triton.jit
+def _attention_bwd_fused_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, DSCALE_PARTIAL, SCALE, BIAS, MASK, scale_value,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, N, BH,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, NEED_DSCALE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    """The whole backward of a (b, h) pair in one program, 5 N²D matmuls: a persistent grid, each
+    program taking pairs pid, pid + programs, ... with its own [D, N] fp32 dq scratch (L2-sized:
+    one per program, not per pair). For each pair it (1) writes δ of every query, (2) runs the
+    dk/dv kernel's key blocks with FUSED, which also add dqᵀ = kᵀ·dsᵀ into the scratch, and (3)
+    swaps the scratch for zeros, storing what it held as dq · scale. No other program touches the
+    scratch, and every access to it is atomic (ordered among the program's threads by its
+    barriers, with no L1 between); a barrier after each key block orders the adds, so the sum is
+    deterministic."""
+    tl.static_assert(SPLIT, "the fused backward takes the split geometry only")
+    pid = tl.program_id(0)
+    ACC = DQ_ACC + pid.to(tl.int64) * (D * N)
+    ACC_BITS = ACC.to(tl.pointer_type(tl.int32), bitcast=True)  # swapped as bits (0.0 is 0)
+    offs_d = tl.arange(0, D)
+    for start in tl.range(0, N, BLOCK_N, num_stages=1):  # the scratch zeroed once; step (3) leaves it zeroed
+        rows = start + tl.arange(0, BLOCK_N)
+        tl.atomic_xchg(ACC_BITS + offs_d[:, None] * N + rows[None, :], tl.zeros([D, BLOCK_N], dtype=tl.int32),
+                       mask=(rows < N)[None, :], sem="relaxed")
+    tl.debug_barrier()
+    programs = tl.num_programs(0)
+    blocks = tl.cdiv(N, BLOCK_M)
+    dscale = 0.0
+    # one step per (pair, key block), the pair's key blocks in order; the full and leftover key
+    # blocks are two branches of one step (as two steps in sequence, their code held ~100 more registers)
+    for step in tl.range(0, tl.cdiv(BH - pid, programs) * blocks, num_stages=1):
+        kb = step % blocks
+        bh = (pid + (step // blocks) * programs).to(tl.int64)
+        b = bh // H
+        h = bh % H
+        scale = _head_scale(SCALE, scale_value, h, stride_sh, HAS_SCALE_TENSOR)
+        if kb == 0:
+            dscale = 0.0
+            for start in tl.range(0, N, BLOCK_N, num_stages=1):  # (1) δ_m = dout_m · out_m
+                rows = start + tl.arange(0, BLOCK_N)
+                row_ok = rows < N
+                do = tl.load(_tile(DO, b, h, rows, offs_d, stride_dob, stride_doh, stride_don),
+                             mask=row_ok[:, None], other=0.0)
+                o = tl.load(_tile(O, b, h, rows, offs_d, stride_ob, stride_oh, stride_on), mask=row_ok[:, None],
+                            other=0.0)
+                tl.store(DELTA + bh * N + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=row_ok)
+            tl.debug_barrier()
+        if kb < N // BLOCK_M:  # (2) a full key block, or the leftover keys
+            dscale += _dkdv_keys(
+                Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, ACC, b, h, bh, kb * BLOCK_M, scale,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
+                N, D, BLOCK_M, BLOCK_N, TAIL_N, False, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK,
+                True, NEED_DSCALE)
+        else:
+            dscale += _dkdv_keys(
+                Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, ACC, b, h, bh, kb * BLOCK_M, scale,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+                stride_dvn, stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
+                N, D, TAIL_M, BLOCK_N, TAIL_N, True, HAS_BIAS, DIAGONAL_MASK, PRECISION, SPLIT, HAS_MASK,
+                True, NEED_DSCALE)
+        tl.debug_barrier()  # orders this block's adds before the next block's (a deterministic sum)
+        if kb == blocks - 1:
+            if NEED_DSCALE:
+                tl.store(DSCALE_PARTIAL + bh, dscale)
+            for start in tl.range(0, N, BLOCK_N, num_stages=1):  # (3) dq = scale · scratchᵀ; scratch zeroed
+                rows = start + tl.arange(0, BLOCK_N)
+                row_ok = rows < N
+                bits = tl.atomic_xchg(ACC_BITS + offs_d[None, :] * N + rows[:, None],
+                                      tl.zeros([BLOCK_N, D], dtype=tl.int32), mask=row_ok[:, None], sem="relaxed")
+                dq = bits.to(tl.float32, bitcast=True) * scale
+                tl.store(_tile(DQ, b, h, rows, offs_d, stride_dqb, stride_dqh, stride_dqn),
+                         dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+            tl.debug_barrier()  # the next pair's adds wait for every read of this one
 
 
 @triton.jit
@@ -1031,36 +1146,102 @@ def shared_grad(
     return grad.reshape(target.shape).to(target.dtype)
 
 
+# The fused backward (`_attention_bwd_fused_kernel`, one (b, h) pair at a time per program) runs
+# where it compiles without spills on sm_80 and sm_90a (`FUSED_TILES`, by dot precision and head
+# dim: 8 warps, 16 queries per streamed block, no multiplicative mask, the split geometry), one
+# program per SM (≈ 240 registers × 256 threads), each with its own dq scratch. It is taken when
+# every program gets at least FUSED_MIN_PAIRS pairs, below which the two kernels' cdiv(N, BLOCK_M)
+# programs per pair fill the GPU better. Off a GPU (the interpreter, a compile-only capture) the
+# SM count and compute capability are STANDIN_SMS and STANDIN_CAPABILITY.
+FUSED_TILES = {
+    ("half", 32): dict(num_warps=8, max_block_n=16),
+    # num_stages by architecture: 2 spilled 28-64 B on sm_80 (Triton 3.6), 1 spilled 8-80 B on sm_90a
+    ("half", 64): dict(num_warps=8, max_block_n=16, num_stages={80: 1, 90: 2}),
+}
+FUSED_MIN_PAIRS = 2
+STANDIN_SMS = 1
+STANDIN_CAPABILITY = 90
+
+
+def _gpu(device: torch.device) -> Tuple[int, int]:
+    """(SMs, compute capability ×10) of the device, the stand-ins off a GPU."""
+    if device.type != "cuda":
+        return STANDIN_SMS, STANDIN_CAPABILITY
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, 10 * props.major + props.minor
+
+
+def fused_backward_programs(device: torch.device, pairs: int) -> int:
+    """The fused backward's grid for `pairs` (b, h) pairs, or 0 for the two-kernel path."""
+    sms = _gpu(device)[0]
+    return min(sms, pairs) if pairs >= FUSED_MIN_PAIRS * sms else 0
+
+
+def _fused_tiling(N: int, D: int, precision: str, has_mask: bool, device: torch.device) -> Optional[dict]:
+    """The fused backward's tiles (keys on the M side, as the dk/dv kernel's), or None where it
+    does not run."""
+    over = FUSED_TILES.get((precision, D))
+    if over is None or has_mask:
+        return None
+    over = dict(over)
+    if isinstance(over.get("num_stages"), dict):
+        over["num_stages"] = over["num_stages"][90 if _gpu(device)[1] >= 90 else 80]
+    tiles = tiling(N, D, precision, max_block_n=over.pop("max_block_n"))
+    if not tiles["SPLIT"]:
+        return None
+    # a lone last query takes a 16-wide masked tile, not the rank-1 step (spilled 16-32 B on sm_80)
+    tiles["TAIL_N"] = _tail(N % tiles["BLOCK_N"], tiles["BLOCK_N"], False)
+    return dict(_dkdv_tiling(tiles, precision, D), **over)
+
+
 def backward_into(
     dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias,
     mask=None, need_dmask=False,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias, dmask), each when
-    asked."""
+    asked. With no per-batch bias or mask gradient and enough (b, h) pairs, one fused launch
+    (5 N²D matmuls per pair); else the dq and dk/dv kernels (7)."""
     B, H, N, D = q.shape
     precision = _precision(q.dtype)
     tiles = tiling(N, D, precision)
-    delta = new_buffer((B, H, N), device=q.device, dtype=torch.float32)  # written by the dq kernel
+    delta = new_buffer((B, H, N), device=q.device, dtype=torch.float32)  # written by the first kernel
     scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
     common = dict(
         D=D, HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
         PRECISION=precision,
     )
     m_blocks = triton.cdiv(N, tiles["BLOCK_M"])
-    dscale_partial = new_buffer((B, H, m_blocks), device=q.device, dtype=torch.float32) if need_dscale else None
     shared_bias = need_dbias and _broadcast_dims(bias) != ()
     shared_mask = need_dmask and _broadcast_dims(mask) != ()
     per_batch_dbias = need_dbias and not shared_bias  # written by the dq kernel, one program per element
     per_batch_dmask = need_dmask and not shared_mask
+    dkdv_tiles = _dkdv_tiling(tiles, precision, D)
+    if mask is not None:
+        dkdv_tiles = _mask_tiling("dkdv", dkdv_tiles, N, D, precision)
+    fused_tiles = _fused_tiling(N, D, precision, mask is not None, q.device)
+    programs = 0
+    if fused_tiles is not None and not per_batch_dbias:
+        programs = fused_backward_programs(q.device, B * H)
+    if programs:
+        dscale_partial = new_buffer((B, H, 1), device=q.device, dtype=torch.float32) if need_dscale else None
+        scratch = new_buffer((programs, D, N), device=q.device, dtype=torch.float32)  # zeroed per pair in-kernel
+        with on_device(q):
+            _attention_bwd_fused_kernel[(programs,)](
+                q, k, v, out, dout, lse, delta, dq, dk, dv, scratch, dscale_partial, scale_t, bias, mask, scale_v,
+                *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq), *_bhn(dk), *_bhn(dv),
+                stride_sh, *_bias_strides(bias), *_bias_strides(mask), H, N, B * H,
+                NEED_DSCALE=need_dscale, HAS_MASK=False, **common, **fused_tiles,
+            )
+        return _backward_finish(dout, q, k, v, lse, delta, scale, scale_value, bias, None, diagonal_mask,
+                                dscale_partial, shared_bias, False, None, None)
+    dscale_partial = new_buffer((B, H, m_blocks), device=q.device, dtype=torch.float32) if need_dscale else None
     dbias_buffer = new_buffer(bias.shape, device=q.device, dtype=torch.float32) if per_batch_dbias else None
     dmask_buffer = new_buffer(mask.shape, device=q.device, dtype=torch.float32) if per_batch_dmask else None
     # ds (or p ⊙ dp) also goes to memory: narrower key blocks; with a mask always, so that a mask
     # without a gradient takes the tiles the compile gate checks with one
     dq_tiles = tiling(N, D, precision, max_block_n=32) if (per_batch_dbias or mask is not None) else tiles
-    dkdv_tiles = _dkdv_tiling(tiles, precision, D)
     if mask is not None:
         dq_tiles = _mask_tiling("dq", dq_tiles, N, D, precision)
-        dkdv_tiles = _mask_tiling("dkdv", dkdv_tiles, N, D, precision)
     with on_device(q):
         _attention_bwd_dq_kernel[(m_blocks * B * H,)](
             q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, mask, dmask_buffer,
@@ -1077,20 +1258,27 @@ def backward_into(
             stride_sh, *_bias_strides(bias), *_bias_strides(mask), H, N, HAS_MASK=mask is not None,
             **common, **dkdv_tiles,
         )
+    return _backward_finish(dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask,
+                            dscale_partial, shared_bias, shared_mask, dbias_buffer, dmask_buffer)
 
+
+def _backward_finish(dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, dscale_partial,
+                     shared_bias, shared_mask, dbias_buffer, dmask_buffer):
+    """(dscale, dbias, dmask) from the partial sums and buffers the kernels wrote, and the shared
+    bias or mask gradient by the grouped pass."""
     dscale = None
-    if need_dscale:
+    if dscale_partial is not None:
         per_head = dscale_partial.sum(dim=(0, 2))  # [H]
         dscale = (per_head if scale.dim() == 1 else per_head.sum()).to(scale.dtype)
     dbias = None
     if shared_bias:
         dbias = shared_grad(bias, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, False)
-    elif per_batch_dbias:
+    elif dbias_buffer is not None:
         dbias = dbias_buffer.to(bias.dtype)
     dmask = None
     if shared_mask:
         dmask = shared_grad(mask, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, True)
-    elif per_batch_dmask:
+    elif dmask_buffer is not None:
         dmask = dmask_buffer.to(mask.dtype)
     return dscale, dbias, dmask
 

@@ -228,6 +228,23 @@ def tf32(allowed: bool):
         attention.tf32_allowed = saved
 
 
+@contextlib.contextmanager
+def backward_path(target: Target, fused: Optional[bool] = None):
+    """Launchers off the GPU choose the attention backward as on the target GPU (its SM count and
+    capability); `fused` True / False forces the fused kernel / the two-kernel path whatever the
+    pair count."""
+    from mgit_fast.kernels import attention
+
+    saved = attention.STANDIN_SMS, attention.STANDIN_CAPABILITY, attention.FUSED_MIN_PAIRS
+    attention.STANDIN_SMS, attention.STANDIN_CAPABILITY = target.sms, target.capability
+    if fused is not None:
+        attention.FUSED_MIN_PAIRS = 0 if fused else 2**62
+    try:
+        yield
+    finally:
+        attention.STANDIN_SMS, attention.STANDIN_CAPABILITY, attention.FUSED_MIN_PAIRS = saved
+
+
 def _precision_name(dtype: torch.dtype, allow_tf32: bool) -> str:
     if dtype == torch.float32:
         return "tf32" if allow_tf32 else "fp32"
@@ -237,12 +254,14 @@ def _precision_name(dtype: torch.dtype, allow_tf32: bool) -> str:
 def attention_launches(
     label: str, B: int, N: int, H: int, D: int, dtype: torch.dtype, variant: str, *, packed: bool = True,
     allow_tf32: bool = False, backward: bool = True, target: Target = TARGETS["sm_90a"],
+    fused: Optional[bool] = None,
 ) -> List[Launch]:
     """Forward and backward of one attention call. `variant`: plain, lsa (learnable [H] scale and
     diagonal mask), bias (a learnable [H, N, N] bias, its gradient summed over the batch by the
     shared-gradient pass), bias_batch ([B, H, N, N], its gradient written by the dq kernel),
     lsa_mask (LSA with a learnable multiplicative [H, N, N] mask, its gradient from the
-    shared-gradient pass) or lsa_mask_batch (LSA with a [B, H, N, N] mask)."""
+    shared-gradient pass) or lsa_mask_batch (LSA with a [B, H, N, N] mask). The backward is
+    chosen as on the target's SM count, or forced by `fused` (see `backward_path`)."""
     from mgit_fast.kernels import attention as kernel
 
     new = lambda *shape, dt=dtype: torch.empty(shape, device=META, dtype=dt)  # noqa: E731
@@ -258,7 +277,7 @@ def attention_launches(
             "bias_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
     mask = {"lsa_mask": lambda: new(H, N, N, dt=torch.float32),
             "lsa_mask_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
-    with tf32(allow_tf32), capture(target) as launches:
+    with tf32(allow_tf32), backward_path(target, fused), capture(target) as launches:
         lse = kernel.forward_into(q, k, v, out, scale, D**-0.5, bias, lsa, mask)
         if backward:
             kernel.backward_into(out, q, k, v, out, lse, dq, dk, dv, scale, D**-0.5, bias, lsa,
@@ -277,6 +296,9 @@ def attention_launches(
             mm, nbytes = 3, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes + written
         elif launch.kernel == "_attention_bwd_dkdv_kernel":
             mm, nbytes = 4, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes
+        elif launch.kernel == "_attention_bwd_fused_kernel":  # + its dq scratch, zeroed, added to, swapped out
+            scratch = launch.grid[0] * D * N * 4
+            mm, nbytes = 5, 8 * B * H * N * D * size + 12 * B * H * N + bias_bytes + 2 * scratch
         elif launch.kernel == "_attention_bwd_shared_kernel":  # one write (or atomic) per element per group
             target = map_bytes["mask" if launch.args["GRAD_OF_MASK"] else "bias"]
             mm, nbytes = 2, 4 * B * H * N * D * size + 8 * B * H * N + bias_bytes + target * launch.args["GROUPS"]
@@ -386,14 +408,16 @@ def shape_set(name: str, target: Target = TARGETS["sm_90a"]) -> List[Launch]:
             launches += update_launches(pair, dim, depth, heads, target)
     elif name == "gate":
         for D in (16, 32, 64, 128):
-            for dtype, allow, variants in GATE_ATTENTION:
-                for variant in variants:
-                    launches += attention_launches(f"D={D} N=197", 8, 197, 4, D, dtype, variant,
-                                                   allow_tf32=allow, target=target)
-            launches += attention_launches(f"D={D} N=17", 8, 17, 4, D, torch.bfloat16, "plain", target=target)
-            for dtype, allow, variant in GATE_ATTENTION_RANK1:  # a rank-1 last key / query (N = 64 + 1)
-                launches += attention_launches(f"D={D} N=65", 8, 65, 4, D, dtype, variant, allow_tf32=allow,
-                                               target=target)
+            for fused in (False, True):  # the two-kernel backward (few pairs) and the fused one (many)
+                for dtype, allow, variants in GATE_ATTENTION:
+                    for variant in variants:
+                        launches += attention_launches(f"D={D} N=197", 8, 197, 4, D, dtype, variant,
+                                                       allow_tf32=allow, target=target, fused=fused)
+                launches += attention_launches(f"D={D} N=17", 8, 17, 4, D, torch.bfloat16, "plain", target=target,
+                                               fused=fused)
+                for dtype, allow, variant in GATE_ATTENTION_RANK1:  # a rank-1 last key / query (N = 64 + 1)
+                    launches += attention_launches(f"D={D} N=65", 8, 65, 4, D, dtype, variant, allow_tf32=allow,
+                                                   target=target, fused=fused)
         for B, C in LOSS_GRID:
             for dtype in (torch.bfloat16, torch.float32):
                 launches += loss_launches(B, C, dtype, target, every_output=True)

@@ -540,3 +540,45 @@ def test_shared_grad_pass_with_a_multiplicative_mask(monkeypatch, of_mask, shape
                               bias.detach().float(), mask.detach().float(), False, of_mask)
     assert grad.shape == ref.shape
     assert_rel_close(grad, ref, 1e-5, "dmask" if of_mask else "dbias")
+
+
+@pytest.mark.parametrize("N, D", [(64, 64), (65, 64), (80, 32), (197, 64)])
+@pytest.mark.parametrize("variant", ["plain", "lsa", "shared_bias"])
+def test_fused_backward(monkeypatch, N, D, variant):
+    """The one-launch backward (5 matmuls per pair, dq summed in each program's own scratch),
+    forced on a 2-SM stand-in so that programs take several pairs in turn: every gradient
+    against float64, and the same bits as a second run (the adds are ordered)."""
+    monkeypatch.setattr(kernel, "FUSED_MIN_PAIRS", 0)
+    monkeypatch.setattr(kernel, "STANDIN_SMS", 2)
+    launched = []
+    real = kernel._attention_bwd_fused_kernel
+    monkeypatch.setattr(kernel, "_attention_bwd_fused_kernel", _Spy(real, launched))
+    B, H = 2, 3
+    scale, bias, diagonal = make_options(variant, B, H, N)
+    inputs = dict(q=torch.randn(B, H, N, D, dtype=torch.float64), k=torch.randn(B, H, N, D, dtype=torch.float64),
+                  v=torch.randn(B, H, N, D, dtype=torch.float64), scale=scale, bias=bias)
+    out, grads, ref, ref_grads, names = run_both(
+        lambda **a: functional.attention(**a, backend="triton"), reference.attention, inputs, torch.float16,
+        diagonal_mask=diagonal,
+    )
+    assert launched and launched[0] == 2
+    check(out, grads, ref, ref_grads, names, torch.float16)
+    low = {n: leaf(t, torch.float16 if n in "qkv" else torch.float32) for n, t in inputs.items()}
+    again = []
+    for _ in range(2):
+        o = functional.attention(**low, diagonal_mask=diagonal, backend="triton")
+        again.append(torch.autograd.grad(o, [t for t in low.values() if isinstance(t, torch.Tensor)],
+                                         torch.ones_like(o)))
+    for a, b in zip(*again):
+        assert torch.equal(a, b)
+
+
+class _Spy:
+    """Records the grid size of each launch of a Triton kernel, then launches it."""
+
+    def __init__(self, fn, grids):
+        self.fn, self.grids = fn, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid[0])
+        return self.fn[grid]

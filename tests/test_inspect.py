@@ -28,10 +28,15 @@ def test_attention_grids_fit_cuda_limits_at_huge_batches(packed, variant):
     for B, H in ((10_000, 12), (50_000, 12)):
         launches = ins.attention_launches("huge", B, 197, H, 64, torch.bfloat16, variant, packed=packed)
         shared = {"_attention_bwd_shared_kernel"} if variant in ("bias", "lsa_mask") else set()  # an [H, N, N] map
-        assert {launch.kernel for launch in launches} == {
-            "_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"} | shared
+        # the fused backward (one program per SM) wherever it runs: not with a multiplicative mask
+        backward = ({"_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"} if variant == "lsa_mask"
+                    else {"_attention_bwd_fused_kernel"})
+        assert {launch.kernel for launch in launches} == {"_attention_fwd_kernel"} | backward | shared
         for launch in launches:
             assert ins.grid_problems(launch) == [], (launch.kernel, launch.grid)
+            if launch.kernel == "_attention_bwd_fused_kernel":
+                assert launch.grid == (TARGET.sms, 1, 1) and launch.args["BH"] == B * H
+                continue
             block = launch.constants["BLOCK_M"]  # every kernel's programs own BLOCK_M positions
             if launch.kernel == "_attention_bwd_shared_kernel":  # (tile, group of batch rows, head)
                 a = launch.args
