@@ -18,9 +18,14 @@ ds[m, n] = p[m, n] · (M[m, n] · dp[m, n] − δ_m):
     dq_m = scale_h · Σ_n ds[m, n] · k_n      dbias[b, h, m, n] = ds[m, n]
     dscale_h = Σ_{b, m, n} ds[m, n] · (q_m · k_n)    dM[b, h, m, n] = p[m, n] · dp[m, n]
 
-Two kernels recompute p from the saved lse: one program per query block (δ, dq, dbias, dM, and
-per-block partial sums of dscale reduced afterwards in a fixed order), then one per key block
-(dk, dv), which reads the δ the first wrote. The dk/dv kernel works in the transposed form,
+The fused backward (`_attention_bwd_fused_kernel`: fp16/bf16 at D = 32 and 64 with no
+multiplicative mask or per-batch bias gradient, when the GPU has ≥ 2 (b, h) pairs per SM) is one
+launch of 5 N²D matmuls per pair: a persistent grid of one program per SM, each taking a whole
+pair at a time (δ, then every key block in the dk/dv kernel's form, also adding dqᵀ = kᵀ·dsᵀ
+into an fp32 [D, N] scratch that only it touches, then dq from the scratch). Otherwise two
+kernels (7 matmuls) recompute p from the saved lse: one program per query block (δ, dq, dbias,
+dM, and per-block partial sums of dscale reduced afterwards in a fixed order), then one per key
+block (dk, dv), which reads the δ the first wrote. The dk/dv kernel works in the transposed form,
 sᵀ = k·qᵀ, pᵀ = exp2(sᵀ − lse), dsᵀ = pᵀ ⊙ (Mᵀ ⊙ v·doutᵀ − δ), dv = (pᵀ ⊙ Mᵀ)·dout, so pᵀ
 and dsᵀ are born in the [keys, queries] layout their matmuls (pᵀ·dout, dsᵀ·q) take, with no
 transpose through shared memory (the Mᵀ tile is loaded transposed by index). HAS_MASK is a
