@@ -507,6 +507,21 @@ def _attention_bwd_dq_kernel(
 
 
 @triton.jit
+def _add_dq(ACC, kt, dst, dst_in, qkt, dscale, offs_d, qs, q_ok, N, PRECISION: tl.constexpr, MASK_Q: tl.constexpr,
+            NEED_DSCALE: tl.constexpr):
+    """The fused backward's share of one [keys, queries] tile: dqᵀ = kᵀ·dsᵀ added into the [D, N]
+    scratch ACC (queries past N masked when MASK_Q), and Σ dsᵀ ⊙ (k·qᵀ) into the per-key dscale."""
+    ptrs = ACC + offs_d[:, None] * N + qs[None, :]
+    if MASK_Q:
+        tl.atomic_add(ptrs, _mm(kt, dst_in, PRECISION), mask=q_ok[None, :], sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, _mm(kt, dst_in, PRECISION), sem="relaxed")
+    if NEED_DSCALE:
+        dscale += tl.sum(tl.where(dst != 0.0, dst * qkt, 0.0), 1)
+    return dscale
+
+
+@triton.jit
 def _dkdv_keys(
     Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, ACC, b, h, bh, start_n, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -558,9 +573,8 @@ def _dkdv_keys(
             dst_in = dst.to(q.dtype)
             dk += _mm(dst_in, q, PRECISION)
             if FUSED:
-                tl.atomic_add(ACC + offs_d[:, None] * N + qs[None, :], _mm(kt, dst_in, PRECISION), sem="relaxed")
-                if NEED_DSCALE:
-                    dscale += tl.sum(tl.where(dst != 0.0, dst * qkt, 0.0), 1)
+                dscale = _add_dq(ACC, kt, dst, dst_in, qkt, dscale, offs_d, qs, qs < N, N, PRECISION, False,
+                                 NEED_DSCALE)
     else:
         full_m = 0
     if not SPLIT:  # one masked loop in the [queries, keys] form (the transposed one spills on these paths)
@@ -606,10 +620,8 @@ def _dkdv_keys(
             dst_in = dst.to(q.dtype)
             dk += _mm(dst_in, q, PRECISION)
             if FUSED:
-                tl.atomic_add(ACC + offs_d[:, None] * N + qs[None, :], _mm(kt, dst_in, PRECISION),
-                              mask=q_ok[None, :], sem="relaxed")
-                if NEED_DSCALE:
-                    dscale += tl.sum(tl.where(dst != 0.0, dst * qkt, 0.0), 1)
+                dscale = _add_dq(ACC, kt, dst, dst_in, qkt, dscale, offs_d, qs, q_ok, N, PRECISION, True,
+                                 NEED_DSCALE)
     if TAIL_Q == 1:  # one last query: rank-1 on CUDA cores
         r = N - 1
         q_r = tl.load(Q_bh + r * stride_qn + offs_d).to(tl.float32)
@@ -1176,21 +1188,20 @@ def _gpu(device: torch.device) -> Tuple[int, int]:
     return props.multi_processor_count, 10 * props.major + props.minor
 
 
-def fused_backward_programs(device: torch.device, pairs: int) -> int:
-    """The fused backward's grid for `pairs` (b, h) pairs, or 0 for the two-kernel path."""
-    sms = _gpu(device)[0]
+def fused_backward_programs(sms: int, pairs: int) -> int:
+    """The fused backward's grid for `pairs` (b, h) pairs on `sms` SMs, or 0 for the two-kernel path."""
     return min(sms, pairs) if pairs >= FUSED_MIN_PAIRS * sms else 0
 
 
-def _fused_tiling(N: int, D: int, precision: str, has_mask: bool, device: torch.device) -> Optional[dict]:
-    """The fused backward's tiles (keys on the M side, as the dk/dv kernel's), or None where it
-    does not run."""
+def _fused_tiling(N: int, D: int, precision: str, capability: int) -> Optional[dict]:
+    """The fused backward's tiles (keys on the M side, as the dk/dv kernel's) for a GPU of this
+    compute capability (×10), or None where it does not run."""
     over = FUSED_TILES.get((precision, D))
-    if over is None or has_mask:
+    if over is None:
         return None
     over = dict(over)
     if isinstance(over.get("num_stages"), dict):
-        over["num_stages"] = over["num_stages"][90 if _gpu(device)[1] >= 90 else 80]
+        over["num_stages"] = over["num_stages"][90 if capability >= 90 else 80]
     tiles = tiling(N, D, precision, max_block_n=over.pop("max_block_n"))
     if not tiles["SPLIT"]:
         return None
@@ -1204,7 +1215,7 @@ def backward_into(
     mask=None, need_dmask=False,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias, dmask), each when
-    asked. With no per-batch bias or mask gradient and enough (b, h) pairs, one fused launch
+    asked. With no mask, no per-batch bias gradient and enough (b, h) pairs, one fused launch
     (5 N²D matmuls per pair); else the dq and dk/dv kernels (7)."""
     B, H, N, D = q.shape
     precision = _precision(q.dtype)
@@ -1215,75 +1226,68 @@ def backward_into(
         D=D, HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, DIAGONAL_MASK=diagonal_mask,
         PRECISION=precision,
     )
-    m_blocks = triton.cdiv(N, tiles["BLOCK_M"])
     shared_bias = need_dbias and _broadcast_dims(bias) != ()
     shared_mask = need_dmask and _broadcast_dims(mask) != ()
     per_batch_dbias = need_dbias and not shared_bias  # written by the dq kernel, one program per element
     per_batch_dmask = need_dmask and not shared_mask
-    dkdv_tiles = _dkdv_tiling(tiles, precision, D)
-    if mask is not None:
-        dkdv_tiles = _mask_tiling("dkdv", dkdv_tiles, N, D, precision)
-    fused_tiles = _fused_tiling(N, D, precision, mask is not None, q.device)
-    programs = 0
-    if fused_tiles is not None and not per_batch_dbias:
-        programs = fused_backward_programs(q.device, B * H)
+    sms, capability = _gpu(q.device)
+    fused_tiles = None if (per_batch_dbias or mask is not None) else _fused_tiling(N, D, precision, capability)
+    programs = fused_backward_programs(sms, B * H) if fused_tiles is not None else 0
+    dbias_buffer = dmask_buffer = None
     if programs:
         dscale_partial = new_buffer((B, H, 1), device=q.device, dtype=torch.float32) if need_dscale else None
-        scratch = new_buffer((programs, D, N), device=q.device, dtype=torch.float32)  # zeroed per pair in-kernel
+        scratch = new_buffer((programs, D, N), device=q.device, dtype=torch.float32)  # zeroed in-kernel
         with on_device(q):
             _attention_bwd_fused_kernel[(programs,)](
-                q, k, v, out, dout, lse, delta, dq, dk, dv, scratch, dscale_partial, scale_t, bias, mask, scale_v,
+                q, k, v, out, dout, lse, delta, dq, dk, dv, scratch, dscale_partial, scale_t, bias, None, scale_v,
                 *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq), *_bhn(dk), *_bhn(dv),
-                stride_sh, *_bias_strides(bias), *_bias_strides(mask), H, N, B * H,
+                stride_sh, *_bias_strides(bias), *_bias_strides(None), H, N, B * H,
                 NEED_DSCALE=need_dscale, HAS_MASK=False, **common, **fused_tiles,
             )
-        return _backward_finish(dout, q, k, v, lse, delta, scale, scale_value, bias, None, diagonal_mask,
-                                dscale_partial, shared_bias, False, None, None)
-    dscale_partial = new_buffer((B, H, m_blocks), device=q.device, dtype=torch.float32) if need_dscale else None
-    dbias_buffer = new_buffer(bias.shape, device=q.device, dtype=torch.float32) if per_batch_dbias else None
-    dmask_buffer = new_buffer(mask.shape, device=q.device, dtype=torch.float32) if per_batch_dmask else None
-    # ds (or p ⊙ dp) also goes to memory: narrower key blocks; with a mask always, so that a mask
-    # without a gradient takes the tiles the compile gate checks with one
-    dq_tiles = tiling(N, D, precision, max_block_n=32) if (per_batch_dbias or mask is not None) else tiles
-    if mask is not None:
-        dq_tiles = _mask_tiling("dq", dq_tiles, N, D, precision)
-    with on_device(q):
-        _attention_bwd_dq_kernel[(m_blocks * B * H,)](
-            q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, mask, dmask_buffer,
-            scale_v,
-            *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq),
-            stride_sh, *_bias_strides(bias), *_bias_strides(dbias_buffer), *_bias_strides(mask),
-            *_bias_strides(dmask_buffer), H, N,
-            NEED_DSCALE=need_dscale, NEED_DBIAS=per_batch_dbias,
-            HAS_MASK=mask is not None, NEED_DMASK=per_batch_dmask, **common, **dq_tiles,
-        )
-        _attention_bwd_dkdv_kernel[(triton.cdiv(N, dkdv_tiles["BLOCK_M"]) * B * H,)](
-            q, k, v, dout, lse, delta, dk, dv, scale_t, bias, mask, scale_v,
-            *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
-            stride_sh, *_bias_strides(bias), *_bias_strides(mask), H, N, HAS_MASK=mask is not None,
-            **common, **dkdv_tiles,
-        )
-    return _backward_finish(dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask,
-                            dscale_partial, shared_bias, shared_mask, dbias_buffer, dmask_buffer)
+    else:
+        m_blocks = triton.cdiv(N, tiles["BLOCK_M"])
+        dscale_partial = new_buffer((B, H, m_blocks), device=q.device, dtype=torch.float32) if need_dscale else None
+        if per_batch_dbias:
+            dbias_buffer = new_buffer(bias.shape, device=q.device, dtype=torch.float32)
+        if per_batch_dmask:
+            dmask_buffer = new_buffer(mask.shape, device=q.device, dtype=torch.float32)
+        # ds (or p ⊙ dp) also goes to memory: narrower key blocks; with a mask always, so that a mask
+        # without a gradient takes the tiles the compile gate checks with one
+        dq_tiles = tiling(N, D, precision, max_block_n=32) if (per_batch_dbias or mask is not None) else tiles
+        dkdv_tiles = _dkdv_tiling(tiles, precision, D)
+        if mask is not None:
+            dq_tiles = _mask_tiling("dq", dq_tiles, N, D, precision)
+            dkdv_tiles = _mask_tiling("dkdv", dkdv_tiles, N, D, precision)
+        with on_device(q):
+            _attention_bwd_dq_kernel[(m_blocks * B * H,)](
+                q, k, v, out, dout, lse, delta, dq, dscale_partial, dbias_buffer, scale_t, bias, mask, dmask_buffer,
+                scale_v,
+                *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq),
+                stride_sh, *_bias_strides(bias), *_bias_strides(dbias_buffer), *_bias_strides(mask),
+                *_bias_strides(dmask_buffer), H, N,
+                NEED_DSCALE=need_dscale, NEED_DBIAS=per_batch_dbias,
+                HAS_MASK=mask is not None, NEED_DMASK=per_batch_dmask, **common, **dq_tiles,
+            )
+            _attention_bwd_dkdv_kernel[(triton.cdiv(N, dkdv_tiles["BLOCK_M"]) * B * H,)](
+                q, k, v, dout, lse, delta, dk, dv, scale_t, bias, mask, scale_v,
+                *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout), *_bhn(dk), *_bhn(dv),
+                stride_sh, *_bias_strides(bias), *_bias_strides(mask), H, N, HAS_MASK=mask is not None,
+                **common, **dkdv_tiles,
+            )
 
-
-def _backward_finish(dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, dscale_partial,
-                     shared_bias, shared_mask, dbias_buffer, dmask_buffer):
-    """(dscale, dbias, dmask) from the partial sums and buffers the kernels wrote, and the shared
-    bias or mask gradient by the grouped pass."""
     dscale = None
-    if dscale_partial is not None:
+    if need_dscale:
         per_head = dscale_partial.sum(dim=(0, 2))  # [H]
         dscale = (per_head if scale.dim() == 1 else per_head.sum()).to(scale.dtype)
     dbias = None
     if shared_bias:
         dbias = shared_grad(bias, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, False)
-    elif dbias_buffer is not None:
+    elif per_batch_dbias:
         dbias = dbias_buffer.to(bias.dtype)
     dmask = None
     if shared_mask:
         dmask = shared_grad(mask, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, True)
-    elif dmask_buffer is not None:
+    elif per_batch_dmask:
         dmask = dmask_buffer.to(mask.dtype)
     return dscale, dbias, dmask
 
