@@ -38,7 +38,11 @@ program per (tile, group of (b, h) pairs), which recomputes p and dp for each pa
 element, instead of one atomic per element per (b, h): 256-way contention on every element at
 B = 256 becomes 7-way at ViT-S/16 (`shared_grad_groups`). Under
 `torch.use_deterministic_algorithms(True)`, or when the tiles alone fill the GPU, one group
-takes every pair and stores in a fixed order.
+takes every pair and stores in a fixed order. A Gaussian-mixture bias (`gmm`: bias[h] =
+Σ_k w[h, k] · exp(−d² / (2σ[h, k]²)) over the patch grid, built dense by one launch,
+`gaussian_mixture_bias`) has the same pass reduce each tile of the summed ds against its K
+Gaussians: 2K partial sums per program (Σ ds·G for w, w/σ² · Σ ds·G·d² for log σ), summed after
+in a fixed order, so no [H, N, N] gradient and no atomics.
 
 Launch geometry (`tiling`): a 1-D grid of (sequence block, b·h) pairs, sequence blocks fastest,
 so any batch fits CUDA's grid limits; head indices are int64, so offsets past 2³¹ do not wrap.
@@ -264,15 +268,16 @@ def _fwd_rows(
             m_i, l_i, acc = _fwd_step(m_i, l_i, acc, s, v, mk, PRECISION, HAS_MASK)
     if TAIL_N == 1:  # one last key (N = BLOCK_N·n + 1, a class token): a rank-1 update on CUDA cores
         c = N - 1
+        c_rows = c + 0 * rows  # per row: the interpreter turns a scalar c < N & a row mask into an int32 mask
         k_c = tl.load(K_bh + c * stride_kn + offs_d).to(tl.float32)
         v_c = tl.load(V_bh + c * stride_vn + offs_d).to(tl.float32)
-        s_c = _scores(tl.sum(q.to(tl.float32) * k_c[None, :], 1), rows, c, scale_log2, b, h, N,
+        s_c = _scores(tl.sum(q.to(tl.float32) * k_c[None, :], 1), rows, c_rows, scale_log2, b, h, N,
                       BIAS, stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
         m_new, m_safe, alpha = _rescale(m_i, s_c)
         p_c = tl.math.exp2(s_c - m_safe)
         l_i = l_i * alpha + p_c
         if HAS_MASK:
-            p_c = p_c * _mask_tile(MASK, b, h, rows, c, N, stride_mb, stride_mh, stride_mm, stride_mn,
+            p_c = p_c * _mask_tile(MASK, b, h, rows, c_rows, N, stride_mb, stride_mh, stride_mm, stride_mn,
                                    HAS_MASK, MASK_ROWS, False)
         acc = acc * alpha[:, None] + p_c[:, None] * v_c[None, :]
         m_i = m_new
@@ -425,17 +430,18 @@ def _dq_rows(
                              stride_dmn, row_ok[:, None] & col_ok[None, :], True)
     if TAIL_N == 1:  # one last key: rank-1 on CUDA cores
         c = N - 1
+        c_rows = c + 0 * rows  # per row: the interpreter turns a scalar c < N & a row mask into an int32 mask
         k_c = tl.load(K_bh + c * stride_kn + offs_d).to(tl.float32)
         v_c = tl.load(V_bh + c * stride_vn + offs_d).to(tl.float32)
         qk_c = tl.sum(q.to(tl.float32) * k_c[None, :], 1)
-        s_c = _scores(qk_c, rows, c, scale_log2, b, h, N, BIAS,
+        s_c = _scores(qk_c, rows, c_rows, scale_log2, b, h, N, BIAS,
                       stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, False)
         p_c = tl.math.exp2(s_c - lse)
         if MASK_ROWS:
             p_c = tl.where(row_ok, p_c, 0.0)
         dp_c = tl.sum(do.to(tl.float32) * v_c[None, :], 1)
         if HAS_MASK:
-            m_c = _mask_tile(MASK, b, h, rows, c, N, stride_mb, stride_mh, stride_mm, stride_mn,
+            m_c = _mask_tile(MASK, b, h, rows, c_rows, N, stride_mb, stride_mh, stride_mm, stride_mn,
                              HAS_MASK, MASK_ROWS, False)
             ds_c = p_c * (m_c * dp_c - delta)
         else:
@@ -787,19 +793,58 @@ def _attention_bwd_fused_kernel(
 
 
 @triton.jit
+def _gmm_sq_dist(rows, cols, grid):
+    """(‖pos_i − pos_j‖² in patches as fp32, whether both are patches) for token indices rows ×
+    cols: token t ≥ 1 is patch t − 1 of a grid-wide square grid, row-major; token 0 is none."""
+    pr = tl.maximum(rows - 1, 0)
+    pc = tl.maximum(cols - 1, 0)
+    dy = (pr // grid)[:, None] - (pc // grid)[None, :]
+    dx = (pr % grid)[:, None] - (pc % grid)[None, :]
+    return (dy * dy + dx * dx).to(tl.float32), (rows >= 1)[:, None] & (cols >= 1)[None, :]
+
+
+@triton.jit
+def _gmm_gaussian(GMM_W, GMM_LS, h, kk, d2, GMM_KERNELS: tl.constexpr):
+    """(weight[h, kk], 1 / σ[h, kk]², exp(−d2 / (2σ[h, kk]²))) of Gaussian kk of head h."""
+    w = tl.load(GMM_W + h * GMM_KERNELS + kk).to(tl.float32)
+    inv_var = tl.exp(-2.0 * tl.load(GMM_LS + h * GMM_KERNELS + kk).to(tl.float32))
+    return w, inv_var, tl.math.exp2(d2 * (inv_var * (-0.5 * 1.4426950408889634)))
+
+
+@triton.jit
+def _attention_gmm_bias_kernel(GMM_W, GMM_LS, BIAS, N, grid, GMM_KERNELS: tl.constexpr, BLOCK: tl.constexpr):
+    """The dense [H, N, N] fp32 bias of a Gaussian mixture: one program per (BLOCK × BLOCK tile,
+    head)."""
+    tiles_n = tl.cdiv(N, BLOCK)
+    t = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    rows = (t // tiles_n) * BLOCK + tl.arange(0, BLOCK)
+    cols = (t % tiles_n) * BLOCK + tl.arange(0, BLOCK)
+    d2, patches = _gmm_sq_dist(rows, cols, grid)
+    bias = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for kk in tl.static_range(GMM_KERNELS):
+        w, inv_var, g = _gmm_gaussian(GMM_W, GMM_LS, h, kk, d2, GMM_KERNELS)
+        bias += w * g
+    ok = (rows < N)[:, None] & (cols < N)[None, :]
+    tl.store(BIAS + h * N * N + rows[:, None] * N + cols[None, :], tl.where(patches, bias, 0.0), mask=ok)
+
+
+@triton.jit
 def _shared_grad_tile(
-    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h, r_start, r_end, RH,
-    start_m, start_n, H, N,
+    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, part, scale_value, sl_b, sl_h,
+    r_start, r_end, RH, start_m, start_n, H, N,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_sh, stride_bb, stride_bh, stride_bm, stride_bn,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_gb, stride_gh, stride_gm, stride_gn,
     D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr, GMM_KERNELS: tl.constexpr,
 ):
     """Σ over the (b, h) pairs r_start ≤ r < r_end of one gradient slice of the [rows, cols] tile
     of ds (the bias gradient) or of p ⊙ dp (the mask gradient), accumulated in registers, then
-    one store or one relaxed atomic per element."""
+    one store or one relaxed atomic per element; for a Gaussian-mixture bias (GMM_KERNELS > 0)
+    its 2·GMM_KERNELS sums against the Gaussians instead, stored in row `part` of GRAD's two
+    [programs, GMM_KERNELS] halves (weight, log σ)."""
     rows = start_m + tl.arange(0, ROWS)
     cols = start_n + tl.arange(0, COLS)
     offs_d = tl.arange(0, D)
@@ -834,22 +879,31 @@ def _shared_grad_tile(
                 else:
                     dp = dp * tl.load(m_ptrs).to(tl.float32)
             acc += p * (dp - delta[:, None])
-    ptrs = GRAD + sl_b * stride_gb + sl_h * stride_gh + rows[:, None] * stride_gm + cols[None, :] * stride_gn
-    if ATOMIC:
-        if MASK_ROWS or MASK_COLS:
-            tl.atomic_add(ptrs, acc, mask=tile_ok, sem="relaxed")
-        else:
-            tl.atomic_add(ptrs, acc, sem="relaxed")
+    if GMM_KERNELS > 0:  # dweight = Σ ds·G, dlog σ = weight / σ² · Σ ds·G·d² for each Gaussian G
+        d2, patches = _gmm_sq_dist(rows, cols, grid)
+        acc = tl.where(patches & tile_ok, acc, 0.0)
+        for kk in tl.static_range(GMM_KERNELS):
+            w, inv_var, g = _gmm_gaussian(GMM_W, GMM_LS, sl_h, kk, d2, GMM_KERNELS)
+            g = acc * g
+            tl.store(GRAD + part * GMM_KERNELS + kk, tl.sum(g))
+            tl.store(GRAD + (tl.num_programs(0) + part) * GMM_KERNELS + kk, w * inv_var * tl.sum(g * d2))
     else:
-        if MASK_ROWS or MASK_COLS:
-            tl.store(ptrs, acc, mask=tile_ok)
+        ptrs = GRAD + sl_b * stride_gb + sl_h * stride_gh + rows[:, None] * stride_gm + cols[None, :] * stride_gn
+        if ATOMIC:
+            if MASK_ROWS or MASK_COLS:
+                tl.atomic_add(ptrs, acc, mask=tile_ok, sem="relaxed")
+            else:
+                tl.atomic_add(ptrs, acc, sem="relaxed")
         else:
-            tl.store(ptrs, acc)
+            if MASK_ROWS or MASK_COLS:
+                tl.store(ptrs, acc, mask=tile_ok)
+            else:
+                tl.store(ptrs, acc)
 
 
 @triton.jit
 def _attention_bwd_shared_kernel(
-    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value,
+    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, scale_value,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -861,11 +915,14 @@ def _attention_bwd_shared_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr, SPLIT: tl.constexpr,
+    GMM_KERNELS: tl.constexpr = 0,
 ):
     """The gradient of a bias or mask shared over the batch and/or heads: one program per
     (tile, group of GROUP contributing (b, h) pairs, gradient slice), tiles fastest. The slice
     is (sl_b, sl_h) over the gradient's own [B|1, H|1] dims; its R contributors r map to
-    b = sl_b + r // RH, h = sl_h + r % RH."""
+    b = sl_b + r // RH, h = sl_h + r % RH. A Gaussian-mixture bias (GMM_KERNELS Gaussians per
+    head, weights GMM_W and log-widths GMM_LS [H, GMM_KERNELS], on a grid-wide patch grid) has
+    each program store its tile's sums against the Gaussians in row pid of GRAD instead."""
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(N, BLOCK_M) * tiles_n
     pid = tl.program_id(0).to(tl.int64)
@@ -881,51 +938,56 @@ def _attention_bwd_shared_kernel(
     if SPLIT:  # full tiles unmasked; the leftover rows / columns in TAIL_M / TAIL_N-wide tiles
         if mi < N // BLOCK_M:
             if ni < N // BLOCK_N:
-                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h,
+                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid,
+                                  scale_value, sl_b, sl_h,
                                   r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
                                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
                                   stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
                                   stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
                                   stride_gb, stride_gh, stride_gm, stride_gn, D, BLOCK_M, BLOCK_N, False, False,
                                   HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
-                                  ATOMIC)
+                                  ATOMIC, GMM_KERNELS)
             else:
-                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h,
+                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid,
+                                  scale_value, sl_b, sl_h,
                                   r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
                                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
                                   stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
                                   stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
                                   stride_gb, stride_gh, stride_gm, stride_gn, D, BLOCK_M, TAIL_N, False, True,
                                   HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
-                                  ATOMIC)
+                                  ATOMIC, GMM_KERNELS)
         else:
             if ni < N // BLOCK_N:
-                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h,
+                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid,
+                                  scale_value, sl_b, sl_h,
                                   r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
                                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
                                   stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
                                   stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
                                   stride_gb, stride_gh, stride_gm, stride_gn, D, TAIL_M, BLOCK_N, True, False,
                                   HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
-                                  ATOMIC)
+                                  ATOMIC, GMM_KERNELS)
             else:
-                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h,
+                _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid,
+                                  scale_value, sl_b, sl_h,
                                   r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
                                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
                                   stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
                                   stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
                                   stride_gb, stride_gh, stride_gm, stride_gn, D, TAIL_M, TAIL_N, True, True,
                                   HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
-                                  ATOMIC)
+                                  ATOMIC, GMM_KERNELS)
     else:
-        _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl_b, sl_h,
+        _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid,
+                                  scale_value, sl_b, sl_h,
                           r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
                           stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
                           stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
                           stride_gb, stride_gh, stride_gm, stride_gn, D, BLOCK_M, BLOCK_N, True, True,
                           HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
-                          ATOMIC)
+                          ATOMIC, GMM_KERNELS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1124,12 +1186,16 @@ def shared_grad_groups(contributors: int, programs_per_group: int, deterministic
 
 
 def shared_grad(
-    target, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, of_mask
+    target, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, of_mask, gmm=None
 ) -> Tensor:
     """The gradient of `target` (the bias, or the mask when `of_mask`), a score map shared over
     the batch and/or heads: ds (or p ⊙ dp) summed over the (b, h) pairs that read each slice, in
     registers, a group of pairs per program, then one store or relaxed atomic per element. No
-    [B, H, N, N] gradient is formed. Reads the lse of the forward and the δ of the dq kernel."""
+    [B, H, N, N] gradient is formed. Reads the lse of the forward and the δ of the first backward
+    kernel. With `gmm` = (weight, log_sigma, grid_size) the bias is that Gaussian mixture and the
+    result is [2, H, K] fp32, the gradients of weight and log_sigma: each program reduces its
+    tile against the K Gaussians and stores 2K partial sums, summed afterwards in a fixed order
+    (no atomics, no [H, N, N] gradient)."""
     B, H, N, D = q.shape
     precision = _precision(q.dtype)
     if precision == "tf32" and D == 128:  # tf32 spilled 0.7-1.6 KB at every tile tried: FMA fp32
@@ -1145,22 +1211,47 @@ def shared_grad(
     full = target.shape if target.dim() == 4 else (1, *target.shape)
     slices_b, slices_h = full[0], full[1]
     per_b, per_h = B // slices_b, H // slices_h  # contributors per slice along b and h
-    programs_per_group = triton.cdiv(N, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]) * slices_b * slices_h
-    group, groups = shared_grad_groups(per_b * per_h, programs_per_group, torch.are_deterministic_algorithms_enabled())
-    atomic = groups > 1
-    alloc = torch.zeros if atomic else new_buffer
-    grad = alloc((slices_b, slices_h, N, N), device=q.device, dtype=torch.float32)
+    tile_programs = triton.cdiv(N, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"])
+    programs_per_group = tile_programs * slices_b * slices_h
+    # partial sums are deterministic: the GMM path takes groups with no atomics either way
+    deterministic = torch.are_deterministic_algorithms_enabled() and gmm is None
+    group, groups = shared_grad_groups(per_b * per_h, programs_per_group, deterministic)
+    atomic = groups > 1 and gmm is None
+    gmm_w = gmm_ls = None
+    grid_size = kernels = 0
+    if gmm is not None:
+        gmm_w, gmm_ls, grid_size = gmm[0].contiguous(), gmm[1].contiguous(), gmm[2]
+        kernels = gmm_w.shape[1]
+        grad = new_buffer((2, programs_per_group * groups, kernels), device=q.device, dtype=torch.float32)
+    else:
+        grad = (torch.zeros if atomic else new_buffer)((slices_b, slices_h, N, N), device=q.device, dtype=torch.float32)
     scale_t, scale_v, stride_sh = _scale_args(scale, scale_value)
     with on_device(q):
         _attention_bwd_shared_kernel[(programs_per_group * groups,)](
-            q, k, v, dout, lse, delta, scale_t, bias, mask, grad, scale_v,
+            q, k, v, dout, lse, delta, scale_t, bias, mask, grad, gmm_w, gmm_ls, grid_size, scale_v,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dout),
-            stride_sh, *_bias_strides(bias), *_bias_strides(mask), *_bias_strides(grad),
+            stride_sh, *_bias_strides(bias), *_bias_strides(mask), *_bias_strides(None if gmm else grad),
             H, N, slices_h, per_h, per_b * per_h, group, groups,
             D=D, HAS_SCALE_TENSOR=scale is not None, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-            DIAGONAL_MASK=diagonal_mask, PRECISION=precision, GRAD_OF_MASK=of_mask, ATOMIC=atomic, **tiles,
+            DIAGONAL_MASK=diagonal_mask, PRECISION=precision, GRAD_OF_MASK=of_mask, ATOMIC=atomic,
+            GMM_KERNELS=kernels, **tiles,
         )
+    if gmm is not None:  # [2, slices_h = H, groups · tiles, K] summed over the programs of a head
+        return grad.view(2, slices_h, groups * tile_programs, kernels).sum(dim=2)
     return grad.reshape(target.shape).to(target.dtype)
+
+
+def gaussian_mixture_bias(weight: Tensor, log_sigma: Tensor, grid_size: int) -> Tensor:
+    """The dense [H, 1 + grid_size², 1 + grid_size²] fp32 bias of a Gaussian mixture (one launch)."""
+    H, kernels = weight.shape
+    N = 1 + grid_size * grid_size
+    bias = new_buffer((H, N, N), device=weight.device, dtype=torch.float32)
+    block = 32
+    with on_device(weight):
+        _attention_gmm_bias_kernel[(triton.cdiv(N, block) ** 2, H)](
+            weight.contiguous(), log_sigma.contiguous(), bias, N, grid_size, GMM_KERNELS=kernels, BLOCK=block,
+        )
+    return bias
 
 
 # The fused backward (`_attention_bwd_fused_kernel`, one (b, h) pair at a time per program) runs
@@ -1212,11 +1303,12 @@ def _fused_tiling(N: int, D: int, precision: str, capability: int) -> Optional[d
 
 def backward_into(
     dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias,
-    mask=None, need_dmask=False,
+    mask=None, need_dmask=False, gmm=None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias, dmask), each when
     asked. With no mask, no per-batch bias gradient and enough (b, h) pairs, one fused launch
-    (5 N²D matmuls per pair); else the dq and dk/dv kernels (7)."""
+    (5 N²D matmuls per pair); else the dq and dk/dv kernels (7). With `gmm` (the bias is that
+    Gaussian mixture, `shared_grad`), dbias is [2, H, K]: the gradients of its weight and log_sigma."""
     B, H, N, D = q.shape
     precision = _precision(q.dtype)
     tiles = tiling(N, D, precision)
@@ -1281,7 +1373,7 @@ def backward_into(
         dscale = (per_head if scale.dim() == 1 else per_head.sum()).to(scale.dtype)
     dbias = None
     if shared_bias:
-        dbias = shared_grad(bias, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, False)
+        dbias = shared_grad(bias, dout, q, k, v, lse, delta, scale, scale_value, bias, mask, diagonal_mask, False, gmm)
     elif per_batch_dbias:
         dbias = dbias_buffer.to(bias.dtype)
     dmask = None
@@ -1305,45 +1397,53 @@ def _heads(t: Tensor, num_heads: int, parts: int):
 @torch.library.custom_op("mgit_fast::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
-    diagonal_mask: bool, mask: Optional[Tensor] = None,
+    diagonal_mask: bool, mask: Optional[Tensor] = None, gmm_weight: Optional[Tensor] = None,
+    gmm_log_sigma: Optional[Tensor] = None, grid_size: int = 0,
 ) -> Tuple[Tensor, Tensor]:
+    # gmm_*: the Gaussian mixture `bias` was built from, for the backward (its gradients go there)
     out = new_buffer(q.shape, device=q.device, dtype=q.dtype)
     lse = forward_into(q, k, v, out, scale, scale_value, bias, diagonal_mask, mask)
     return out, lse
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, scale_value, bias, diagonal_mask, mask=None):
+def _(q, k, v, scale, scale_value, bias, diagonal_mask, mask=None, gmm_weight=None, gmm_log_sigma=None, grid_size=0):
     B, H, N, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+def _gmm(weight: Optional[Tensor], log_sigma: Optional[Tensor], grid_size: int):
+    return None if weight is None else (weight, log_sigma, grid_size)
 
 
 @torch.library.custom_op("mgit_fast::attention_bwd", mutates_args=())
 def attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: Optional[Tensor],
     scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool, need_dbias: bool,
-    mask: Optional[Tensor] = None, need_dmask: bool = False,
+    mask: Optional[Tensor] = None, need_dmask: bool = False, gmm_weight: Optional[Tensor] = None,
+    gmm_log_sigma: Optional[Tensor] = None, grid_size: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = (new_buffer(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     dscale, dbias, dmask = backward_into(
         dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias,
-        mask, need_dmask,
+        mask, need_dmask, _gmm(gmm_weight, gmm_log_sigma, grid_size),
     )
     return dq, dk, dv, _or_empty(dscale, q), _or_empty(dbias, q), _or_empty(dmask, q)
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask=None,
-      need_dmask=False):
+      need_dmask=False, gmm_weight=None, gmm_log_sigma=None, grid_size=0):
     grads = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)]
-    return (*grads, _fake_grad(scale, need_dscale, q), _fake_grad(bias, need_dbias, q),
+    return (*grads, _fake_grad(scale, need_dscale, q), _fake_dbias(bias, need_dbias, gmm_weight, q),
             _fake_grad(mask, need_dmask, q))
 
 
 @torch.library.custom_op("mgit_fast::attention_qkvpacked_fwd", mutates_args=())
 def attention_qkvpacked_fwd(
     qkv: Tensor, num_heads: int, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
-    diagonal_mask: bool, mask: Optional[Tensor] = None,
+    diagonal_mask: bool, mask: Optional[Tensor] = None, gmm_weight: Optional[Tensor] = None,
+    gmm_log_sigma: Optional[Tensor] = None, grid_size: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     B, N, width = qkv.shape
     out = new_buffer((B, N, width // 3), device=qkv.device, dtype=qkv.dtype)
@@ -1353,7 +1453,8 @@ def attention_qkvpacked_fwd(
 
 
 @attention_qkvpacked_fwd.register_fake
-def _(qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask=None):
+def _(qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask=None, gmm_weight=None, gmm_log_sigma=None,
+      grid_size=0):
     B, N, width = qkv.shape
     return qkv.new_empty((B, N, width // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
 
@@ -1362,7 +1463,8 @@ def _(qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask=None):
 def attention_qkvpacked_bwd(
     dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: Optional[Tensor],
     scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool, need_dbias: bool,
-    mask: Optional[Tensor] = None, need_dmask: bool = False,
+    mask: Optional[Tensor] = None, need_dmask: bool = False, gmm_weight: Optional[Tensor] = None,
+    gmm_log_sigma: Optional[Tensor] = None, grid_size: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dqkv = new_buffer(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     (dout_heads,) = _heads(dout, num_heads, 1)
@@ -1370,19 +1472,31 @@ def attention_qkvpacked_bwd(
     dscale, dbias, dmask = backward_into(
         dout_heads, *_heads(qkv, num_heads, 3), out_heads, lse, *_heads(dqkv, num_heads, 3),
         scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask, need_dmask,
+        _gmm(gmm_weight, gmm_log_sigma, grid_size),
     )
     return dqkv, _or_empty(dscale, qkv), _or_empty(dbias, qkv), _or_empty(dmask, qkv)
 
 
 @attention_qkvpacked_bwd.register_fake
 def _(dout, qkv, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask=None,
-      need_dmask=False):
+      need_dmask=False, gmm_weight=None, gmm_log_sigma=None, grid_size=0):
     return (
         torch.empty_like(qkv, memory_format=torch.contiguous_format),
         _fake_grad(scale, need_dscale, qkv),
-        _fake_grad(bias, need_dbias, qkv),
+        _fake_dbias(bias, need_dbias, gmm_weight, qkv),
         _fake_grad(mask, need_dmask, qkv),
     )
+
+
+@torch.library.custom_op("mgit_fast::gaussian_mixture_bias", mutates_args=())
+def gaussian_mixture_bias_op(weight: Tensor, log_sigma: Tensor, grid_size: int) -> Tensor:
+    return gaussian_mixture_bias(weight, log_sigma, grid_size)
+
+
+@gaussian_mixture_bias_op.register_fake
+def _(weight, log_sigma, grid_size):
+    N = 1 + grid_size * grid_size
+    return weight.new_empty((weight.shape[0], N, N), dtype=torch.float32)
 
 
 def _or_empty(grad: Optional[Tensor], like: Tensor) -> Tensor:
@@ -1393,51 +1507,72 @@ def _fake_grad(param: Optional[Tensor], needed: bool, like: Tensor) -> Tensor:
     return torch.empty_like(param) if (needed and param is not None) else like.new_empty(0)
 
 
+def _fake_dbias(bias: Optional[Tensor], needed: bool, gmm_weight: Optional[Tensor], like: Tensor) -> Tensor:
+    if needed and gmm_weight is not None:
+        return gmm_weight.new_empty((2, *gmm_weight.shape), dtype=torch.float32)
+    return _fake_grad(bias, needed, like)
+
+
 def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _bias_grads(ctx, bias, gmm_weight, gmm_log_sigma, bias_index: int):
+    """(need_dbias for the backward op, and the gradients of bias, gmm_weight, gmm_log_sigma)."""
+    if gmm_weight is None:
+        need = bias is not None and ctx.needs_input_grad[bias_index]
+        return need, lambda d: ((d.to(bias.dtype) if need else None), None, None)
+    need = ctx.needs_input_grad[bias_index + 3] or ctx.needs_input_grad[bias_index + 4]
+    return need, lambda d: (None, *((g.to(p.dtype) if need else None) for g, p in zip(d, (gmm_weight, gmm_log_sigma))))
+
+
 def _setup_attention(ctx, inputs, output):
-    q, k, v, scale, scale_value, bias, diagonal_mask, mask = inputs
+    q, k, v, scale, scale_value, bias, diagonal_mask, mask, gmm_weight, gmm_log_sigma, grid_size = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, scale, bias, mask)
-    ctx.scale_value, ctx.diagonal_mask = scale_value, diagonal_mask
+    ctx.save_for_backward(q, k, v, out, lse, scale, bias, mask, gmm_weight, gmm_log_sigma)
+    ctx.scale_value, ctx.diagonal_mask, ctx.grid_size = scale_value, diagonal_mask, grid_size
+    ctx.set_materialize_grads(False)  # no zeros for lse's gradient (never used)
 
 
 def _backward_attention(ctx, dout, _dlse):
-    q, k, v, out, lse, scale, bias, mask = ctx.saved_tensors
+    q, k, v, out, lse, scale, bias, mask, gmm_weight, gmm_log_sigma = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
     need_dscale = scale is not None and ctx.needs_input_grad[3]
-    need_dbias = bias is not None and ctx.needs_input_grad[5]
+    need_dbias, bias_grads = _bias_grads(ctx, bias, gmm_weight, gmm_log_sigma, 5)
     need_dmask = mask is not None and ctx.needs_input_grad[7]
     dq, dk, dv, dscale, dbias, dmask = attention_bwd(
         _unit_stride(dout), q, k, v, out, lse, scale, ctx.scale_value, bias, ctx.diagonal_mask, need_dscale, need_dbias,
-        mask, need_dmask,
+        mask, need_dmask, gmm_weight, gmm_log_sigma, ctx.grid_size,
     )
-    return (dq, dk, dv, (dscale if need_dscale else None), None, (dbias if need_dbias else None), None,
-            (dmask if need_dmask else None))
+    dbias, dweight, dlog_sigma = bias_grads(dbias)
+    return (dq, dk, dv, (dscale if need_dscale else None), None, dbias, None, (dmask if need_dmask else None),
+            dweight, dlog_sigma, None)
 
 
 attention_fwd.register_autograd(_backward_attention, setup_context=_setup_attention)
 
 
 def _setup_packed(ctx, inputs, output):
-    qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask = inputs
+    qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask, gmm_weight, gmm_log_sigma, grid_size = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, scale, bias, mask)
-    ctx.num_heads, ctx.scale_value, ctx.diagonal_mask = num_heads, scale_value, diagonal_mask
+    ctx.save_for_backward(qkv, out, lse, scale, bias, mask, gmm_weight, gmm_log_sigma)
+    ctx.num_heads, ctx.scale_value, ctx.diagonal_mask, ctx.grid_size = num_heads, scale_value, diagonal_mask, grid_size
+    ctx.set_materialize_grads(False)  # no zeros for lse's gradient (never used)
 
 
 def _backward_packed(ctx, dout, _dlse):
-    qkv, out, lse, scale, bias, mask = ctx.saved_tensors
+    qkv, out, lse, scale, bias, mask, gmm_weight, gmm_log_sigma = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
     need_dscale = scale is not None and ctx.needs_input_grad[2]
-    need_dbias = bias is not None and ctx.needs_input_grad[4]
+    need_dbias, bias_grads = _bias_grads(ctx, bias, gmm_weight, gmm_log_sigma, 4)
     need_dmask = mask is not None and ctx.needs_input_grad[6]
     dqkv, dscale, dbias, dmask = attention_qkvpacked_bwd(
         dout.contiguous(), qkv, out, lse, ctx.num_heads, scale, ctx.scale_value, bias, ctx.diagonal_mask,
-        need_dscale, need_dbias, mask, need_dmask,
+        need_dscale, need_dbias, mask, need_dmask, gmm_weight, gmm_log_sigma, ctx.grid_size,
     )
-    return (dqkv, None, (dscale if need_dscale else None), None, (dbias if need_dbias else None), None,
-            (dmask if need_dmask else None))
+    dbias, dweight, dlog_sigma = bias_grads(dbias)
+    return (dqkv, None, (dscale if need_dscale else None), None, dbias, None, (dmask if need_dmask else None),
+            dweight, dlog_sigma, None)
 
 
 attention_qkvpacked_fwd.register_autograd(_backward_packed, setup_context=_setup_packed)
@@ -1454,23 +1589,36 @@ def _split_scale(scale, head_dim: int) -> Tuple[Optional[Tensor], float]:
     return None, float(scale)
 
 
-def attention(q, k, v, scale=None, bias=None, diagonal_mask=False, mask=None) -> Tensor:
+def _bias_args(bias, gmm) -> tuple:
+    """(bias, gmm_weight, gmm_log_sigma, grid_size) for the custom ops: a Gaussian mixture's
+    dense bias is built by one launch, outside autograd (its gradients come from the backward)."""
+    if gmm is None:
+        return bias, None, None, 0
+    weight, log_sigma, grid_size = gmm
+    return gaussian_mixture_bias_op(weight.detach(), log_sigma.detach(), grid_size), weight, log_sigma, grid_size
+
+
+def attention(q, k, v, scale=None, bias=None, diagonal_mask=False, mask=None, gmm=None) -> Tensor:
     """``(softmax(q·kᵀ·scale + bias) ⊙ mask)·v`` for q, k, v ``[B, H, N, D]``.
 
     ``scale``: None (``D**-0.5``), a float, or a learnable tensor ``[]`` / ``[H]``; ``bias`` and
     ``mask`` (IBiT's multiplicative mask, applied to the probabilities with no renormalisation):
-    ``[H, N, N]`` or ``[B, H, N, N]`` (1 broadcasts over B and H), learnable; ``diagonal_mask``:
-    a token does not attend to itself. Gradients reach q, k, v, scale, bias and mask."""
+    ``[H, N, N]`` or ``[B, H, N, N]`` (1 broadcasts over B and H), learnable; ``gmm``, instead of
+    ``bias``: ``(weight, log_sigma, grid_size)`` of a Gaussian-mixture bias (``weight`` and
+    ``log_sigma`` learnable ``[H, K]``, N = 1 + grid_size²); ``diagonal_mask``: a token does not
+    attend to itself. Gradients reach q, k, v, scale, bias (or weight and log_sigma) and mask."""
     scale_t, scale_v = _split_scale(scale, q.shape[-1])
+    bias, *gmm_args = _bias_args(bias, gmm)
     out, _ = attention_fwd(_unit_stride(q), _unit_stride(k), _unit_stride(v), scale_t, scale_v, bias, diagonal_mask,
-                           mask)
+                           mask, *gmm_args)
     return out
 
 
-def attention_qkvpacked(qkv, num_heads, scale=None, bias=None, diagonal_mask=False, mask=None) -> Tensor:
+def attention_qkvpacked(qkv, num_heads, scale=None, bias=None, diagonal_mask=False, mask=None, gmm=None) -> Tensor:
     """Attention from a packed ``qkv [B, N, 3·H·D]`` (read in place) to ``[B, N, H·D]``; the
     options as in `attention` (``mask``: ``[H, N, N]`` / ``[B, H, N, N]``, multiplicative, learnable)."""
     qkv = _unit_stride(qkv)
     scale_t, scale_v = _split_scale(scale, qkv.shape[-1] // (3 * num_heads))
-    out, _ = attention_qkvpacked_fwd(qkv, num_heads, scale_t, scale_v, bias, diagonal_mask, mask)
+    bias, *gmm_args = _bias_args(bias, gmm)
+    out, _ = attention_qkvpacked_fwd(qkv, num_heads, scale_t, scale_v, bias, diagonal_mask, mask, *gmm_args)
     return out

@@ -77,6 +77,20 @@ def _score_map(name: str, value: Tensor, *, B: int, H: int, N: int, ref: Tensor)
         )
 
 
+def _gaussian_mixture(bias, *, H: int, N: int, ref: Tensor) -> None:
+    """A ``GaussianMixture`` bias: ``weight`` and ``log_sigma`` ``[H, K]`` alike; ``N = 1 + grid_size²``."""
+    grid = bias.grid_size
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"bias.grid_size must be a positive int, got {grid!r}")
+    if N != 1 + grid * grid:
+        raise ValueError(f"bias.grid_size={grid} needs N = 1 + grid_size² = {1 + grid * grid} tokens, got N={N}")
+    for name in ("weight", "log_sigma"):
+        value = tensor(f"bias.{name}", getattr(bias, name), ndim=2, dtypes=FLOAT_DTYPES)
+        same_device(f"bias.{name}", value, "q", ref)
+        if value.shape[0] != H or value.shape != bias.weight.shape:
+            raise ValueError(f"bias.{name} must have shape [H={H}, K] as bias.weight, got {tuple(value.shape)}")
+
+
 def attention_options(
     scale, bias, diagonal_mask, *, B: int, H: int, N: int, ref: Tensor, mask: Optional[Tensor] = None
 ) -> None:
@@ -87,7 +101,11 @@ def attention_options(
         same_device("scale", scale, "q", ref)
         if scale.shape not in (torch.Size([]), torch.Size([H])):
             raise ValueError(f"scale must have shape [] or [H={H}], got {tuple(scale.shape)}")
-    if bias is not None:
+    from .reference import GaussianMixture
+
+    if isinstance(bias, GaussianMixture):
+        _gaussian_mixture(bias, H=H, N=N, ref=ref)
+    elif bias is not None:
         _score_map("bias", bias, B=B, H=H, N=N, ref=ref)
     if mask is not None:
         _score_map("mask", mask, B=B, H=H, N=N, ref=ref)

@@ -14,16 +14,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from . import functional
+from .reference import GaussianMixture, gaussian_mixture_bias, patch_sq_dist
 
 ATTENTION_VARIANTS = ("standard", "lsa", "gmm", "ibit")
-
-
-def patch_sq_dist(grid_size: int) -> Tensor:
-    """``[P, P]`` float64 squared distances, in patches, between the ``P = grid_size²`` patches
-    of a square grid in row-major order."""
-    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-    positions = torch.stack([rows.flatten(), cols.flatten()], dim=-1).double()
-    return (positions[:, None] - positions[None, :]).square().sum(dim=-1)
 
 
 class GaussianMixtureBias(nn.Module):
@@ -56,10 +49,13 @@ class GaussianMixtureBias(nn.Module):
             self.log_sigma.copy_(widths.log().expand(self.num_heads, -1))
 
     def forward(self) -> Tensor:
-        inv_two_var = rearrange(0.5 * torch.exp(-2.0 * self.log_sigma), "h k -> h k 1 1")
-        kernels = torch.exp(-self.sq_dist * inv_two_var)
-        patch_bias = torch.einsum("hk,hkij->hij", self.weight, kernels)
-        return F.pad(patch_bias, (1, 0, 1, 0))
+        """The ``[H, N, N]`` bias."""
+        return gaussian_mixture_bias(self.weight, self.log_sigma, self.sq_dist)
+
+    def mixture(self) -> GaussianMixture:
+        """The bias by its parameters, for ``bias=`` of the attention functions: the Triton path
+        then reduces its gradient against the Gaussians in-kernel (no ``[H, N, N]`` gradient)."""
+        return GaussianMixture(self.weight, self.log_sigma, self.grid_size)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, grid_size={self.grid_size}, num_kernels={self.num_kernels}"
@@ -246,10 +242,13 @@ class FusedAttention(nn.Module):
         False: ViT attention is bidirectional."""
         if is_causal:
             raise ValueError("is_causal=True is not supported: FusedAttention is bidirectional ViT attention")
-        bias = self.gmm() if self.gmm is not None else None
+        bias = None
         if attn_mask is not None:
-            mask = _additive(attn_mask)
-            bias = mask if bias is None else bias + mask
+            bias = _additive(attn_mask)
+            if self.gmm is not None:
+                bias = self.gmm() + bias
+        elif self.gmm is not None:
+            bias = self.gmm.mixture()
         out = functional.attention_qkvpacked(
             self.qkv(x),
             self.num_heads,

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
-from .reference import MGiTLossOutput, MultiGradientStepOutput, multi_gradient_adamw as _adamw_torch
+from .reference import GaussianMixture, MGiTLossOutput, MultiGradientStepOutput
+from .reference import multi_gradient_adamw as _adamw_torch
 
 BACKENDS = ("torch", "triton")
 
@@ -37,22 +38,31 @@ def _attention_kernel():
     return attention
 
 
+def _kernel_bias(bias):
+    """(bias, gmm) for the kernels: a ``GaussianMixture`` goes by its parameters."""
+    if isinstance(bias, GaussianMixture):
+        return None, (bias.weight, bias.log_sigma, bias.grid_size)
+    return bias, None
+
+
 def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
     scale: Union[None, float, Tensor] = None,
-    bias: Optional[Tensor] = None,
+    bias: Union[None, Tensor, GaussianMixture] = None,
     diagonal_mask: bool = False,
     mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """``(softmax(q·kᵀ·scale + bias) ⊙ mask)·v``; see ``mgit_fast.reference.attention``."""
+    """``(softmax(q·kᵀ·scale + bias) ⊙ mask)·v``; see ``mgit_fast.reference.attention``. ``bias``
+    may be a ``GaussianMixture``: the Triton path then reduces its gradient in-kernel."""
     if resolve_backend(backend, q.device.type) == "triton":
         _checks.attention_inputs(q, k, v, scale, bias, diagonal_mask, mask)
         _checks.kernel_inputs("q", q, head_dim=q.shape[-1], head_dims=_attention_kernel().HEAD_DIMS)
-        return _attention_kernel().attention(q, k, v, scale, bias, diagonal_mask, mask)
+        bias, gmm = _kernel_bias(bias)
+        return _attention_kernel().attention(q, k, v, scale, bias, diagonal_mask, mask, gmm)
     return reference.attention(q, k, v, scale=scale, bias=bias, diagonal_mask=diagonal_mask, mask=mask)
 
 
@@ -61,7 +71,7 @@ def attention_qkvpacked(
     num_heads: int,
     *,
     scale: Union[None, float, Tensor] = None,
-    bias: Optional[Tensor] = None,
+    bias: Union[None, Tensor, GaussianMixture] = None,
     diagonal_mask: bool = False,
     mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
@@ -73,7 +83,8 @@ def attention_qkvpacked(
         B, N, _ = qkv.shape
         _checks.attention_options(scale, bias, diagonal_mask, B=B, H=num_heads, N=N, ref=qkv, mask=mask)
         _checks.kernel_inputs("qkv", qkv, head_dim=head_dim, head_dims=_attention_kernel().HEAD_DIMS)
-        return _attention_kernel().attention_qkvpacked(qkv, num_heads, scale, bias, diagonal_mask, mask)
+        bias, gmm = _kernel_bias(bias)
+        return _attention_kernel().attention_qkvpacked(qkv, num_heads, scale, bias, diagonal_mask, mask, gmm)
     return reference.attention_qkvpacked(
         qkv, num_heads, scale=scale, bias=bias, diagonal_mask=diagonal_mask, mask=mask
     )
@@ -158,6 +169,7 @@ def multi_gradient_adamw(*args, backend: Optional[str] = None, **kwargs) -> Mult
 
 __all__ = [
     "BACKENDS",
+    "GaussianMixture",
     "MGiTLossOutput",
     "MultiGradientStepOutput",
     "attention",

@@ -197,15 +197,15 @@ UPDATE_PAIRS = {"vit_s": (384, 12, 6), "vit_b": (768, 12, 12)}
 # tf32 and fp16 share their tiles and
 # code paths with bf16 but for the operand type, so two variants cover them
 GATE_ATTENTION = [
-    (torch.bfloat16, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")),
+    (torch.bfloat16, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")),
     (torch.float16, False, ("plain", "bias", "lsa_mask")),
-    (torch.float32, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")),
+    (torch.float32, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")),
     (torch.float32, True, ("plain", "bias", "lsa_mask")),
 ]
 # N = 65 takes the rank-1 CUDA-core tail (the last key in the forward and dq kernels, the last
 # query in the dk/dv kernel)
 GATE_ATTENTION_RANK1 = [
-    (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")
+    (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")
 ] + [
     (torch.float16, False, "plain"), (torch.float32, False, "lsa"), (torch.float32, False, "bias"),
     (torch.float32, False, "lsa_mask"), (torch.float32, True, "plain"),
@@ -260,8 +260,10 @@ def attention_launches(
     diagonal mask), bias (a learnable [H, N, N] bias, its gradient summed over the batch by the
     shared-gradient pass), bias_batch ([B, H, N, N], its gradient written by the dq kernel),
     lsa_mask (LSA with a learnable multiplicative [H, N, N] mask, its gradient from the
-    shared-gradient pass) or lsa_mask_batch (LSA with a [B, H, N, N] mask). The backward is
-    chosen as on the target's SM count, or forced by `fused` (see `backward_path`)."""
+    shared-gradient pass), lsa_mask_batch (LSA with a [B, H, N, N] mask) or gmm (a Gaussian
+    mixture of 2 kernels, N = 1 + grid², its dense bias built by one launch and its gradient
+    reduced against the Gaussians by the shared-gradient pass). The backward is chosen as on the
+    target's SM count, or forced by `fused` (see `backward_path`)."""
     from mgit_fast.kernels import attention as kernel
 
     new = lambda *shape, dt=dtype: torch.empty(shape, device=META, dtype=dt)  # noqa: E731
@@ -277,11 +279,14 @@ def attention_launches(
             "bias_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
     mask = {"lsa_mask": lambda: new(H, N, N, dt=torch.float32),
             "lsa_mask_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
+    gmm = (new(H, 2, dt=torch.float32), new(H, 2, dt=torch.float32), math.isqrt(N - 1)) if variant == "gmm" else None
     with tf32(allow_tf32), backward_path(target, fused), capture(target) as launches:
+        if gmm is not None:
+            bias = kernel.gaussian_mixture_bias(*gmm)
         lse = kernel.forward_into(q, k, v, out, scale, D**-0.5, bias, lsa, mask)
         if backward:
             kernel.backward_into(out, q, k, v, out, lse, dq, dk, dv, scale, D**-0.5, bias, lsa,
-                                 scale is not None, bias is not None, mask, mask is not None)
+                                 scale is not None, bias is not None, mask, mask is not None, gmm)
     precision = _precision_name(dtype, allow_tf32)
     size = torch.finfo(dtype).bits // 8
     # a score map (bias or mask) is read by each kernel; its gradient is written by the dq kernel
@@ -301,7 +306,13 @@ def attention_launches(
             mm, nbytes = 5, 8 * B * H * N * D * size + 12 * B * H * N + bias_bytes + 2 * scratch
         elif launch.kernel == "_attention_bwd_shared_kernel":  # one write (or atomic) per element per group
             target = map_bytes["mask" if launch.args["GRAD_OF_MASK"] else "bias"]
+            if launch.args["GMM_KERNELS"]:  # 2K partial sums per program instead
+                target = 0
             mm, nbytes = 2, 4 * B * H * N * D * size + 8 * B * H * N + bias_bytes + target * launch.args["GROUPS"]
+        elif launch.kernel == "_attention_gmm_bias_kernel":  # writes the dense bias; no matmul
+            launch.label = f"{label} {_DTYPE_NAMES[dtype] if precision != 'tf32' else 'tf32'} {variant}"
+            launch.work = dict(bytes=map_bytes["bias"], flops=0, precision="fp32")
+            continue
         else:
             continue
         tc, tc_useful, cuda = attention_tile_areas(N, launch.constants)
@@ -394,13 +405,13 @@ def update_launches(name: str, dim: int, depth: int, heads: int, target: Target 
 
 
 def shape_set(name: str, target: Target = TARGETS["sm_90a"]) -> List[Launch]:
-    """`bench`: the benchmark shapes (bf16 attention, LSA, bias and masked LSA variants; the loss
+    """`bench`: the benchmark shapes (bf16 attention, LSA, bias, masked LSA and GMM variants; the loss
     grid; the update of a ViT-S and a ViT-B pair). `gate`: every specialisation the supported shape table
     produces (head dims 16–128, fp32 with and without TF32, fp16, bf16, every variant)."""
     launches: List[Launch] = []
     if name == "bench":
         for label, B, N, dim, H in BENCH_ATTENTION:
-            for variant in ("plain", "lsa", "bias", "lsa_mask"):
+            for variant in ("plain", "lsa", "bias", "lsa_mask", "gmm"):
                 launches += attention_launches(label, B, N, H, dim // H, torch.bfloat16, variant, target=target)
         for B, C in LOSS_GRID:
             launches += loss_launches(B, C, target=target)
@@ -602,8 +613,8 @@ def row(launch: Launch, facts: Dict[str, Any], target: Target) -> Dict[str, Any]
 
 
 def gate_failures(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    """What the CI gate refuses: failed compiles, spills, fp16/bf16 attention without tensor
-    cores, grids past CUDA's limits, atomics stronger than relaxed."""
+    """What the CI gate refuses: failed compiles, spills, fp16/bf16 tile matmuls (the attention
+    kernels') without tensor cores, grids past CUDA's limits, atomics stronger than relaxed."""
     failures = []
     for r in rows:
         where = f"{r['arch']} {r['kernel']} [{r['label']}]"
@@ -612,7 +623,7 @@ def gate_failures(rows: Sequence[Dict[str, Any]]) -> List[str]:
             continue
         if r["spill_bytes"] or r["local_ops"]:
             failures.append(f"{where}: spills {r['spill_bytes']} B ({r['local_ops']} local-memory instructions)")
-        if r["kernel"].startswith("attention") and re.search(r"\b(bf16|fp16)\b", r["label"]):
+        if "useful_fraction" in r and re.search(r"\b(bf16|fp16)\b", r["label"]):  # tile matmuls in half
             if not (r["tensor_core"]["HGMMA"] or r["tensor_core"]["HMMA"]):
                 failures.append(f"{where}: no tensor-core instruction")
         failures += [f"{where}: {p}" for p in r["grid_problems"]]

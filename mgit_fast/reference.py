@@ -27,13 +27,48 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # attention
 # --------------------------------------------------------------------------------------------
+def patch_sq_dist(grid_size: int, *, device=None, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``[P, P]`` squared distances, in patches, between the ``P = grid_size²`` patches of a
+    square grid in row-major order."""
+    index = torch.arange(grid_size * grid_size, device=device)
+    rows, cols = index // grid_size, index % grid_size
+    return ((rows[:, None] - rows[None, :]).square() + (cols[:, None] - cols[None, :]).square()).to(dtype)
+
+
+def gaussian_mixture_bias(weight: Tensor, log_sigma: Tensor, sq_dist: Tensor) -> Tensor:
+    """``[H, 1 + P, 1 + P]``: ``Σ_k weight[h, k] · exp(−sq_dist / (2·exp(log_sigma[h, k])²))``
+    between the ``P`` patch tokens (``sq_dist`` ``[P, P]``), 0 in token 0's row and column."""
+    inv_two_var = rearrange(0.5 * torch.exp(-2.0 * log_sigma), "h k -> h k 1 1")
+    kernels = torch.exp(-sq_dist * inv_two_var)
+    return F.pad(torch.einsum("hk,hkij->hij", weight, kernels), (1, 0, 1, 0))
+
+
+class GaussianMixture(NamedTuple):
+    """A Gaussian-mixture attention bias given by its parameters, accepted as ``bias=`` by the
+    attention functions: ``weight`` and ``log_sigma`` ``[H, K]``, ``grid_size`` patches per side,
+    for ``N = 1 + grid_size²`` tokens (a class token, then the patches in row-major order);
+    ``bias[h, i, j] = Σ_k weight[h, k] · exp(−‖pos_i − pos_j‖² / (2σ[h, k]²))``,
+    ``σ = exp(log_sigma)``, 0 in token 0's row and column (``dense()``). The Triton path sums the
+    bias gradient against the K Gaussians inside the kernel, so gradients reach ``weight`` and
+    ``log_sigma`` with no ``[H, N, N]`` gradient ever formed."""
+
+    weight: Tensor
+    log_sigma: Tensor
+    grid_size: int
+
+    def dense(self) -> Tensor:
+        """The ``[H, N, N]`` bias (differentiable)."""
+        sq_dist = patch_sq_dist(self.grid_size, device=self.weight.device, dtype=self.weight.dtype)
+        return gaussian_mixture_bias(self.weight, self.log_sigma, sq_dist)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
     scale: Union[None, float, Tensor] = None,
-    bias: Optional[Tensor] = None,
+    bias: Union[None, Tensor, GaussianMixture] = None,
     diagonal_mask: bool = False,
     mask: Optional[Tensor] = None,
 ) -> Tensor:
@@ -41,12 +76,15 @@ def attention(
     ``[B, H, N, D]``.
 
     ``scale``: None (``D**-0.5``), a float, or a tensor of shape ``[]`` or ``[H]``.
-    ``bias``: ``[H, N, N]`` or ``[B, H, N, N]`` (size 1 broadcasts), added after scaling.
+    ``bias``: ``[H, N, N]`` or ``[B, H, N, N]`` (size 1 broadcasts), added after scaling, or a
+    ``GaussianMixture``.
     ``diagonal_mask``: a token does not attend to itself (LSA).
     ``mask``: a multiplicative mask (IBiT) of the same shapes as ``bias``, applied to the
     attention probabilities with no renormalisation.
     """
     _checks.attention_inputs(q, k, v, scale, bias, diagonal_mask, mask)
+    if isinstance(bias, GaussianMixture):
+        bias = bias.dense()
     dtype = _compute_dtype(q.dtype)
     N, D = q.shape[-2], q.shape[-1]
     if scale is None:
@@ -72,7 +110,7 @@ def attention_qkvpacked(
     num_heads: int,
     *,
     scale: Union[None, float, Tensor] = None,
-    bias: Optional[Tensor] = None,
+    bias: Union[None, Tensor, GaussianMixture] = None,
     diagonal_mask: bool = False,
     mask: Optional[Tensor] = None,
 ) -> Tensor:

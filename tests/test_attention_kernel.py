@@ -573,6 +573,83 @@ def test_fused_backward(monkeypatch, N, D, variant):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("grid_size, kernels", [(1, 1), (4, 2), (7, 3)])
+def test_gaussian_mixture_dense_bias(grid_size, kernels):
+    """The one-launch dense bias of a Gaussian mixture (every element written: poisoned buffer)."""
+    H = 3
+    weight, log_sigma = torch.randn(H, kernels, dtype=torch.float64), torch.randn(H, kernels, dtype=torch.float64)
+    bias = kernel.gaussian_mixture_bias(weight.float(), log_sigma.float(), grid_size)
+    ref = reference.GaussianMixture(weight, log_sigma, grid_size).dense()
+    assert bias.shape == ref.shape == (H, 1 + grid_size**2, 1 + grid_size**2) and bias.dtype == torch.float32
+    assert_rel_close(bias, ref, 1e-5, "bias")
+
+
+class _KwargSpy:
+    """Records the keyword arguments of each launch of a Triton kernel, then launches it."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.fn[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("grid_size, dtype, path", [(4, torch.float32, "two_kernel"), (4, torch.float16, "two_kernel"),
+                                                    (8, torch.float16, "fused"), (8, torch.float16, "two_kernel"),
+                                                    (8, torch.float32, "two_kernel")])
+@pytest.mark.parametrize("programs", [1, 1024])
+def test_gaussian_mixture_gradient_reduced_in_kernel(monkeypatch, grid_size, dtype, path, programs):
+    """A GaussianMixture bias: out, dqkv, dweight and dlog_sigma against float64, with the
+    shared pass reducing against the Gaussians (GMM_KERNELS = K, no [H, N, N] gradient), one
+    group of every pair (programs = 1) or many; bit-identical reruns (no atomics)."""
+    monkeypatch.setattr(kernel, "SHARED_GRAD_PROGRAMS", programs)
+    monkeypatch.setattr(kernel, "FUSED_MIN_PAIRS", 0 if path == "fused" else 2**62)
+    monkeypatch.setattr(kernel, "STANDIN_SMS", 2)
+    calls = []
+    monkeypatch.setattr(kernel, "_attention_bwd_shared_kernel", _KwargSpy(kernel._attention_bwd_shared_kernel, calls))
+    fused = []
+    monkeypatch.setattr(kernel, "_attention_bwd_fused_kernel", _Spy(kernel._attention_bwd_fused_kernel, fused))
+    B, H, D, K = 3, 2, 32, 2
+    N = 1 + grid_size**2
+    inputs = dict(qkv=torch.randn(B, N, 3 * H * D, dtype=torch.float64),
+                  weight=torch.randn(H, K, dtype=torch.float64), log_sigma=torch.rand(H, K, dtype=torch.float64) * 1.5)
+
+    def attend(qkv, weight, log_sigma, **options):
+        bias = reference.GaussianMixture(weight, log_sigma, grid_size)
+        if qkv.dtype == torch.float64:
+            return reference.attention_qkvpacked(qkv, H, bias=bias)
+        return functional.attention_qkvpacked(qkv, H, bias=bias, backend="triton")
+
+    out, grads, ref, ref_grads, names = run_both(attend, attend, inputs, dtype)
+    check(out, grads, ref, ref_grads, names, dtype)
+    assert [c["GMM_KERNELS"] for c in calls] == [K]
+    assert bool(fused) == (path == "fused")
+    low = {n: leaf(t, dtype if n == "qkv" else torch.float32) for n, t in inputs.items()}
+    runs = [torch.autograd.grad(o, list(low.values()), torch.ones_like(o)) for o in (attend(**low), attend(**low))]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_gaussian_mixture_refusals():
+    qkv = torch.randn(2, 17, 3 * 2 * 16)
+    weight, log_sigma = torch.randn(2, 3), torch.randn(2, 3)
+    cases = [
+        (reference.GaussianMixture(weight, log_sigma, 3), ValueError, "bias.grid_size=3 needs N"),
+        (reference.GaussianMixture(weight, log_sigma, 0), ValueError, "bias.grid_size must be a positive int"),
+        (reference.GaussianMixture(weight, log_sigma[:, :2], 4), ValueError, "bias.log_sigma must have shape"),
+        (reference.GaussianMixture(weight[:1], log_sigma[:1], 4), ValueError, "bias.weight must have shape"),
+        (reference.GaussianMixture(weight.long(), log_sigma, 4), TypeError, "bias.weight must have dtype"),
+    ]
+    for bias, error, message in cases:
+        for backend in ("torch", "triton"):
+            with pytest.raises(error, match=message):
+                functional.attention_qkvpacked(qkv, 2, bias=bias, backend=backend)
+
+
 class _Spy:
     """Records the grid size of each launch of a Triton kernel, then launches it."""
 

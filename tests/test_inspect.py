@@ -107,7 +107,8 @@ def test_grid_problems_flags_cuda_limits():
 
 def _row(**overrides):
     base = dict(kernel="attention_fwd", label="D=64 N=197 bf16 plain", arch="sm_90a", status="ok", spill_bytes=0,
-                local_ops=0, tensor_core={"HGMMA": 4, "HMMA": 0}, grid_problems=[], strong_atomics=[])
+                local_ops=0, tensor_core={"HGMMA": 4, "HMMA": 0}, grid_problems=[], strong_atomics=[],
+                useful_fraction=0.9)
     base.update(overrides)
     return base
 
@@ -127,6 +128,13 @@ def test_gate_rules(bad, rule):
 
 def test_fp32_attention_without_tensor_cores_is_not_a_gate_failure():
     assert ins.gate_failures([_row(label="D=64 N=197 fp32 plain", tensor_core={"HGMMA": 0, "HMMA": 0})]) == []
+
+
+def test_a_launch_without_tile_matmuls_needs_no_tensor_cores():
+    """The GMM's dense-bias kernel runs beside bf16 attention but multiplies no tiles."""
+    row = _row(kernel="attention_gmm_bias", label="D=64 N=197 bf16 gmm", tensor_core={"HGMMA": 0, "HMMA": 0})
+    del row["useful_fraction"]
+    assert ins.gate_failures([row]) == []
 
 
 def test_occupancy_limits():
