@@ -1523,7 +1523,9 @@ def _bias_grads(ctx, bias, gmm_weight, gmm_log_sigma, bias_index: int):
         need = bias is not None and ctx.needs_input_grad[bias_index]
         return need, lambda d: ((d.to(bias.dtype) if need else None), None, None)
     need = ctx.needs_input_grad[bias_index + 3] or ctx.needs_input_grad[bias_index + 4]
-    return need, lambda d: (None, *((g.to(p.dtype) if need else None) for g, p in zip(d, (gmm_weight, gmm_log_sigma))))
+    if not need:
+        return False, lambda d: (None, None, None)
+    return True, lambda d: (None, d[0].to(gmm_weight.dtype), d[1].to(gmm_log_sigma.dtype))
 
 
 def _setup_attention(ctx, inputs, output):

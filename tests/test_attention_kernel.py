@@ -634,6 +634,23 @@ def test_gaussian_mixture_gradient_reduced_in_kernel(monkeypatch, grid_size, dty
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("weight_grad, log_sigma_grad", [(False, False), (True, False), (False, True)])
+def test_gaussian_mixture_partly_frozen(weight_grad, log_sigma_grad):
+    """Gradients reach exactly the mixture parameters that require them (none: qkv only)."""
+    H, grid, D = 2, 4, 16
+    qkv = torch.randn(2, 1 + grid * grid, 3 * H * D, dtype=torch.float64)
+    weight, log_sigma = torch.randn(H, 2, dtype=torch.float64), torch.randn(H, 2, dtype=torch.float64)
+    grads = []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        x = qkv.to(dtype).requires_grad_()
+        w, ls = weight.to(dtype).requires_grad_(weight_grad), log_sigma.to(dtype).requires_grad_(log_sigma_grad)
+        out = functional.attention_qkvpacked(x, H, bias=reference.GaussianMixture(w, ls, grid), backend=backend)
+        grads.append(torch.autograd.grad(out, [t for t in (x, w, ls) if t.requires_grad], torch.ones_like(out)))
+    assert len(grads[0]) == 1 + weight_grad + log_sigma_grad
+    for g, r, name in zip(*grads, ("qkv", "a mixture parameter")):
+        assert_rel_close(g, r, TOL[torch.float32], name)
+
+
 def test_gaussian_mixture_refusals():
     qkv = torch.randn(2, 17, 3 * 2 * 16)
     weight, log_sigma = torch.randn(2, 3), torch.randn(2, 3)
