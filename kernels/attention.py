@@ -1517,15 +1517,21 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _bias_grads(ctx, bias, gmm_weight, gmm_log_sigma, bias_index: int):
-    """(need_dbias for the backward op, and the gradients of bias, gmm_weight, gmm_log_sigma)."""
+def _need_bias_grad(ctx, bias, gmm_weight, bias_index: int) -> bool:
+    """Whether the backward op computes the bias gradient: of `bias`, or of the mixture's
+    weight / log_sigma (inputs bias_index + 3, + 4) when the bias is a Gaussian mixture."""
     if gmm_weight is None:
-        need = bias is not None and ctx.needs_input_grad[bias_index]
-        return need, lambda d: ((d.to(bias.dtype) if need else None), None, None)
-    need = ctx.needs_input_grad[bias_index + 3] or ctx.needs_input_grad[bias_index + 4]
+        return bias is not None and ctx.needs_input_grad[bias_index]
+    return ctx.needs_input_grad[bias_index + 3] or ctx.needs_input_grad[bias_index + 4]
+
+
+def _bias_grads(dbias, need: bool, bias, gmm_weight, gmm_log_sigma):
+    """(dbias, dweight, dlog_sigma) from the backward op's bias output."""
     if not need:
-        return False, lambda d: (None, None, None)
-    return True, lambda d: (None, d[0].to(gmm_weight.dtype), d[1].to(gmm_log_sigma.dtype))
+        return None, None, None
+    if gmm_weight is None:
+        return dbias.to(bias.dtype), None, None
+    return None, dbias[0].to(gmm_weight.dtype), dbias[1].to(gmm_log_sigma.dtype)
 
 
 def _setup_attention(ctx, inputs, output):
@@ -1540,13 +1546,13 @@ def _backward_attention(ctx, dout, _dlse):
     q, k, v, out, lse, scale, bias, mask, gmm_weight, gmm_log_sigma = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     need_dscale = scale is not None and ctx.needs_input_grad[3]
-    need_dbias, bias_grads = _bias_grads(ctx, bias, gmm_weight, gmm_log_sigma, 5)
+    need_dbias = _need_bias_grad(ctx, bias, gmm_weight, 5)
     need_dmask = mask is not None and ctx.needs_input_grad[7]
     dq, dk, dv, dscale, dbias, dmask = attention_bwd(
         _unit_stride(dout), q, k, v, out, lse, scale, ctx.scale_value, bias, ctx.diagonal_mask, need_dscale, need_dbias,
         mask, need_dmask, gmm_weight, gmm_log_sigma, ctx.grid_size,
     )
-    dbias, dweight, dlog_sigma = bias_grads(dbias)
+    dbias, dweight, dlog_sigma = _bias_grads(dbias, need_dbias, bias, gmm_weight, gmm_log_sigma)
     return (dq, dk, dv, (dscale if need_dscale else None), None, dbias, None, (dmask if need_dmask else None),
             dweight, dlog_sigma, None)
 
@@ -1566,13 +1572,13 @@ def _backward_packed(ctx, dout, _dlse):
     qkv, out, lse, scale, bias, mask, gmm_weight, gmm_log_sigma = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     need_dscale = scale is not None and ctx.needs_input_grad[2]
-    need_dbias, bias_grads = _bias_grads(ctx, bias, gmm_weight, gmm_log_sigma, 4)
+    need_dbias = _need_bias_grad(ctx, bias, gmm_weight, 4)
     need_dmask = mask is not None and ctx.needs_input_grad[6]
     dqkv, dscale, dbias, dmask = attention_qkvpacked_bwd(
         dout.contiguous(), qkv, out, lse, ctx.num_heads, scale, ctx.scale_value, bias, ctx.diagonal_mask,
         need_dscale, need_dbias, mask, need_dmask, gmm_weight, gmm_log_sigma, ctx.grid_size,
     )
-    dbias, dweight, dlog_sigma = bias_grads(dbias)
+    dbias, dweight, dlog_sigma = _bias_grads(dbias, need_dbias, bias, gmm_weight, gmm_log_sigma)
     return (dqkv, None, (dscale if need_dscale else None), None, dbias, None, (dmask if need_dmask else None),
             dweight, dlog_sigma, None)
 

@@ -89,6 +89,12 @@ def _gaussian_mixture(bias, *, H: int, N: int, ref: Tensor) -> None:
         same_device(f"bias.{name}", value, "q", ref)
         if value.shape[0] != H or value.shape != bias.weight.shape:
             raise ValueError(f"bias.{name} must have shape [H={H}, K] as bias.weight, got {tuple(value.shape)}")
+    if bias.sq_dist is not None:
+        P = grid * grid
+        tensor("bias.sq_dist", bias.sq_dist, ndim=2, dtypes=FLOAT_DTYPES)
+        same_device("bias.sq_dist", bias.sq_dist, "q", ref)
+        if bias.sq_dist.shape != (P, P):
+            raise ValueError(f"bias.sq_dist must have shape [grid_size²={P}, {P}], got {tuple(bias.sq_dist.shape)}")
 
 
 def attention_options(

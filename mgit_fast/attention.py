@@ -55,7 +55,7 @@ class GaussianMixtureBias(nn.Module):
     def mixture(self) -> GaussianMixture:
         """The bias by its parameters, for ``bias=`` of the attention functions: the Triton path
         then reduces its gradient against the Gaussians in-kernel (no ``[H, N, N]`` gradient)."""
-        return GaussianMixture(self.weight, self.log_sigma, self.grid_size)
+        return GaussianMixture(self.weight, self.log_sigma, self.grid_size, self.sq_dist)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, grid_size={self.grid_size}, num_kernels={self.num_kernels}"

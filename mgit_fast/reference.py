@@ -50,15 +50,19 @@ class GaussianMixture(NamedTuple):
     ``bias[h, i, j] = Σ_k weight[h, k] · exp(−‖pos_i − pos_j‖² / (2σ[h, k]²))``,
     ``σ = exp(log_sigma)``, 0 in token 0's row and column (``dense()``). The Triton path sums the
     bias gradient against the K Gaussians inside the kernel, so gradients reach ``weight`` and
-    ``log_sigma`` with no ``[H, N, N]`` gradient ever formed."""
+    ``log_sigma`` with no ``[H, N, N]`` gradient ever formed. ``sq_dist``: the grid's
+    ``patch_sq_dist``, if the caller keeps one (``dense()`` builds it otherwise)."""
 
     weight: Tensor
     log_sigma: Tensor
     grid_size: int
+    sq_dist: Optional[Tensor] = None
 
     def dense(self) -> Tensor:
         """The ``[H, N, N]`` bias (differentiable)."""
-        sq_dist = patch_sq_dist(self.grid_size, device=self.weight.device, dtype=self.weight.dtype)
+        sq_dist = self.sq_dist
+        if sq_dist is None:
+            sq_dist = patch_sq_dist(self.grid_size, device=self.weight.device, dtype=self.weight.dtype)
         return gaussian_mixture_bias(self.weight, self.log_sigma, sq_dist)
 
 

@@ -584,20 +584,6 @@ def test_gaussian_mixture_dense_bias(grid_size, kernels):
     assert_rel_close(bias, ref, 1e-5, "bias")
 
 
-class _KwargSpy:
-    """Records the keyword arguments of each launch of a Triton kernel, then launches it."""
-
-    def __init__(self, fn, calls):
-        self.fn, self.calls = fn, calls
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append(kwargs)
-            return self.fn[grid](*args, **kwargs)
-
-        return launch
-
-
 @pytest.mark.parametrize("grid_size, dtype, path", [(4, torch.float32, "two_kernel"), (4, torch.float16, "two_kernel"),
                                                     (8, torch.float16, "fused"), (8, torch.float16, "two_kernel"),
                                                     (8, torch.float32, "two_kernel")])
@@ -610,7 +596,7 @@ def test_gaussian_mixture_gradient_reduced_in_kernel(monkeypatch, grid_size, dty
     monkeypatch.setattr(kernel, "FUSED_MIN_PAIRS", 0 if path == "fused" else 2**62)
     monkeypatch.setattr(kernel, "STANDIN_SMS", 2)
     calls = []
-    monkeypatch.setattr(kernel, "_attention_bwd_shared_kernel", _KwargSpy(kernel._attention_bwd_shared_kernel, calls))
+    monkeypatch.setattr(kernel, "_attention_bwd_shared_kernel", _Spy(kernel._attention_bwd_shared_kernel, [], calls))
     fused = []
     monkeypatch.setattr(kernel, "_attention_bwd_fused_kernel", _Spy(kernel._attention_bwd_fused_kernel, fused))
     B, H, D, K = 3, 2, 32, 2
@@ -668,11 +654,18 @@ def test_gaussian_mixture_refusals():
 
 
 class _Spy:
-    """Records the grid size of each launch of a Triton kernel, then launches it."""
+    """Records the grid size (and, given `calls`, the keyword arguments) of each launch of a
+    Triton kernel, then launches it."""
 
-    def __init__(self, fn, grids):
-        self.fn, self.grids = fn, grids
+    def __init__(self, fn, grids, calls=None):
+        self.fn, self.grids, self.calls = fn, grids, calls
 
     def __getitem__(self, grid):
         self.grids.append(grid[0])
-        return self.fn[grid]
+
+        def launch(*args, **kwargs):
+            if self.calls is not None:
+                self.calls.append(kwargs)
+            return self.fn[grid](*args, **kwargs)
+
+        return launch
