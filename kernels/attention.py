@@ -546,16 +546,42 @@ def _dkdv_keys(
     keys = start_n + tl.arange(0, KEYS)
     offs_d = tl.arange(0, D)
     key_ok = keys < N
-    k = _load_rows(_tile(K, b, h, keys, offs_d, stride_kb, stride_kh, stride_kn), key_ok, MASK_KEYS)
-    v = _load_rows(_tile(V, b, h, keys, offs_d, stride_vb, stride_vh, stride_vn), key_ok, MASK_KEYS)
     scale_log2 = scale * 1.4426950408889634
     dk = tl.zeros([KEYS, D], dtype=tl.float32)
     dv = tl.zeros([KEYS, D], dtype=tl.float32)
     dscale = tl.zeros([KEYS], dtype=tl.float32)
-    if FUSED:
-        kt = tl.trans(k)  # [D, keys], the A operand of dqᵀ = kᵀ·dsᵀ
     Q_bh = Q + b * stride_qb + h * stride_qh
     DO_bh = DO + b * stride_dob + h * stride_doh
+    if TAIL_Q == 1:  # one last query (N mod BLOCK_Q = 1): rank-1 on CUDA cores, first, with its own
+        r = N - 1  # loads of k and v (after the query loop, reusing its tiles, the fused backward spilled)
+        k_r = _load_rows(_tile(K, b, h, keys, offs_d, stride_kb, stride_kh, stride_kn), key_ok, MASK_KEYS)
+        v_r = _load_rows(_tile(V, b, h, keys, offs_d, stride_vb, stride_vh, stride_vn), key_ok, MASK_KEYS)
+        q_r = tl.load(Q_bh + r * stride_qn + offs_d).to(tl.float32)
+        do_r = tl.load(DO_bh + r * stride_don + offs_d).to(tl.float32)
+        lse_r = tl.load(LSE + bh * N + r)
+        delta_r = tl.load(DELTA + bh * N + r)
+        qk_r = tl.sum(k_r.to(tl.float32) * q_r[None, :], 1)
+        st_r = _scores(qk_r, r, keys, scale_log2, b, h, N, BIAS,
+                       stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
+        pt_r = tl.math.exp2(st_r - lse_r)
+        dp_r = tl.sum(v_r.to(tl.float32) * do_r[None, :], 1)
+        if HAS_MASK:
+            m_r = _mask_tile(MASK, b, h, r, keys, N, stride_mb, stride_mh, stride_mm, stride_mn,
+                             HAS_MASK, False, MASK_KEYS)
+            dst_r = pt_r * (m_r * dp_r - delta_r)
+            pt_r = pt_r * m_r
+        else:
+            dst_r = pt_r * (dp_r - delta_r)
+        dv += pt_r[:, None] * do_r[None, :]
+        dk += dst_r[:, None] * q_r[None, :]
+        if FUSED:
+            tl.atomic_add(ACC + offs_d * N + r, tl.sum(dst_r[:, None] * k_r.to(tl.float32), 0), sem="relaxed")
+            if NEED_DSCALE:
+                dscale += tl.where(dst_r != 0.0, dst_r * qk_r, 0.0)
+    k = _load_rows(_tile(K, b, h, keys, offs_d, stride_kb, stride_kh, stride_kn), key_ok, MASK_KEYS)
+    v = _load_rows(_tile(V, b, h, keys, offs_d, stride_vb, stride_vh, stride_vn), key_ok, MASK_KEYS)
+    if FUSED:
+        kt = tl.trans(k)  # [D, keys], the A operand of dqᵀ = kᵀ·dsᵀ
     if SPLIT:
         full_m = (N // BLOCK_Q) * BLOCK_Q
         for start_m in range(0, full_m, BLOCK_Q):  # full query blocks: no query mask
@@ -628,29 +654,6 @@ def _dkdv_keys(
             if FUSED:
                 dscale = _add_dq(ACC, kt, dst, dst_in, qkt, dscale, offs_d, qs, q_ok, N, PRECISION, True,
                                  NEED_DSCALE)
-    if TAIL_Q == 1:  # one last query: rank-1 on CUDA cores
-        r = N - 1
-        q_r = tl.load(Q_bh + r * stride_qn + offs_d).to(tl.float32)
-        do_r = tl.load(DO_bh + r * stride_don + offs_d).to(tl.float32)
-        lse_r = tl.load(LSE + bh * N + r)
-        delta_r = tl.load(DELTA + bh * N + r)
-        qk_r = tl.sum(k.to(tl.float32) * q_r[None, :], 1)
-        st_r = _scores(qk_r, r, keys, scale_log2, b, h, N, BIAS,
-                       stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, False, MASK_KEYS)
-        pt_r = tl.math.exp2(st_r - lse_r)
-        if HAS_MASK:
-            m_r = _mask_tile(MASK, b, h, r, keys, N, stride_mb, stride_mh, stride_mm, stride_mn,
-                             HAS_MASK, False, MASK_KEYS)
-            dv += (pt_r * m_r)[:, None] * do_r[None, :]
-            dst_r = pt_r * (m_r * tl.sum(v.to(tl.float32) * do_r[None, :], 1) - delta_r)
-        else:
-            dv += pt_r[:, None] * do_r[None, :]
-            dst_r = pt_r * (tl.sum(v.to(tl.float32) * do_r[None, :], 1) - delta_r)
-        dk += dst_r[:, None] * q_r[None, :]
-        if FUSED:
-            tl.atomic_add(ACC + offs_d * N + r, tl.sum(dst_r[:, None] * k.to(tl.float32), 0), sem="relaxed")
-            if NEED_DSCALE:
-                dscale += tl.where(dst_r != 0.0, dst_r * qk_r, 0.0)
     dk = dk * scale
     _store_rows(_tile(DK, b, h, keys, offs_d, stride_dkb, stride_dkh, stride_dkn), dk.to(DK.dtype.element_ty),
                 key_ok, MASK_KEYS)
@@ -862,12 +865,17 @@ def _shared_grad_tile(
         k = _load_rows(_tile(K, b, h, cols, offs_d, stride_kb, stride_kh, stride_kn), col_ok, MASK_COLS)
         v = _load_rows(_tile(V, b, h, cols, offs_d, stride_vb, stride_vh, stride_vn), col_ok, MASK_COLS)
         lse = _load_vec(LSE + bh * N + rows, row_ok, MASK_ROWS)
-        s = _scores(_mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
+        if COLS == 1:  # a lone last key (N mod BLOCK_N = 1): q·k and dout·v on CUDA cores
+            qk = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1)[:, None]
+            dp = tl.sum(do.to(tl.float32) * v.to(tl.float32), 1)[:, None]
+        else:
+            qk = _mm(q, tl.trans(k), PRECISION)
+            dp = _mm(do, tl.trans(v), PRECISION)
+        s = _scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
                     stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, MASK_COLS)
         p = tl.math.exp2(s - lse[:, None])
         if MASK_ROWS:
             p = tl.where(row_ok[:, None], p, 0.0)
-        dp = _mm(do, tl.trans(v), PRECISION)
         if GRAD_OF_MASK:  # dmask = p ⊙ dp
             acc += p * dp
         else:  # dbias = ds = p ⊙ (mask ⊙ dp − δ)
@@ -954,7 +962,7 @@ def _attention_bwd_shared_kernel(
                                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
                                   stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
                                   stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
-                                  stride_gb, stride_gh, stride_gm, stride_gn, D, BLOCK_M, TAIL_N, False, True,
+                                  stride_gb, stride_gh, stride_gm, stride_gn, D, BLOCK_M, TAIL_N, False, TAIL_N > 1,
                                   HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
                                   ATOMIC, GMM_KERNELS)
         else:
@@ -975,7 +983,7 @@ def _attention_bwd_shared_kernel(
                                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
                                   stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
                                   stride_bh, stride_bm, stride_bn, stride_mb, stride_mh, stride_mm, stride_mn,
-                                  stride_gb, stride_gh, stride_gm, stride_gn, D, TAIL_M, TAIL_N, True, True,
+                                  stride_gb, stride_gh, stride_gm, stride_gn, D, TAIL_M, TAIL_N, True, TAIL_N > 1,
                                   HAS_SCALE_TENSOR, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
                                   ATOMIC, GMM_KERNELS)
     else:
@@ -1201,8 +1209,8 @@ def shared_grad(
     if precision == "tf32" and D == 128:  # tf32 spilled 0.7-1.6 KB at every tile tried: FMA fp32
         precision = "ieee"
     tiles = tiling(N, D, precision)
-    if tiles["SPLIT"]:  # the pass has no rank-1 step: a lone last position takes a 16-wide tile
-        tiles["TAIL_N"] = _tail(N % tiles["BLOCK_N"], tiles["BLOCK_N"], False) or tiles["BLOCK_N"]
+    if tiles["SPLIT"] and not tiles["TAIL_N"]:  # never taken (BLOCK_N divides N), but compiled
+        tiles["TAIL_N"] = tiles["BLOCK_N"]
     # it holds q, dout, k and v of a pair at once: at most 2 stages (3 left 2 blocks/SM at D = 64
     # on sm_90a), 1 with tf32 (2 spilled 236 B at D = 32 on sm_80)
     tiles.update(num_stages=1 if precision == "tf32" else min(tiles["num_stages"], 2))
@@ -1257,13 +1265,14 @@ def gaussian_mixture_bias(weight: Tensor, log_sigma: Tensor, grid_size: int) -> 
 # The fused backward (`_attention_bwd_fused_kernel`, one (b, h) pair at a time per program) runs
 # where it compiles without spills on sm_80 and sm_90a (`FUSED_TILES`, by dot precision and head
 # dim: 8 warps, 16 queries per streamed block, no multiplicative mask, the split geometry), one
-# program per SM (≈ 240 registers × 256 threads), each with its own dq scratch. It is taken when
-# every program gets at least FUSED_MIN_PAIRS pairs, below which the two kernels' cdiv(N, BLOCK_M)
-# programs per pair fill the GPU better. Off a GPU (the interpreter, a compile-only capture) the
-# SM count and compute capability are STANDIN_SMS and STANDIN_CAPABILITY.
+# program per SM (≈ 240 registers × 256 threads), each with its own dq scratch. An entry given as
+# {80: ..., 90: ...} is chosen by the GPU's architecture (sm_80 up to sm_89, sm_90 on). It is taken
+# when every program gets at least FUSED_MIN_PAIRS pairs, below which the two kernels'
+# cdiv(N, BLOCK_M) programs per pair fill the GPU better. Off a GPU (the interpreter, a
+# compile-only capture) the SM count and compute capability are STANDIN_SMS and STANDIN_CAPABILITY.
 FUSED_TILES = {
     ("half", 32): dict(num_warps=8, max_block_n=16),
-    # num_stages by architecture: 2 spilled 28-64 B on sm_80 (Triton 3.6), 1 spilled 8-80 B on sm_90a
+    # num_stages: 2 spilled 28-64 B on sm_80 (Triton 3.6), 1 spilled 8-80 B on sm_90a
     ("half", 64): dict(num_warps=8, max_block_n=16, num_stages={80: 1, 90: 2}),
 }
 FUSED_MIN_PAIRS = 2
@@ -1290,14 +1299,11 @@ def _fused_tiling(N: int, D: int, precision: str, capability: int) -> Optional[d
     over = FUSED_TILES.get((precision, D))
     if over is None:
         return None
-    over = dict(over)
-    if isinstance(over.get("num_stages"), dict):
-        over["num_stages"] = over["num_stages"][90 if capability >= 90 else 80]
+    arch = 90 if capability >= 90 else 80
+    over = {key: value[arch] if isinstance(value, dict) else value for key, value in over.items()}
     tiles = tiling(N, D, precision, max_block_n=over.pop("max_block_n"))
     if not tiles["SPLIT"]:
         return None
-    # a lone last query takes a 16-wide masked tile, not the rank-1 step (spilled 16-32 B on sm_80)
-    tiles["TAIL_N"] = _tail(N % tiles["BLOCK_N"], tiles["BLOCK_N"], False)
     return dict(_dkdv_tiling(tiles, precision, D), **over)
 
 

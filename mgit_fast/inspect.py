@@ -202,8 +202,8 @@ GATE_ATTENTION = [
     (torch.float32, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")),
     (torch.float32, True, ("plain", "bias", "lsa_mask")),
 ]
-# N = 65 takes the rank-1 CUDA-core tail (the last key in the forward and dq kernels, the last
-# query in the dk/dv kernel)
+# N = 65 takes the rank-1 CUDA-core tail (the last key in the forward, dq and shared-gradient
+# kernels, the last query in the dk/dv kernel and the fused backward)
 GATE_ATTENTION_RANK1 = [
     (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")
 ] + [

@@ -550,9 +550,9 @@ def test_fused_backward(monkeypatch, N, D, variant):
     against float64, and the same bits as a second run (the adds are ordered)."""
     monkeypatch.setattr(kernel, "FUSED_MIN_PAIRS", 0)
     monkeypatch.setattr(kernel, "STANDIN_SMS", 2)
-    launched = []
+    launched, calls = [], []
     real = kernel._attention_bwd_fused_kernel
-    monkeypatch.setattr(kernel, "_attention_bwd_fused_kernel", _Spy(real, launched))
+    monkeypatch.setattr(kernel, "_attention_bwd_fused_kernel", _Spy(real, launched, calls))
     B, H = 2, 3
     scale, bias, diagonal = make_options(variant, B, H, N)
     inputs = dict(q=torch.randn(B, H, N, D, dtype=torch.float64), k=torch.randn(B, H, N, D, dtype=torch.float64),
@@ -562,6 +562,8 @@ def test_fused_backward(monkeypatch, N, D, variant):
         diagonal_mask=diagonal,
     )
     assert launched and launched[0] == 2
+    # the queries stream 16 at a time: N = 65 ends in a lone last query, the rank-1 step
+    assert calls[0]["TAIL_N"] == {64: 0, 65: 1, 80: 0, 197: 16}[N]
     check(out, grads, ref, ref_grads, names, torch.float16)
     low = {n: leaf(t, torch.float16 if n in "qkv" else torch.float32) for n, t in inputs.items()}
     again = []
@@ -613,6 +615,8 @@ def test_gaussian_mixture_gradient_reduced_in_kernel(monkeypatch, grid_size, dty
     out, grads, ref, ref_grads, names = run_both(attend, attend, inputs, dtype)
     check(out, grads, ref, ref_grads, names, dtype)
     assert [c["GMM_KERNELS"] for c in calls] == [K]
+    if dtype == torch.float16 and N == 65:  # the split geometry: 64 + a lone last key, the rank-1 column
+        assert calls[0]["TAIL_N"] == 1
     assert bool(fused) == (path == "fused")
     low = {n: leaf(t, dtype if n == "qkv" else torch.float32) for n, t in inputs.items()}
     runs = [torch.autograd.grad(o, list(low.values()), torch.ones_like(o)) for o in (attend(**low), attend(**low))]

@@ -89,6 +89,28 @@ def test_large_dbias_and_packed_offsets_are_int64_safe():
     assert dq.args["stride_dmb"] == 16 * 577 * 577 and dq.args["stride_mb"] == 16 * 577 * 577
 
 
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+@pytest.mark.parametrize("N", [65, 197, 257, 577])
+def test_vit_lengths_meet_the_useful_tile_goals(arch, N):
+    """Every attention launch with tile matmuls at the ViT lengths (bf16, D = 32 and 64, every
+    variant; the fused backward and the two-kernel one) executes tile work that is ≥ 75 % useful
+    at N = 65 and ≥ 85 % at N ≥ 197, as the model counts it (rank-1 tails on CUDA cores apart)."""
+    goal = 0.75 if N == 65 else 0.85
+    kernels = set()
+    for D in (32, 64):
+        for fused in (False, True):
+            for variant in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm"):
+                for launch in ins.attention_launches("vit", 4, N, 2, D, torch.bfloat16, variant,
+                                                     target=ins.TARGETS[arch], fused=fused):
+                    if "executed_flops" not in launch.work:
+                        continue
+                    kernels.add(launch.kernel)
+                    useful = launch.work["useful_tile_flops"] / launch.work["executed_flops"]
+                    assert useful >= goal, (launch.kernel, D, variant, useful)
+    assert kernels == {"_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
+                       "_attention_bwd_fused_kernel", "_attention_bwd_shared_kernel"}
+
+
 def test_loss_and_update_launches_at_scale():
     for B, C in ((4096, 21843), (1_000_000, 1000)):
         for launch in ins.loss_launches(B, C):
