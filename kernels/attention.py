@@ -870,12 +870,13 @@ def _shared_grad_tile(
             dp = tl.sum(do.to(tl.float32) * v.to(tl.float32), 1)[:, None]
         else:
             qk = _mm(q, tl.trans(k), PRECISION)
-            dp = _mm(do, tl.trans(v), PRECISION)
         s = _scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS,
                     stride_bb, stride_bh, stride_bm, stride_bn, HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, MASK_COLS)
         p = tl.math.exp2(s - lse[:, None])
         if MASK_ROWS:
             p = tl.where(row_ok[:, None], p, 0.0)
+        if COLS > 1:  # (after p, as before the rank-1 column existed: the tile kernels' registers unchanged)
+            dp = _mm(do, tl.trans(v), PRECISION)
         if GRAD_OF_MASK:  # dmask = p ⊙ dp
             acc += p * dp
         else:  # dbias = ds = p ⊙ (mask ⊙ dp − δ)
@@ -1040,6 +1041,9 @@ MASK_TILES = {
     ("dkdv", "tf32", 64, False): dict(max_block_n=32, num_stages=1),
     ("dq", "tf32", 128, False): dict(num_stages=1),  # a shared mask, no dmask store: spilled 12 B on sm_90a
     ("shared", "ieee", 64, False): dict(num_warps=2),  # spilled 8 B on sm_90a
+    # with the rank-1 last-key column, 2 stages spilled 8 B at N = 65 on sm_80 (Triton 3.9); 1 stage
+    # also takes less (the bench shapes on sm_90a: 136 -> 128 registers, 49 -> 25 KB, 3 -> 4 blocks/SM)
+    ("shared", "half", 64, True): dict(num_stages=1),
 }
 
 
