@@ -19,7 +19,8 @@ ds[m, n] = p[m, n] · (M[m, n] · dp[m, n] − δ_m):
     dscale_h = Σ_{b, m, n} ds[m, n] · (q_m · k_n)    dM[b, h, m, n] = p[m, n] · dp[m, n]
 
 The fused backward (`_attention_bwd_fused_kernel`: fp16/bf16 at D = 32 and 64 with no
-multiplicative mask or per-batch bias gradient, when the GPU has ≥ 2 (b, h) pairs per SM) is one
+per-batch bias or mask gradient, a mask at D = 64 on sm_90 only, when the GPU has ≥ 2 (b, h)
+pairs per SM) is one
 launch of 5 N²D matmuls per pair: a persistent grid of one program per SM, each taking a whole
 pair at a time (δ, then every key block in the dk/dv kernel's form, also adding dqᵀ = kᵀ·dsᵀ
 into an fp32 [D, N] scratch that only it touches, then dq from the scratch). Otherwise two
@@ -1268,16 +1269,23 @@ def gaussian_mixture_bias(weight: Tensor, log_sigma: Tensor, grid_size: int) -> 
 
 # The fused backward (`_attention_bwd_fused_kernel`, one (b, h) pair at a time per program) runs
 # where it compiles without spills on sm_80 and sm_90a (`FUSED_TILES`, by dot precision and head
-# dim: 8 warps, 16 queries per streamed block, no multiplicative mask, the split geometry), one
-# program per SM (≈ 240 registers × 256 threads), each with its own dq scratch. An entry given as
-# {80: ..., 90: ...} is chosen by the GPU's architecture (sm_80 up to sm_89, sm_90 on). It is taken
-# when every program gets at least FUSED_MIN_PAIRS pairs, below which the two kernels'
+# dim: 8 warps, 16 queries per streamed block, the split geometry, no per-batch bias or mask
+# gradient), one program per SM (≈ 240 registers × 256 threads), each with its own dq scratch. An
+# entry given as {80: ..., 90: ...} is chosen by the GPU's architecture (sm_80 up to sm_89, sm_90
+# on). With a multiplicative mask its [keys, queries] tile is live beside pᵀ: `FUSED_MASK_TILES`
+# amends the entry (32 keys per block, one stage), and an entry of None keeps the two kernels. It
+# is taken when every program gets at least FUSED_MIN_PAIRS pairs, below which the two kernels'
 # cdiv(N, BLOCK_M) programs per pair fill the GPU better. Off a GPU (the interpreter, a
 # compile-only capture) the SM count and compute capability are STANDIN_SMS and STANDIN_CAPABILITY.
 FUSED_TILES = {
     ("half", 32): dict(num_warps=8, max_block_n=16),
     # num_stages: 2 spilled 28-64 B on sm_80 (Triton 3.6), 1 spilled 8-80 B on sm_90a
     ("half", 64): dict(num_warps=8, max_block_n=16, num_stages={80: 1, 90: 2}),
+}
+FUSED_MASK_TILES = {
+    # 64 keys per block spilled 24-192 B (D = 64) and 24-88 B (D = 32, 2 stages)
+    ("half", 32): dict(block_keys=32, num_stages=1),
+    ("half", 64): {80: None, 90: dict(block_keys=32, num_stages=1)},  # sm_80: 8 B spilled (Triton 3.9)
 }
 FUSED_MIN_PAIRS = 2
 STANDIN_SMS = 1
@@ -1297,17 +1305,26 @@ def fused_backward_programs(sms: int, pairs: int) -> int:
     return min(sms, pairs) if pairs >= FUSED_MIN_PAIRS * sms else 0
 
 
-def _fused_tiling(N: int, D: int, precision: str, capability: int) -> Optional[dict]:
+def _fused_tiling(N: int, D: int, precision: str, capability: int, masked: bool = False) -> Optional[dict]:
     """The fused backward's tiles (keys on the M side, as the dk/dv kernel's) for a GPU of this
-    compute capability (×10), or None where it does not run."""
+    compute capability (×10), with or without a multiplicative mask, or None where it does not run."""
+    arch = 90 if capability >= 90 else 80
+    by_arch = lambda value: value[arch] if isinstance(value, dict) and arch in value else value  # noqa: E731
     over = FUSED_TILES.get((precision, D))
     if over is None:
         return None
-    arch = 90 if capability >= 90 else 80
-    over = {key: value[arch] if isinstance(value, dict) else value for key, value in over.items()}
+    over = {key: by_arch(value) for key, value in over.items()}
+    if masked:
+        amend = by_arch(FUSED_MASK_TILES.get((precision, D)))
+        if amend is None:
+            return None
+        over.update(amend)
+    block_keys = over.pop("block_keys", None)
     tiles = tiling(N, D, precision, max_block_n=over.pop("max_block_n"))
     if not tiles["SPLIT"]:
         return None
+    if block_keys is not None and block_keys < tiles["BLOCK_M"]:  # narrower key blocks, their own tail
+        tiles.update(BLOCK_M=block_keys, TAIL_M=_tail(N % block_keys, block_keys, False) or block_keys)
     return dict(_dkdv_tiling(tiles, precision, D), **over)
 
 
@@ -1316,8 +1333,8 @@ def backward_into(
     mask=None, need_dmask=False, gmm=None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias, dmask), each when
-    asked. With no mask, no per-batch bias gradient and enough (b, h) pairs, one fused launch
-    (5 N²D matmuls per pair); else the dq and dk/dv kernels (7). With `gmm` (the bias is that
+    asked. With no per-batch bias or mask gradient and enough (b, h) pairs, one fused launch
+    (5 N²D matmuls per pair) where `_fused_tiling` has tiles; else the dq and dk/dv kernels (7). With `gmm` (the bias is that
     Gaussian mixture, `shared_grad`), dbias is [2, H, K]: the gradients of its weight and log_sigma."""
     B, H, N, D = q.shape
     precision = _precision(q.dtype)
@@ -1333,7 +1350,8 @@ def backward_into(
     per_batch_dbias = need_dbias and not shared_bias  # written by the dq kernel, one program per element
     per_batch_dmask = need_dmask and not shared_mask
     sms, capability = _gpu(q.device)
-    fused_tiles = None if (per_batch_dbias or mask is not None) else _fused_tiling(N, D, precision, capability)
+    fused_tiles = None if (per_batch_dbias or per_batch_dmask) else _fused_tiling(
+        N, D, precision, capability, masked=mask is not None)
     programs = fused_backward_programs(sms, B * H) if fused_tiles is not None else 0
     dbias_buffer = dmask_buffer = None
     if programs:
@@ -1341,10 +1359,10 @@ def backward_into(
         scratch = new_buffer((programs, D, N), device=q.device, dtype=torch.float32)  # zeroed in-kernel
         with on_device(q):
             _attention_bwd_fused_kernel[(programs,)](
-                q, k, v, out, dout, lse, delta, dq, dk, dv, scratch, dscale_partial, scale_t, bias, None, scale_v,
+                q, k, v, out, dout, lse, delta, dq, dk, dv, scratch, dscale_partial, scale_t, bias, mask, scale_v,
                 *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(dout), *_bhn(dq), *_bhn(dk), *_bhn(dv),
-                stride_sh, *_bias_strides(bias), *_bias_strides(None), H, N, B * H,
-                NEED_DSCALE=need_dscale, HAS_MASK=False, **common, **fused_tiles,
+                stride_sh, *_bias_strides(bias), *_bias_strides(mask), H, N, B * H,
+                NEED_DSCALE=need_dscale, HAS_MASK=mask is not None, **common, **fused_tiles,
             )
     else:
         m_blocks = triton.cdiv(N, tiles["BLOCK_M"])

@@ -229,6 +229,20 @@ def test_tiling_covers_the_sequence(N, tail_m, tail_n):
         assert useful / executed >= (0.75 if N == 65 else 0.85)
 
 
+def test_fused_tiling_by_architecture_and_mask():
+    """The fused backward's tiles: 64 keys per block without a mask, 32 with one (one stage), and
+    with a mask at D = 64 on sm_80 none (the two kernels), as FUSED_MASK_TILES says."""
+    for capability in (80, 90):
+        plain = kernel._fused_tiling(197, 64, "half", capability)
+        assert (plain["BLOCK_M"], plain["BLOCK_N"], plain["TAIL_N"]) == (64, 16, 16)
+        masked = kernel._fused_tiling(65, 32, "half", capability, masked=True)
+        assert (masked["BLOCK_M"], masked["TAIL_M"], masked["TAIL_N"], masked["num_stages"]) == (32, 16, 1, 1)
+    assert kernel._fused_tiling(197, 64, "half", 80, masked=True) is None
+    assert kernel._fused_tiling(197, 64, "half", 90, masked=True)["BLOCK_M"] == 32
+    assert kernel._fused_tiling(197, 64, "half", 90)["num_stages"] == 2
+    assert kernel._fused_tiling(197, 16, "half", 90) is None and kernel._fused_tiling(197, 64, "tf32", 90) is None
+
+
 def test_non_contiguous_views():
     """q, k, v as [B, H, N, D] views of a [B, N, H, D] buffer and of a transposed one."""
     B, N, H, D = 2, 17, 3, 32
@@ -354,21 +368,31 @@ def test_mask_every_variant_fp32(variant):
 
 
 @pytest.mark.parametrize(
-    "N, dtype, variant",
+    "N, dtype, variant, fused",
     [
-        (65, torch.float16, "lsa_mask"),  # split: full blocks, a 16-row tail, rank-1 last key / query
-        (197, torch.float16, "mask_everything"),  # split: 16-wide masked tails on both sides
-        (17, torch.bfloat16, "lsa_batch_mask"),  # N < BLOCK_M: one masked loop
-        (65, torch.bfloat16, "mask_bias"),  # bf16 multiplies in fp32 here ("upcast"): the masked loop
-        (40, torch.float32, "lsa_batch_mask"),  # FMA fp32: a masked loop over 16 × 16 tiles
+        (65, torch.float16, "lsa_mask", False),  # split: full blocks, a 16-row tail, rank-1 last key / query
+        (65, torch.float16, "lsa_mask", True),  # the fused backward: 32-key blocks, rank-1 last query
+        (197, torch.float16, "mask_everything", False),  # split: 16-wide masked tails on both sides
+        (197, torch.float16, "lsa_mask", True),
+        (17, torch.bfloat16, "lsa_batch_mask", False),  # N < BLOCK_M: one masked loop
+        (65, torch.bfloat16, "mask_bias", False),  # bf16 multiplies in fp32 here ("upcast"): the masked loop
+        (40, torch.float32, "lsa_batch_mask", False),  # FMA fp32: a masked loop over 16 × 16 tiles
     ],
 )
-def test_mask_full_blocks_and_tails(N, dtype, variant):
+def test_mask_full_blocks_and_tails(monkeypatch, N, dtype, variant, fused):
     """D = 64 around the tile sizes: the mask tile on full blocks, on masked tails, on the rank-1
-    CUDA-core step, and transposed (maskᵀ by index) in the dk/dv kernel's split form. Under the
-    interpreter only fp16 takes the split geometry (bf16 runs the "upcast" dots, whose tiles are
-    the masked loop's), so fp16 covers it."""
+    CUDA-core step, and transposed (maskᵀ by index) in the dk/dv kernel's and the fused
+    backward's split form. Under the interpreter only fp16 takes the split geometry (bf16 runs
+    the "upcast" dots, whose tiles are the masked loop's), so fp16 covers it."""
+    monkeypatch.setattr(kernel, "FUSED_MIN_PAIRS", 0 if fused else 2**62)
+    monkeypatch.setattr(kernel, "STANDIN_SMS", 2)
+    launched, calls = [], []
+    monkeypatch.setattr(kernel, "_attention_bwd_fused_kernel",
+                        _Spy(kernel._attention_bwd_fused_kernel, launched, calls))
     run_mask_case((2, 1 if N > 100 else 2, N, 64), dtype, variant)
+    assert bool(launched) == fused
+    if fused:
+        assert calls[0]["HAS_MASK"] and calls[0]["BLOCK_M"] == 32
 
 
 @pytest.mark.parametrize("N, dtype, variant", [(20, torch.float32, "mask_everything"),
