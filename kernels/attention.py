@@ -1334,8 +1334,9 @@ def backward_into(
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Writes dq, dk, dv into their [B, H, N, D] views; returns (dscale, dbias, dmask), each when
     asked. With no per-batch bias or mask gradient and enough (b, h) pairs, one fused launch
-    (5 N²D matmuls per pair) where `_fused_tiling` has tiles; else the dq and dk/dv kernels (7). With `gmm` (the bias is that
-    Gaussian mixture, `shared_grad`), dbias is [2, H, K]: the gradients of its weight and log_sigma."""
+    (5 N²D matmuls per pair) where `_fused_tiling` has tiles; else the dq and dk/dv kernels (7).
+    With `gmm` (the bias is that Gaussian mixture, `shared_grad`), dbias is [2, H, K]: the
+    gradients of its weight and log_sigma."""
     B, H, N, D = q.shape
     precision = _precision(q.dtype)
     tiles = tiling(N, D, precision)
