@@ -990,7 +990,7 @@ def _attention_bwd_shared_kernel(
                                   ATOMIC, GMM_KERNELS)
     else:
         _shared_grad_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid,
-                                  scale_value, sl_b, sl_h,
+                          scale_value, sl_b, sl_h,
                           r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
                           stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_sh, stride_bb,
@@ -1273,7 +1273,7 @@ def gaussian_mixture_bias(weight: Tensor, log_sigma: Tensor, grid_size: int) -> 
 # gradient), one program per SM (≈ 240 registers × 256 threads), each with its own dq scratch. An
 # entry given as {80: ..., 90: ...} is chosen by the GPU's architecture (sm_80 up to sm_89, sm_90
 # on). With a multiplicative mask its [keys, queries] tile is live beside pᵀ: `FUSED_MASK_TILES`
-# amends the entry (32 keys per block, one stage), and an entry of None keeps the two kernels. It
+# amends the entry by architecture (32 keys per block, one stage), None keeping the two kernels. It
 # is taken when every program gets at least FUSED_MIN_PAIRS pairs, below which the two kernels'
 # cdiv(N, BLOCK_M) programs per pair fill the GPU better. Off a GPU (the interpreter, a
 # compile-only capture) the SM count and compute capability are STANDIN_SMS and STANDIN_CAPABILITY.
@@ -1282,9 +1282,8 @@ FUSED_TILES = {
     # num_stages: 2 spilled 28-64 B on sm_80 (Triton 3.6), 1 spilled 8-80 B on sm_90a
     ("half", 64): dict(num_warps=8, max_block_n=16, num_stages={80: 1, 90: 2}),
 }
-FUSED_MASK_TILES = {
-    # 64 keys per block spilled 24-192 B (D = 64) and 24-88 B (D = 32, 2 stages)
-    ("half", 32): dict(block_keys=32, num_stages=1),
+FUSED_MASK_TILES = {  # by architecture; 64 keys per block spilled 24-192 B (D = 64), 24-88 B (D = 32, 2 stages)
+    ("half", 32): {80: dict(block_keys=32, num_stages=1), 90: dict(block_keys=32, num_stages=1)},
     ("half", 64): {80: None, 90: dict(block_keys=32, num_stages=1)},  # sm_80: 8 B spilled (Triton 3.9)
 }
 FUSED_MIN_PAIRS = 2
@@ -1309,13 +1308,12 @@ def _fused_tiling(N: int, D: int, precision: str, capability: int, masked: bool 
     """The fused backward's tiles (keys on the M side, as the dk/dv kernel's) for a GPU of this
     compute capability (×10), with or without a multiplicative mask, or None where it does not run."""
     arch = 90 if capability >= 90 else 80
-    by_arch = lambda value: value[arch] if isinstance(value, dict) and arch in value else value  # noqa: E731
     over = FUSED_TILES.get((precision, D))
     if over is None:
         return None
-    over = {key: by_arch(value) for key, value in over.items()}
+    over = {key: value[arch] if isinstance(value, dict) else value for key, value in over.items()}
     if masked:
-        amend = by_arch(FUSED_MASK_TILES.get((precision, D)))
+        amend = FUSED_MASK_TILES.get((precision, D), {}).get(arch)
         if amend is None:
             return None
         over.update(amend)
