@@ -9,6 +9,7 @@ from conftest import assert_rel_close
 
 from mgit_fast import functional, reference
 from mgit_fast.kernels import attention as kernel
+from mgit_fast.kernels.attention import common, op, planning, shared
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # d(scale) sums B·N·N terms of both signs (each softmax row of ds sums to 0), so its relative
@@ -22,7 +23,7 @@ def poison(monkeypatch):
     def nan_buffer(shape, *, device, dtype):
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
-    monkeypatch.setattr(kernel, "new_buffer", nan_buffer)
+    monkeypatch.setattr(common, "new_buffer", nan_buffer)
 
 
 def make_options(variant, B, H, N):
@@ -154,8 +155,8 @@ TAIL_VARIANTS = ["plain", "lsa", "shared_bias", "batch_bias", "everything"]
 )
 def test_full_blocks_and_tails(N, dtype, variant):
     """Lengths around the tile sizes (D = 64: 64-row programs, 32-wide key blocks for fp16/bf16,
-    16×16 for fp32): full unmasked blocks, narrow masked tails, the rank-1 last key / query of
-    N = 32·n + 1, and a leftover-rows program (its rows past N masked)."""
+    16×16 for fp32): full unmasked blocks, narrow masked tails (16 wide for the lone last key or
+    query of N = 32·n + 1), and a leftover-rows program (its rows past N masked)."""
     B, H, D = 2, 2, 64
     scale, bias, diagonal = make_options(variant, B, H, N)
     inputs = dict(q=torch.randn(B, H, N, D, dtype=torch.float64), k=torch.randn(B, H, N, D, dtype=torch.float64),
@@ -214,33 +215,27 @@ def test_packed_vit_lengths(N, variant):
     check(out, grads, ref, ref_grads, names, torch.bfloat16)
 
 
-@pytest.mark.parametrize("N, tail_m, tail_n", [(17, 32, 32), (64, 64, 0), (65, 16, 1), (197, 16, 16), (577, 16, 1)])
-def test_tiling_covers_the_sequence(N, tail_m, tail_n):
-    """Full blocks plus one tail on each side cover exactly N positions, and at the ViT lengths
-    the tiles' useful fraction is ≥ 75 % (N = 65) / ≥ 85 % (N ≥ 197), as inspect models it."""
-    from mgit_fast.inspect import attention_tile_areas
-
-    tiles = kernel.tiling(N, 64, "half")
-    assert (tiles["TAIL_M"], tiles["TAIL_N"]) == (tail_m, tail_n)
-    assert N // tiles["BLOCK_M"] * tiles["BLOCK_M"] + (N % tiles["BLOCK_M"] and tail_m) >= N
-    executed, useful, cuda = attention_tile_areas(N, tiles)
-    assert cuda == (N // 64 * 64 + (tail_m if N % 64 else 0)) * (tail_n == 1)
-    if N >= 65:
-        assert useful / executed >= (0.75 if N == 65 else 0.85)
-
-
-def test_fused_tiling_by_architecture_and_mask():
-    """The fused backward's tiles: 64 keys per block without a mask, 32 with one (one stage), and
-    with a mask at D = 64 on sm_80 none (the two kernels), as FUSED_MASK_TILES says."""
-    for capability in (80, 90):
-        plain = kernel._fused_tiling(197, 64, "half", capability)
-        assert (plain["BLOCK_M"], plain["BLOCK_N"], plain["TAIL_N"]) == (64, 16, 16)
-        masked = kernel._fused_tiling(65, 32, "half", capability, masked=True)
-        assert (masked["BLOCK_M"], masked["TAIL_M"], masked["TAIL_N"], masked["num_stages"]) == (32, 16, 1, 1)
-    assert kernel._fused_tiling(197, 64, "half", 80, masked=True) is None
-    assert kernel._fused_tiling(197, 64, "half", 90, masked=True)["BLOCK_M"] == 32
-    assert kernel._fused_tiling(197, 64, "half", 90)["num_stages"] == 2
-    assert kernel._fused_tiling(197, 16, "half", 90) is None and kernel._fused_tiling(197, 64, "tf32", 90) is None
+@pytest.mark.parametrize("N, tail_m, tail_n, split", [(17, 32, 32, False), (64, 64, 0, True), (65, 16, 16, True),
+                                                     (197, 16, 16, True), (577, 16, 16, True)])
+def test_plan_covers_the_sequence(N, tail_m, tail_n, split):
+    """Full blocks plus one tail on each side cover exactly N positions; the first candidate is the
+    tile table's entry; every candidate shares the streamed side (so the sums' order)."""
+    p = kernel.plan((2, 3, N, 64), torch.float16)
+    first = p.fwd.configs[0]
+    assert (planning.tail_width(N % first.block_m, first.block_m), p.fwd.tail_n, p.fwd.split) == (tail_m, tail_n, split)
+    assert (first.block_m, p.fwd.block_n, first.num_warps) == ((32, 32, 4) if N < 64 else (64, 32, 4))
+    for kernel_plan in (p.fwd, p.dq, p.dkdv, p.shared):
+        for c in kernel_plan.configs:
+            tail = planning.tail_width(N % c.block_m, c.block_m) if N % c.block_m else 0
+            assert N <= N // c.block_m * c.block_m + tail < N + 64
+        if kernel_plan.split:
+            streamed = N // kernel_plan.block_n * kernel_plan.block_n + (kernel_plan.tail_n if N % kernel_plan.block_n else 0)
+        else:
+            streamed = -(-N // kernel_plan.block_n) * kernel_plan.block_n
+        assert N <= streamed < N + kernel_plan.block_n
+    assert len(p.fwd.configs) == (2 if split else 1) and len(p.shared.configs) == 1
+    # a mask narrows the streamed keys of the dq kernel
+    assert kernel.plan((2, 3, N, 64), torch.float16, mask=True).dq.block_n == (16 if split else 32)
 
 
 def test_non_contiguous_views():
@@ -368,31 +363,19 @@ def test_mask_every_variant_fp32(variant):
 
 
 @pytest.mark.parametrize(
-    "N, dtype, variant, fused",
+    "N, dtype, variant",
     [
-        (65, torch.float16, "lsa_mask", False),  # split: full blocks, a 16-row tail, rank-1 last key / query
-        (65, torch.float16, "lsa_mask", True),  # the fused backward: 32-key blocks, rank-1 last query
-        (197, torch.float16, "mask_everything", False),  # split: 16-wide masked tails on both sides
-        (197, torch.float16, "lsa_mask", True),
-        (17, torch.bfloat16, "lsa_batch_mask", False),  # N < BLOCK_M: one masked loop
-        (65, torch.bfloat16, "mask_bias", False),  # bf16 multiplies in fp32 here ("upcast"): the masked loop
-        (40, torch.float32, "lsa_batch_mask", False),  # FMA fp32: a masked loop over 16 × 16 tiles
+        (65, torch.float16, "lsa_mask"),  # split: full blocks, a 16-row tail, a 16-wide tail for the last key / query
+        (197, torch.float16, "mask_everything"),  # split: 16-wide masked tails on both sides
+        (17, torch.bfloat16, "lsa_batch_mask"),  # N < BLOCK_M: every streamed block masked
+        (65, torch.bfloat16, "mask_bias"),  # bf16 multiplies in fp32 here ("upcast"), on the same tiles
+        (40, torch.float32, "lsa_batch_mask"),  # FMA fp32: 16 × 16 tiles, every streamed block masked
     ],
 )
-def test_mask_full_blocks_and_tails(monkeypatch, N, dtype, variant, fused):
-    """D = 64 around the tile sizes: the mask tile on full blocks, on masked tails, on the rank-1
-    CUDA-core step, and transposed (maskᵀ by index) in the dk/dv kernel's and the fused
-    backward's split form. Under the interpreter only fp16 takes the split geometry (bf16 runs
-    the "upcast" dots, whose tiles are the masked loop's), so fp16 covers it."""
-    monkeypatch.setattr(kernel, "FUSED_MIN_PAIRS", 0 if fused else 2**62)
-    monkeypatch.setattr(kernel, "STANDIN_SMS", 2)
-    launched, calls = [], []
-    monkeypatch.setattr(kernel, "_attention_bwd_fused_kernel",
-                        _Spy(kernel._attention_bwd_fused_kernel, launched, calls))
+def test_mask_full_blocks_and_tails(N, dtype, variant):
+    """D = 64 around the tile sizes: the mask tile on full blocks, on masked tails, and transposed
+    (maskᵀ by index) in the dk/dv kernel's split form."""
     run_mask_case((2, 1 if N > 100 else 2, N, 64), dtype, variant)
-    assert bool(launched) == fused
-    if fused:
-        assert calls[0]["HAS_MASK"] and calls[0]["BLOCK_M"] == 32
 
 
 @pytest.mark.parametrize("N, dtype, variant", [(20, torch.float32, "mask_everything"),
@@ -404,7 +387,7 @@ def test_mask_packed(N, dtype, variant):
 def test_deterministic_dmask_equals_atomic(monkeypatch):
     """A mask shared over the batch or heads: relaxed atomics, or under deterministic algorithms
     per-(b, h) gradients summed by torch; both equal the reference. N = 65, fp16, D = 32 takes
-    the split geometry and its rank-1 step (both write dmask)."""
+    the split geometry and its narrow tails (both write dmask)."""
     B, H, N, D, dtype = 2, 2, 65, 32, torch.float16
     qkv = torch.randn(B, N, 3 * H * D).to(dtype)
     upstream = torch.randn(B, N, H * D).to(dtype)
@@ -434,7 +417,7 @@ def test_mask_without_grad_skips_dmask(monkeypatch):
         raise AssertionError("shared-gradient pass run for a mask that needs no gradient")
 
     with monkeypatch.context() as m:
-        m.setattr(kernel, "shared_grad", refuse)
+        m.setattr(op, "shared_grad", refuse)
         out = functional.attention(*x, mask=mask.float(), backend="triton")
         grads = torch.autograd.grad(out.sum(), x)
     ref_x = [t.detach().double().requires_grad_() for t in x]
@@ -516,11 +499,11 @@ def test_device_guard_is_a_no_op_off_cuda():
 def test_shared_grad_groups_cover_every_pair():
     for contributors in (1, 2, 7, 256, 1000):
         for per_group in (1, 3, 96, 5000):
-            group, groups = kernel.shared_grad_groups(contributors, per_group, False)
+            group, groups = planning.shared_grad_groups(contributors, per_group, False)
             assert 1 <= groups <= contributors and group * groups >= contributors > group * (groups - 1)
-        assert kernel.shared_grad_groups(contributors, 1, True) == (contributors, 1)
+        assert planning.shared_grad_groups(contributors, 1, True) == (contributors, 1)
     # 256 batch rows over a [6, 197, 197] bias at D = 64 (64 x 32 tiles): 28 tiles x 6 heads
-    assert kernel.shared_grad_groups(256, 28 * 6, False) == (37, 7)
+    assert planning.shared_grad_groups(256, 28 * 6, False) == (37, 7)
 
 
 @pytest.mark.parametrize("programs, dtype, N, D", [(1, torch.float32, 20, 16), (4, torch.float32, 20, 16),
@@ -528,7 +511,7 @@ def test_shared_grad_groups_cover_every_pair():
 def test_shared_bias_gradient_summed_in_groups(monkeypatch, programs, dtype, N, D):
     """Groups of several (b, h) pairs per program, the last one partial, with atomics between
     groups (programs > tiles), or one group of every pair with plain stores (programs = 1)."""
-    monkeypatch.setattr(kernel, "SHARED_GRAD_PROGRAMS", programs)
+    monkeypatch.setattr(planning, "SHARED_GRAD_PROGRAMS", programs)
     B, H = 5, 2
     q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
     scale = torch.rand(H, dtype=torch.float64) + 0.1
@@ -548,7 +531,7 @@ def test_shared_bias_gradient_summed_in_groups(monkeypatch, programs, dtype, N, 
 def test_shared_grad_pass_with_a_multiplicative_mask(monkeypatch, of_mask, shape):
     """The pass alone, fed the float64 forward's lse and δ: the gradient of a shared mask
     (p ⊙ dp) and of a shared bias under a mask (p ⊙ (mask ⊙ dp − δ))."""
-    monkeypatch.setattr(kernel, "SHARED_GRAD_PROGRAMS", 3)
+    monkeypatch.setattr(planning, "SHARED_GRAD_PROGRAMS", 3)
     B, H, N, D = 3, 2, 19, 16
     q, k, v, dout = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(4))
     map_shape = (H, N, N) if shape == "heads" else (1, 1, N, N)
@@ -560,43 +543,11 @@ def test_shared_grad_pass_with_a_multiplicative_mask(monkeypatch, of_mask, shape
     lse = (torch.logsumexp(scores, dim=-1) / torch.log(torch.tensor(2.0))).float()
     delta = (dout * out.detach()).sum(-1).float()
     f = [t.float().contiguous() for t in (dout, q, k, v)]
-    grad = kernel.shared_grad(mask if of_mask else bias, *f, lse, delta, None, D**-0.5,
+    plan = kernel.plan(q.shape, torch.float32, mask=True)
+    grad = kernel.shared_grad(mask if of_mask else bias, *f, f[0], lse, delta, plan, None, D**-0.5,
                               bias.detach().float(), mask.detach().float(), False, of_mask)
     assert grad.shape == ref.shape
     assert_rel_close(grad, ref, 1e-5, "dmask" if of_mask else "dbias")
-
-
-@pytest.mark.parametrize("N, D", [(64, 64), (65, 64), (80, 32), (197, 64)])
-@pytest.mark.parametrize("variant", ["plain", "lsa", "shared_bias"])
-def test_fused_backward(monkeypatch, N, D, variant):
-    """The one-launch backward (5 matmuls per pair, dq summed in each program's own scratch),
-    forced on a 2-SM stand-in so that programs take several pairs in turn: every gradient
-    against float64, and the same bits as a second run (the adds are ordered)."""
-    monkeypatch.setattr(kernel, "FUSED_MIN_PAIRS", 0)
-    monkeypatch.setattr(kernel, "STANDIN_SMS", 2)
-    launched, calls = [], []
-    real = kernel._attention_bwd_fused_kernel
-    monkeypatch.setattr(kernel, "_attention_bwd_fused_kernel", _Spy(real, launched, calls))
-    B, H = 2, 3
-    scale, bias, diagonal = make_options(variant, B, H, N)
-    inputs = dict(q=torch.randn(B, H, N, D, dtype=torch.float64), k=torch.randn(B, H, N, D, dtype=torch.float64),
-                  v=torch.randn(B, H, N, D, dtype=torch.float64), scale=scale, bias=bias)
-    out, grads, ref, ref_grads, names = run_both(
-        lambda **a: functional.attention(**a, backend="triton"), reference.attention, inputs, torch.float16,
-        diagonal_mask=diagonal,
-    )
-    assert launched and launched[0] == 2
-    # the queries stream 16 at a time: N = 65 ends in a lone last query, the rank-1 step
-    assert calls[0]["TAIL_N"] == {64: 0, 65: 1, 80: 0, 197: 16}[N]
-    check(out, grads, ref, ref_grads, names, torch.float16)
-    low = {n: leaf(t, torch.float16 if n in "qkv" else torch.float32) for n, t in inputs.items()}
-    again = []
-    for _ in range(2):
-        o = functional.attention(**low, diagonal_mask=diagonal, backend="triton")
-        again.append(torch.autograd.grad(o, [t for t in low.values() if isinstance(t, torch.Tensor)],
-                                         torch.ones_like(o)))
-    for a, b in zip(*again):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("grid_size, kernels", [(1, 1), (4, 2), (7, 3)])
@@ -610,21 +561,16 @@ def test_gaussian_mixture_dense_bias(grid_size, kernels):
     assert_rel_close(bias, ref, 1e-5, "bias")
 
 
-@pytest.mark.parametrize("grid_size, dtype, path", [(4, torch.float32, "two_kernel"), (4, torch.float16, "two_kernel"),
-                                                    (8, torch.float16, "fused"), (8, torch.float16, "two_kernel"),
-                                                    (8, torch.float32, "two_kernel")])
+@pytest.mark.parametrize("grid_size, dtype", [(4, torch.float32), (4, torch.float16), (8, torch.float16),
+                                             (8, torch.float32)])
 @pytest.mark.parametrize("programs", [1, 1024])
-def test_gaussian_mixture_gradient_reduced_in_kernel(monkeypatch, grid_size, dtype, path, programs):
+def test_gaussian_mixture_gradient_reduced_in_kernel(monkeypatch, grid_size, dtype, programs):
     """A GaussianMixture bias: out, dqkv, dweight and dlog_sigma against float64, with the
     shared pass reducing against the Gaussians (GMM_KERNELS = K, no [H, N, N] gradient), one
     group of every pair (programs = 1) or many; bit-identical reruns (no atomics)."""
-    monkeypatch.setattr(kernel, "SHARED_GRAD_PROGRAMS", programs)
-    monkeypatch.setattr(kernel, "FUSED_MIN_PAIRS", 0 if path == "fused" else 2**62)
-    monkeypatch.setattr(kernel, "STANDIN_SMS", 2)
+    monkeypatch.setattr(planning, "SHARED_GRAD_PROGRAMS", programs)
     calls = []
-    monkeypatch.setattr(kernel, "_attention_bwd_shared_kernel", _Spy(kernel._attention_bwd_shared_kernel, [], calls))
-    fused = []
-    monkeypatch.setattr(kernel, "_attention_bwd_fused_kernel", _Spy(kernel._attention_bwd_fused_kernel, fused))
+    monkeypatch.setattr(shared, "attention_bwd_shared_kernel", _Spy(shared.attention_bwd_shared_kernel, [], calls))
     B, H, D, K = 3, 2, 32, 2
     N = 1 + grid_size**2
     inputs = dict(qkv=torch.randn(B, N, 3 * H * D, dtype=torch.float64),
@@ -639,9 +585,8 @@ def test_gaussian_mixture_gradient_reduced_in_kernel(monkeypatch, grid_size, dty
     out, grads, ref, ref_grads, names = run_both(attend, attend, inputs, dtype)
     check(out, grads, ref, ref_grads, names, dtype)
     assert [c["GMM_KERNELS"] for c in calls] == [K]
-    if dtype == torch.float16 and N == 65:  # the split geometry: 64 + a lone last key, the rank-1 column
-        assert calls[0]["TAIL_N"] == 1
-    assert bool(fused) == (path == "fused")
+    if dtype == torch.float16 and N == 65:  # the split geometry: 64 + a lone last key in a 16-wide tile
+        assert calls[0]["TAIL_N"] == 16
     low = {n: leaf(t, dtype if n == "qkv" else torch.float32) for n, t in inputs.items()}
     runs = [torch.autograd.grad(o, list(low.values()), torch.ones_like(o)) for o in (attend(**low), attend(**low))]
     for a, b in zip(*runs):

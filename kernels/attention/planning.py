@@ -1,0 +1,234 @@
+"""`plan()`: the one place that picks the attention kernels' tiles and paths.
+
+Launch geometry, every kernel: a 1-D grid of (block of BLOCK_M owned positions, b·h) programs
+(queries in the forward and dq kernels, keys in dk/dv). Full BLOCK_M blocks run unmasked; the
+last program takes the N mod BLOCK_M leftover positions in a TAIL_M-row tile (the smallest power
+of two ≥ 16 that holds them). The other side streams through in BLOCK_N blocks: with `split`,
+full blocks unmasked and then the N mod BLOCK_N last positions in one masked TAIL_N-wide tile
+(≥ 16; 0 when BLOCK_N divides N); without, every block masked (TAIL_N = BLOCK_N).
+
+The streamed side fixes each sum's order, so it is planned here, never tuned. The owned side
+(BLOCK_M, warps, stages) comes from a short candidate list, today's measured-or-gated entry first:
+on a GPU `triton.autotune` times the candidates once per (shape, variant) and keeps the winner in
+Triton's on-disk autotune cache (so a resumed run picks what the interrupted one picked); under
+the interpreter, on non-CUDA tensors (`mgit-fast inspect`) and under
+`torch.use_deterministic_algorithms(True)` the first candidate runs. The compile gate compiles
+every candidate (`every_config`).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import triton
+
+HEAD_DIMS = (16, 32, 64, 128)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by dot precision and head dim, none spilling on sm_80
+# or sm_90a. "ieee" fp32 runs on the FMA units, whose dot holds a whole K = D slice per thread:
+# small tiles, one stage.
+TILES = {
+    "half": {16: (64, 64, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2)},
+    "tf32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
+    "ieee": {16: (32, 32, 4, 1), 32: (16, 16, 4, 1), 64: (16, 16, 4, 1), 128: (16, 16, 8, 1)},
+}
+# where the streamed side runs split (full blocks unmasked, a narrow masked tail): fp16/bf16 at
+# the ViT head dims; num_stages of the forward / dq kernels and of dk/dv
+SPLIT_STAGES = {("half", 32): (2, 2), ("half", 64): (3, 2)}
+# more candidates for the owned side, tried by the autotuner after the first: (BLOCK_M, warps)
+MORE_CANDIDATES = {("half", 32): ((128, 8),), ("half", 64): ((128, 8),)}
+# with a multiplicative mask (its tile live beside p) or a per-batch gradient stored from the dq
+# kernel, these specialisations spilled with the tiles above: amended launch options, keyed
+# (kernel, precision, D, split)
+MASK_TILES = {
+    ("fwd", "tf32", 64, False): dict(num_stages=1),
+    ("dq", "half", 64, True): dict(max_block_n=16),
+    ("dq", "tf32", 64, False): dict(max_block_n=16),
+    ("dq", "ieee", 64, False): dict(num_warps=2),
+    ("dq", "ieee", 16, False): dict(max_block_n=16),
+    ("dq", "tf32", 128, False): dict(num_stages=1),
+    ("dkdv", "half", 64, True): dict(max_block_n=16),
+    ("dkdv", "half", 128, False): dict(num_stages=1),
+    ("dkdv", "tf32", 64, False): dict(max_block_n=32, num_stages=1),
+    ("shared", "ieee", 64, False): dict(num_warps=2),
+    ("shared", "half", 64, True): dict(num_stages=1),
+}
+# programs the shared-gradient pass aims for (about 8 per SM on an H100): enough to fill the GPU
+# while each program sums as many (b, h) pairs as it can before its one atomic per element
+SHARED_GRAD_PROGRAMS = 1024
+
+_every_config = contextvars.ContextVar("every_config", default=False)
+
+
+@contextlib.contextmanager
+def every_config():
+    """Within the block, launches off a GPU run every candidate, not the first (the compile gate)."""
+    token = _every_config.set(True)
+    try:
+        yield
+    finally:
+        _every_config.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The owned side of one candidate: BLOCK_M positions per program, warps, stages."""
+
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """One kernel's launch: the streamed side (fixed) and the owned-side candidates."""
+
+    block_n: int
+    tail_n: int
+    split: bool
+    configs: Tuple[Config, ...]
+
+    @property
+    def constexprs(self) -> Dict[str, object]:
+        return dict(BLOCK_N=self.block_n, TAIL_N=self.tail_n, SPLIT=self.split)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every attention kernel's launch for one (N, D, precision, variant)."""
+
+    precision: str
+    fwd: KernelPlan
+    dq: KernelPlan
+    dkdv: KernelPlan
+    shared: KernelPlan
+
+
+def tail_width(rest: int, block: int) -> int:
+    """Width of the tile that takes the last `rest` (< block) positions (block when none)."""
+    return block if rest == 0 else min(block, max(16, triton.next_power_of_2(rest)))
+
+
+def tf32_allowed() -> bool:
+    """Whether PyTorch lets fp32 matmuls use TF32, read through whichever API set it (torch ≥ 2.9
+    raises on the legacy getter once the new ``fp32_precision`` was set)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision != "none":
+        return precision == "tf32"
+    generic = getattr(torch.backends, "fp32_precision", "none")
+    if generic != "none":
+        return generic == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def precision_of(dtype: torch.dtype) -> str:
+    """The tl.dot precision: "half" for fp16/bf16, "tf32" or "ieee" for fp32 as PyTorch allows,
+    "upcast" for bf16 under the CPU interpreter."""
+    if dtype == torch.float32:
+        return "tf32" if tf32_allowed() else "ieee"
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    return "half"
+
+
+def plan(shape, dtype: torch.dtype, device: torch.device = None, *, mask: bool = False,
+         stores_map_grad: bool = False) -> Plan:
+    """Tiles and paths of every attention kernel for q of `shape` [B, H, N, D] and `dtype`, with
+    a multiplicative mask or not, and with the dq kernel storing a per-batch bias / mask gradient
+    or not. `device` is accepted for the signature's sake: the plan does not depend on the GPU."""
+    return _plan(shape[-2], shape[-1], precision_of(dtype), mask, stores_map_grad)
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> Plan:
+    tile_precision = "half" if precision == "upcast" else precision  # same tiles; the interpreter's bf16
+    block_m, block_n, warps, stages = TILES[tile_precision][D]
+    split_stages = SPLIT_STAGES.get((tile_precision, D))
+    split = split_stages is not None and N >= block_m
+    more = MORE_CANDIDATES.get((tile_precision, D), ()) if split else ()
+
+    def kernel(name, block_m, block_n, warps, stages, candidates=()):
+        over = dict(MASK_TILES.get((name, tile_precision, D, split), {})) if mask else {}
+        block_n = min(block_n, over.pop("max_block_n", block_n))
+        warps, stages = over.get("num_warps", warps), over.get("num_stages", stages)
+        cover = max(16, triton.next_power_of_2(N))
+        block_m, block_n = min(block_m, cover), min(block_n, cover)
+        tail_n = (0 if N % block_n == 0 else tail_width(N % block_n, block_n)) if split else block_n
+        configs = [Config(block_m, warps, stages)]
+        configs += [Config(min(m, cover), over.get("num_warps", w), stages) for m, w in candidates]
+        return KernelPlan(block_n, tail_n, split, tuple(dict.fromkeys(configs)))
+
+    fwd_stages, dkdv_stages = split_stages or (stages, stages)
+    fwd = kernel("fwd", block_m, block_n, warps, fwd_stages, more)
+    # ds (or p ⊙ dp) also goes to memory from dq: narrower key blocks
+    dq = kernel("dq", block_m, min(block_n, 32) if (stores_map_grad or mask) else block_n, warps, fwd_stages, more)
+    if split:  # keys owned, queries streamed, both as in the forward
+        dkdv = kernel("dkdv", block_m, block_n, warps, dkdv_stages, more)
+    else:  # the forward's key block per program (BLOCK_M keys spilled on the FMA and D = 128 paths)
+        dkdv = kernel("dkdv", min(block_n, max(16, triton.next_power_of_2(N))), block_m, warps, stages)
+    # it holds q, dout, k and v of a pair at once: at most 2 stages, 1 with tf32; tf32 at D = 128
+    # spilled 0.7-1.6 KB at every tile tried, so that pass runs FMA fp32
+    shared_precision = "ieee" if (tile_precision == "tf32" and D == 128) else tile_precision
+    s_block_m, s_block_n, s_warps, s_stages = TILES[shared_precision][D]
+    s_stages = 1 if shared_precision == "tf32" else min(split_stages[0] if split else s_stages, 2)
+    shared = kernel("shared", s_block_m, s_block_n, s_warps, s_stages)
+    if shared.split and not shared.tail_n:  # never taken (BLOCK_N divides N), but compiled
+        shared = dataclasses.replace(shared, tail_n=shared.block_n)
+    return Plan(precision, fwd, dq, dkdv, shared)
+
+
+def shared_grad_groups(contributors: int, programs_per_group: int, deterministic: bool) -> Tuple[int, int]:
+    """(pairs per program, groups): how the shared-gradient pass splits the (b, h) pairs feeding
+    one gradient slice. One group (plain stores, a fixed order) when deterministic algorithms are
+    asked for or the tiles alone fill the GPU; else atomics, one per element per group."""
+    if deterministic:
+        return contributors, 1
+    groups = max(1, min(contributors, triton.cdiv(SHARED_GRAD_PROGRAMS, programs_per_group)))
+    group = triton.cdiv(contributors, groups)
+    return group, triton.cdiv(contributors, group)
+
+
+_TUNED: Dict[Tuple[int, Tuple[Config, ...]], Callable] = {}
+
+
+def _tuned(kernel, configs: Tuple[Config, ...], key):
+    """`triton.autotune` over `configs` around `kernel` (a `triton.heuristics` object), one per list."""
+    ident = (id(kernel), configs)
+    if ident not in _TUNED:
+        _TUNED[ident] = triton.autotune(
+            [triton.Config({"BLOCK_M": c.block_m}, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
+            key=list(key), cache_results=True,
+        )(kernel)
+    return _TUNED[ident]
+
+
+def launch(kernel, kernel_plan: KernelPlan, grid: Callable, device: torch.device, args, constexprs: dict,
+           key: Tuple[str, ...]) -> None:
+    """Launches `kernel` with the plan's streamed side and the owned side chosen as the module
+    docstring says. `grid(BLOCK_M)` gives the grid; `key` names the arguments the choice depends
+    on (besides the tensor dtypes)."""
+    configs = kernel_plan.configs
+    constexprs = dict(constexprs, **kernel_plan.constexprs)
+    tune = (len(configs) > 1 and device.type == "cuda" and not interpreting()
+            and not torch.are_deterministic_algorithms_enabled())
+    if tune:
+        _tuned(kernel, configs, key)[lambda meta: grid(meta["BLOCK_M"])](*args, **constexprs)
+        return
+    for c in configs if _every_config.get() else configs[:1]:
+        kernel[grid(c.block_m)](*args, **constexprs, BLOCK_M=c.block_m, num_warps=c.num_warps,
+                                num_stages=c.num_stages)

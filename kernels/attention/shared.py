@@ -1,0 +1,185 @@
+"""The gradient of a bias or mask shared over the batch and/or heads, without a [B, H, N, N]
+gradient: one program per (tile, group of contributing (b, h) pairs, gradient slice) recomputes
+p and dp of each pair in its group (2 matmuls), sums ds (a bias) or p ⊙ dp (a mask) in registers
+and adds the sum with one relaxed fp32 atomic per element (a plain store with one group, the
+deterministic choice). A Gaussian-mixture bias has each program reduce its tile of the summed
+ds against the K Gaussians instead: 2K partial sums per program, summed after in a fixed order
+(Σ ds·G for the weight, w/σ² · Σ ds·G·d² for log σ), no atomics."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import on_device
+from . import common
+from .common import head_scale, load_rows, load_vec, map_strides, map_tile, mm, scale_kind, scores
+from .gmm import gmm_gaussian, gmm_sq_dist
+from .planning import launch, shared_grad_groups, tail_width
+
+
+@triton.jit
+def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, part, scale_value,
+                 sl_b, sl_h, r_start, r_end, RH, start_m, start_n, H, N, SH, stride_b, stride_h, stride_n,
+                 stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
+                 D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr,
+                 MASK_COLS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                 DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
+                 ATOMIC: tl.constexpr, GMM_KERNELS: tl.constexpr):
+    """Σ over the pairs r_start ≤ r < r_end of the [rows, cols] tile of ds or p ⊙ dp, then one
+    store or atomic per element into slice (sl_b, sl_h) of GRAD [B|1, H|1, N, N]; with
+    GMM_KERNELS its sums against the Gaussians, in row `part` of GRAD's two [programs, K] halves."""
+    rows = start_m + tl.arange(0, ROWS)
+    cols = start_n + tl.arange(0, COLS)
+    offs_d = tl.arange(0, D)
+    row_ok = rows < N
+    col_ok = cols < N
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    for r in range(r_start, r_end):
+        b = sl_b + (r // RH).to(tl.int64)
+        h = sl_h + (r % RH).to(tl.int64)
+        bh = b * H + h
+        scale_log2 = head_scale(SCALE, scale_value, h, SCALE_KIND) * 1.4426950408889634
+        base = b * stride_b + h * stride_h
+        o_base = b * stride_ob + h * stride_oh
+        q = load_rows(Q + base + rows[:, None] * stride_n + offs_d[None, :], row_ok, MASK_ROWS)
+        do = load_rows(DO + o_base + rows[:, None] * stride_on + offs_d[None, :], row_ok, MASK_ROWS)
+        k = load_rows(K + base + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
+        v = load_rows(V + base + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
+        lse = load_vec(LSE + bh * N + rows, row_ok, MASK_ROWS)
+        s = scores(mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS, sbb, sbh,
+                   HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, MASK_COLS)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK_ROWS:
+            p = tl.where(row_ok[:, None], p, 0.0)
+        dp = mm(do, tl.trans(v), PRECISION)
+        if GRAD_OF_MASK:  # dmask = p ⊙ dp
+            acc += p * dp
+        else:  # dbias = ds = p ⊙ (mask ⊙ dp − δ)
+            delta = load_vec(DELTA + bh * N + rows, row_ok, MASK_ROWS)
+            if HAS_MASK:
+                dp = dp * map_tile(MASK, b, h, rows[:, None], cols[None, :], N, smb, smh, MASK_ROWS, MASK_COLS)
+            acc += p * (dp - delta[:, None])
+    if GMM_KERNELS > 0:  # dweight = Σ ds·G, dlog σ = weight / σ² · Σ ds·G·d² for each Gaussian G
+        d2, patches = gmm_sq_dist(rows, cols, grid)
+        acc = tl.where(patches & tile_ok, acc, 0.0)
+        for kk in tl.static_range(GMM_KERNELS):
+            w, inv_var, g = gmm_gaussian(GMM_W, GMM_LS, sl_h, kk, d2, GMM_KERNELS)
+            g = acc * g
+            tl.store(GRAD + part * GMM_KERNELS + kk, tl.sum(g))
+            tl.store(GRAD + (tl.num_programs(0) + part) * GMM_KERNELS + kk, w * inv_var * tl.sum(g * d2))
+    else:
+        ptrs = GRAD + (sl_b * SH + sl_h) * N * N + rows[:, None] * N + cols[None, :]
+        if ATOMIC:
+            if MASK_ROWS or MASK_COLS:
+                tl.atomic_add(ptrs, acc, mask=tile_ok, sem="relaxed")
+            else:
+                tl.atomic_add(ptrs, acc, sem="relaxed")
+        else:
+            if MASK_ROWS or MASK_COLS:
+                tl.store(ptrs, acc, mask=tile_ok)
+            else:
+                tl.store(ptrs, acc)
+
+
+@triton.heuristics({"TAIL_M": lambda args: tail_width(args["N"] % args["BLOCK_M"], args["BLOCK_M"])})
+@triton.jit
+def attention_bwd_shared_kernel(
+    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, scale_value,
+    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
+    H, N, SH, RH, R, GROUP, GROUPS,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+    SPLIT: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr,
+    GMM_KERNELS: tl.constexpr,
+):
+    """One program per (tile, group of GROUP contributing pairs, gradient slice), tiles fastest.
+    The slice (sl_b, sl_h) indexes the gradient's own [B|1, H|1] dims (SH slices over h); its R
+    contributors r map to b = sl_b + r // RH, h = sl_h + r % RH. Full tiles unmasked; the leftover
+    rows in a TAIL_M-row tile, the leftover columns in a TAIL_N-wide one (every column block
+    masked without SPLIT)."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles = tl.cdiv(N, BLOCK_M) * tiles_n
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % tiles
+    g = (pid // tiles) % GROUPS
+    sl = pid // (tiles * GROUPS)
+    mi = t // tiles_n
+    ni = t % tiles_n
+    r_start = g * GROUP
+    r_end = tl.minimum(r_start + GROUP, R)
+    full_cols = ni < N // BLOCK_N
+    if not SPLIT:
+        full_cols = ni < 0
+    if mi < N // BLOCK_M:
+        if full_cols:
+            _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value,
+                         sl // SH, sl % SH, r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N, SH, stride_b,
+                         stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M,
+                         BLOCK_N, False, False, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION,
+                         GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+        else:
+            _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value,
+                         sl // SH, sl % SH, r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N, SH, stride_b,
+                         stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M,
+                         TAIL_N, False, True, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION,
+                         GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+    else:
+        if full_cols:
+            _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value,
+                         sl // SH, sl % SH, r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N, SH, stride_b,
+                         stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, TAIL_M,
+                         BLOCK_N, True, False, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION,
+                         GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+        else:
+            _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value,
+                         sl // SH, sl % SH, r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N, SH, stride_b,
+                         stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, TAIL_M,
+                         TAIL_N, True, True, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION,
+                         GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+
+
+def shared_grad(target, dout, q, k, v, out, lse, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
+                of_mask, gmm=None) -> Tensor:
+    """The gradient of `target` (the bias, or the mask when `of_mask`), a score map shared over the
+    batch and/or heads, summed over the (b, h) pairs that read each slice. Reads the forward's lse
+    and the dq kernel's δ. With `gmm` = (weight, log_sigma, grid_size) the bias is that mixture and
+    the result is [2, H, K] fp32, the gradients of weight and log_sigma."""
+    B, H, N, D = q.shape
+    kernel_plan = plan.shared
+    config = kernel_plan.configs[0]
+    full = target.shape if target.dim() == 4 else (1, *target.shape)
+    slices_b, slices_h = full[0], full[1]
+    per_b, per_h = B // slices_b, H // slices_h  # contributors per slice along b and h
+    tile_programs = triton.cdiv(N, config.block_m) * triton.cdiv(N, kernel_plan.block_n)
+    programs_per_group = tile_programs * slices_b * slices_h
+    # partial sums are deterministic: the GMM path takes groups with no atomics either way
+    deterministic = torch.are_deterministic_algorithms_enabled() and gmm is None
+    group, groups = shared_grad_groups(per_b * per_h, programs_per_group, deterministic)
+    atomic = groups > 1 and gmm is None
+    gmm_w = gmm_ls = None
+    grid_size = kernels = 0
+    if gmm is not None:
+        gmm_w, gmm_ls, grid_size = gmm[0].contiguous(), gmm[1].contiguous(), gmm[2]
+        kernels = gmm_w.shape[1]
+        grad = common.new_buffer((2, programs_per_group * groups, kernels), device=q.device, dtype=torch.float32)
+    elif atomic:
+        grad = torch.zeros((slices_b, slices_h, N, N), device=q.device, dtype=torch.float32)
+    else:
+        grad = common.new_buffer((slices_b, slices_h, N, N), device=q.device, dtype=torch.float32)
+    # its own precision: tf32 at D = 128 runs FMA fp32 (see plan)
+    precision = "ieee" if (plan.precision == "tf32" and D == 128) else plan.precision
+    args = (q, k, v, dout, lse, delta, scale, bias, mask, grad, gmm_w, gmm_ls, grid_size, scale_value,
+            *q.stride()[:3], *out.stride()[:3], *map_strides(bias), *map_strides(mask),
+            H, N, slices_h, per_h, per_b * per_h, group, groups)
+    constexprs = dict(D=D, SCALE_KIND=scale_kind(scale), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+                      DIAGONAL_MASK=diagonal_mask, PRECISION=precision, GRAD_OF_MASK=of_mask, ATOMIC=atomic,
+                      GMM_KERNELS=kernels)
+    with on_device(q):
+        launch(attention_bwd_shared_kernel, kernel_plan, lambda block_m: (programs_per_group * groups,), q.device,
+               args, constexprs, ())
+    if gmm is not None:  # [2, slices_h = H, groups · tiles, K] summed over the programs of a head
+        return grad.view(2, slices_h, groups * tile_programs, kernels).sum(dim=2)
+    return grad.reshape(target.shape).to(target.dtype)
