@@ -13,8 +13,11 @@ Compile and report: each distinct specialisation is compiled for the target
 with the `cuobjdump` Triton ships: registers, spill bytes (ptxas), shared memory, blocks per
 SM and what limits them, tensor-core instructions (HGMMA/HMMA), global load/store widths,
 atomics and their memory order. With each launch's grid and its bytes and FLOPs this gives
-waves over the SMs, the useful fraction of the attention tile work, and the modeled floor
-(max of FLOPs over peak and bytes over bandwidth, published H100 SXM / A100 SXM figures).
+waves over the SMs, the useful fraction of the attention tile work (information, not a goal),
+and the modeled floor (max of FLOPs over peak and bytes over bandwidth, published H100 SXM /
+A100 SXM figures). Off a GPU the attention launchers run the first of each kernel's candidate
+configs; the gate shape set runs them all (`planning.every_config`), so every config the
+autotuner could pick is compiled and gated.
 
     mgit-fast inspect [--arch sm_90a|sm_80] [--shapes bench|gate] [--json PATH] [--gate]
 
@@ -121,11 +124,13 @@ def _jit_function(module: str, name: str):
     from triton.runtime.jit import JITFunction
 
     fn = getattr(importlib.import_module(module), name)
+    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):  # triton.heuristics / autotune wrappers
+        fn = fn.fn
     if isinstance(fn, JITFunction):
         return fn
     cache = _jit_function.__dict__.setdefault("cache", {})
-    if (module, name) not in cache:
-        cache[(module, name)] = JITFunction(fn.fn)
+    if (module, name) not in cache:  # the interpreter's function: the plain Python function left
+        cache[(module, name)] = JITFunction(fn)
     return cache[(module, name)]
 
 
@@ -193,18 +198,17 @@ BENCH_ATTENTION = [(f"vit_{m}/4@32", 256, 65, *VITS[m]) for m in VITS] + [
 LOSS_GRID = [(B, C) for B in (256, 4096) for C in (10, 100, 1000, 21843)]
 UPDATE_PAIRS = {"vit_s": (384, 12, 6), "vit_b": (768, 12, 12)}
 # the supported attention table, by (dtype, TF32 allowed, variants); each at N = 197 for every
-# head dim, plus bf16 at N = 17 (the short-sequence tile) and GATE_ATTENTION_RANK1 at N = 65;
-# tf32 and fp16 share their tiles and
-# code paths with bf16 but for the operand type, so two variants cover them
+# head dim, plus bf16 at N = 17 (the short-sequence tile) and GATE_ATTENTION_N65 at N = 65;
+# tf32 and fp16 share their tiles and code paths with bf16 but for the operand type, so a few
+# variants cover them
 GATE_ATTENTION = [
     (torch.bfloat16, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")),
     (torch.float16, False, ("plain", "bias", "lsa_mask")),
     (torch.float32, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")),
     (torch.float32, True, ("plain", "bias", "lsa_mask")),
 ]
-# N = 65 takes the rank-1 CUDA-core tail (the last key in the forward, dq and shared-gradient
-# kernels, the last query in the dk/dv kernel and the fused backward)
-GATE_ATTENTION_RANK1 = [
+# N = 64 + 1: the last key / query (a lone class token's worth) in a 16-wide masked tail tile
+GATE_ATTENTION_N65 = [
     (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")
 ] + [
     (torch.float16, False, "plain"), (torch.float32, False, "lsa"), (torch.float32, False, "bias"),
@@ -218,31 +222,14 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 def tf32(allowed: bool):
     """Launchers see PyTorch's fp32 matmul choice as `allowed`; torch's own setting is left alone
     (setting it through the new API makes later legacy reads raise)."""
-    from mgit_fast.kernels import attention
+    from mgit_fast.kernels.attention import planning
 
-    saved = attention.tf32_allowed
-    attention.tf32_allowed = lambda: allowed
+    saved = planning.tf32_allowed
+    planning.tf32_allowed = lambda: allowed
     try:
         yield
     finally:
-        attention.tf32_allowed = saved
-
-
-@contextlib.contextmanager
-def backward_path(target: Target, fused: Optional[bool] = None):
-    """Launchers off the GPU choose the attention backward as on the target GPU (its SM count and
-    capability); `fused` True / False forces the fused kernel / the two-kernel path whatever the
-    pair count."""
-    from mgit_fast.kernels import attention
-
-    saved = attention.STANDIN_SMS, attention.STANDIN_CAPABILITY, attention.FUSED_MIN_PAIRS
-    attention.STANDIN_SMS, attention.STANDIN_CAPABILITY = target.sms, target.capability
-    if fused is not None:
-        attention.FUSED_MIN_PAIRS = 0 if fused else 2**62
-    try:
-        yield
-    finally:
-        attention.STANDIN_SMS, attention.STANDIN_CAPABILITY, attention.FUSED_MIN_PAIRS = saved
+        planning.tf32_allowed = saved
 
 
 def _precision_name(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -254,7 +241,7 @@ def _precision_name(dtype: torch.dtype, allow_tf32: bool) -> str:
 def attention_launches(
     label: str, B: int, N: int, H: int, D: int, dtype: torch.dtype, variant: str, *, packed: bool = True,
     allow_tf32: bool = False, backward: bool = True, target: Target = TARGETS["sm_90a"],
-    fused: Optional[bool] = None,
+    every_config: bool = False,
 ) -> List[Launch]:
     """Forward and backward of one attention call. `variant`: plain, lsa (learnable [H] scale and
     diagonal mask), bias (a learnable [H, N, N] bias, its gradient summed over the batch by the
@@ -262,15 +249,15 @@ def attention_launches(
     lsa_mask (LSA with a learnable multiplicative [H, N, N] mask, its gradient from the
     shared-gradient pass), lsa_mask_batch (LSA with a [B, H, N, N] mask) or gmm (a Gaussian
     mixture of 2 kernels, N = 1 + grid², its dense bias built by one launch and its gradient
-    reduced against the Gaussians by the shared-gradient pass). The backward is chosen as on the
-    target's SM count, or forced by `fused` (see `backward_path`)."""
-    from mgit_fast.kernels import attention as kernel
+    reduced against the Gaussians by the shared-gradient pass). With `every_config`, each kernel
+    is launched once per candidate config (`planning.every_config`), else with the first."""
+    from mgit_fast.kernels.attention import op, planning
 
     new = lambda *shape, dt=dtype: torch.empty(shape, device=META, dtype=dt)  # noqa: E731
     if packed:
-        q, k, v = kernel._heads(new(B, N, 3 * H * D), H, 3)
-        (out,) = kernel._heads(new(B, N, H * D), H, 1)
-        dq, dk, dv = kernel._heads(new(B, N, 3 * H * D), H, 3)
+        q, k, v = op.heads(new(B, N, 3 * H * D), H, 3)
+        (out,) = op.heads(new(B, N, H * D), H, 1)
+        dq, dk, dv = op.heads(new(B, N, 3 * H * D), H, 3)
     else:
         q, k, v, out, dq, dk, dv = (new(B, H, N, D) for _ in range(7))
     lsa = variant.startswith("lsa")
@@ -280,13 +267,14 @@ def attention_launches(
     mask = {"lsa_mask": lambda: new(H, N, N, dt=torch.float32),
             "lsa_mask_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
     gmm = (new(H, 2, dt=torch.float32), new(H, 2, dt=torch.float32), math.isqrt(N - 1)) if variant == "gmm" else None
-    with tf32(allow_tf32), backward_path(target, fused), capture(target) as launches:
+    every = planning.every_config() if every_config else contextlib.nullcontext()
+    with tf32(allow_tf32), every, capture(target) as launches:
         if gmm is not None:
-            bias = kernel.gaussian_mixture_bias(*gmm)
-        lse = kernel.forward_into(q, k, v, out, scale, D**-0.5, bias, lsa, mask)
+            bias = op.gaussian_mixture_bias(*gmm)
+        lse = op.forward(q, k, v, out, scale, D**-0.5, bias, mask, lsa)
         if backward:
-            kernel.backward_into(out, q, k, v, out, lse, dq, dk, dv, scale, D**-0.5, bias, lsa,
-                                 scale is not None, bias is not None, mask, mask is not None, gmm)
+            op.backward(out, q, k, v, out, lse, dq, dk, dv, scale, D**-0.5, bias, mask, lsa,
+                        scale is not None, bias is not None, mask is not None, gmm)
     precision = _precision_name(dtype, allow_tf32)
     size = torch.finfo(dtype).bits // 8
     # a score map (bias or mask) is read by each kernel; its gradient is written by the dq kernel
@@ -294,47 +282,42 @@ def attention_launches(
     map_bytes = {name: (0 if t is None else t.numel() * 4) for name, t in (("bias", bias), ("mask", mask))}
     bias_bytes = sum(map_bytes.values())
     for launch in launches:
-        if launch.kernel == "_attention_fwd_kernel":
+        if launch.kernel == "attention_fwd_kernel":
             mm, nbytes = 2, 4 * B * H * N * D * size + 4 * B * H * N + bias_bytes
-        elif launch.kernel == "_attention_bwd_dq_kernel":
-            written = map_bytes["bias"] * bool(launch.args["NEED_DBIAS"]) + map_bytes["mask"] * bool(launch.args["NEED_DMASK"])
+        elif launch.kernel == "attention_bwd_dq_kernel":
+            written = (map_bytes["bias"] * bool(launch.args["STORE_DBIAS"])
+                       + map_bytes["mask"] * bool(launch.args["STORE_DMASK"]))
             mm, nbytes = 3, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes + written
-        elif launch.kernel == "_attention_bwd_dkdv_kernel":
+        elif launch.kernel == "attention_bwd_dkdv_kernel":
             mm, nbytes = 4, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes
-        elif launch.kernel == "_attention_bwd_fused_kernel":  # + its dq scratch, zeroed, added to, swapped out
-            scratch = launch.grid[0] * D * N * 4
-            mm, nbytes = 5, 8 * B * H * N * D * size + 12 * B * H * N + bias_bytes + 2 * scratch
-        elif launch.kernel == "_attention_bwd_shared_kernel":  # one write (or atomic) per element per group
+        elif launch.kernel == "attention_bwd_shared_kernel":  # one write (or atomic) per element per group
             target = map_bytes["mask" if launch.args["GRAD_OF_MASK"] else "bias"]
             if launch.args["GMM_KERNELS"]:  # 2K partial sums per program instead
                 target = 0
             mm, nbytes = 2, 4 * B * H * N * D * size + 8 * B * H * N + bias_bytes + target * launch.args["GROUPS"]
-        elif launch.kernel == "_attention_gmm_bias_kernel":  # writes the dense bias; no matmul
+        elif launch.kernel == "attention_gmm_bias_kernel":  # writes the dense bias; no matmul
             launch.label = f"{label} {_DTYPE_NAMES[dtype] if precision != 'tf32' else 'tf32'} {variant}"
             launch.work = dict(bytes=map_bytes["bias"], flops=0, precision="fp32")
             continue
         else:
             continue
-        tc, tc_useful, cuda = attention_tile_areas(N, launch.constants)
+        tiles = attention_tile_area(N, launch.constants)
         per_area = 2 * mm * B * H * D
         launch.label = f"{label} {_DTYPE_NAMES[dtype] if precision != 'tf32' else 'tf32'} {variant}"
-        launch.work = dict(flops=per_area * N * N, executed_flops=per_area * tc, useful_tile_flops=per_area * tc_useful,
-                           cuda_core_flops=per_area * cuda, bytes=nbytes, precision=precision)
+        launch.work = dict(flops=per_area * N * N, executed_flops=per_area * tiles, bytes=nbytes, precision=precision)
     return launches
 
 
-def attention_tile_areas(N: int, constants: Dict[str, Any]) -> Tuple[int, int, int]:
-    """Per head and matmul, in units of D-long dot products: (executed on the tiles, of which
-    useful, executed on CUDA cores as rank-1 updates) for the attention kernels' launch geometry
-    (`kernels.attention.tiling`): full BLOCK_M blocks plus one TAIL_M-row tile on the M side,
-    full BLOCK_N blocks plus one TAIL_N-wide tile on the other, or with TAIL_N = 1 the last
-    position as a rank-1 update on CUDA cores (over every row of the M side)."""
+def attention_tile_area(N: int, constants: Dict[str, Any]) -> int:
+    """Per head and matmul, the (owned × streamed) positions the tiles cover, N² of them useful
+    (`kernels.attention.planning`): full BLOCK_M blocks plus one TAIL_M-row tile on the owned
+    side; on the streamed side full BLOCK_N blocks plus one TAIL_N-wide tile with SPLIT, else
+    every block masked (TAIL_N = BLOCK_N)."""
     bm, bn = constants["BLOCK_M"], constants["BLOCK_N"]
-    tail_m, tail_n = constants.get("TAIL_M", bm), constants.get("TAIL_N", bn)
-    m_side = (N // bm) * bm + (tail_m if N % bm else 0)
-    n_tiles = (N // bn) * bn + (tail_n if tail_n > 1 and N % bn else 0)  # masked geometry: TAIL_N = BLOCK_N
-    n_cuda = 1 if tail_n == 1 else 0
-    return m_side * n_tiles, N * (N - n_cuda), m_side * n_cuda
+    tail_m, tail_n = constants["TAIL_M"], constants["TAIL_N"]
+    owned = (N // bm) * bm + (tail_m if N % bm else 0)
+    streamed = (N // bn) * bn + (tail_n if N % bn else 0) if constants["SPLIT"] else -(-N // bn) * bn
+    return owned * streamed
 
 
 def loss_launches(B: int, C: int, dtype: torch.dtype = torch.bfloat16, target: Target = TARGETS["sm_90a"],
@@ -417,18 +400,16 @@ def shape_set(name: str, target: Target = TARGETS["sm_90a"]) -> List[Launch]:
             launches += loss_launches(B, C, target=target)
         for pair, (dim, depth, heads) in UPDATE_PAIRS.items():
             launches += update_launches(pair, dim, depth, heads, target)
-    elif name == "gate":
+    elif name == "gate":  # every candidate config of each attention kernel, as the autotuner may pick any
+        every = dict(target=target, every_config=True)
         for D in (16, 32, 64, 128):
-            for fused in (False, True):  # the two-kernel backward (few pairs) and the fused one (many)
-                for dtype, allow, variants in GATE_ATTENTION:
-                    for variant in variants:
-                        launches += attention_launches(f"D={D} N=197", 8, 197, 4, D, dtype, variant,
-                                                       allow_tf32=allow, target=target, fused=fused)
-                launches += attention_launches(f"D={D} N=17", 8, 17, 4, D, torch.bfloat16, "plain", target=target,
-                                               fused=fused)
-                for dtype, allow, variant in GATE_ATTENTION_RANK1:  # a rank-1 last key / query (N = 64 + 1)
-                    launches += attention_launches(f"D={D} N=65", 8, 65, 4, D, dtype, variant, allow_tf32=allow,
-                                                   target=target, fused=fused)
+            for dtype, allow, variants in GATE_ATTENTION:
+                for variant in variants:
+                    launches += attention_launches(f"D={D} N=197", 8, 197, 4, D, dtype, variant, allow_tf32=allow,
+                                                   **every)
+            launches += attention_launches(f"D={D} N=17", 8, 17, 4, D, torch.bfloat16, "plain", **every)
+            for dtype, allow, variant in GATE_ATTENTION_N65:  # a 16-wide tail tile for the last key / query
+                launches += attention_launches(f"D={D} N=65", 8, 65, 4, D, dtype, variant, allow_tf32=allow, **every)
         for B, C in LOSS_GRID:
             for dtype in (torch.bfloat16, torch.float32):
                 launches += loss_launches(B, C, dtype, target, every_output=True)
@@ -601,35 +582,46 @@ def row(launch: Launch, facts: Dict[str, Any], target: Target) -> Dict[str, Any]
     work = launch.work
     if work:
         flop_time = work.get("executed_flops", work.get("flops", 0)) / target.peak[work["precision"]]
-        cuda_time = work.get("cuda_core_flops", 0) / target.peak["fp32"]  # rank-1 tails on CUDA cores
         byte_time = work["bytes"] / target.bandwidth
-        out.update(modeled_floor_us=1e6 * max(flop_time + cuda_time, byte_time),
-                   bound="compute" if flop_time + cuda_time > byte_time else "memory", bytes=work["bytes"])
-        if "executed_flops" in work:  # of the tile work (tensor cores; FMA units for ieee fp32)
-            out["useful_fraction"] = work.get("useful_tile_flops", work["flops"]) / work["executed_flops"]
-            out["cuda_core_flops"] = work.get("cuda_core_flops", 0)
-            out["cuda_core_time_share"] = cuda_time / flop_time if flop_time else 0.0
+        out.update(modeled_floor_us=1e6 * max(flop_time, byte_time),
+                   bound="compute" if flop_time > byte_time else "memory", bytes=work["bytes"])
+        if "executed_flops" in work:  # of the tile work: information only, no goal or gate
+            out["useful_fraction"] = work["flops"] / work["executed_flops"]
     return out
+
+
+# the kernels built on tile matmuls (tl.dot): with fp16/bf16 operands they must use tensor cores
+TILE_MATMUL_KERNELS = ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv", "attention_bwd_shared")
 
 
 def gate_failures(rows: Sequence[Dict[str, Any]]) -> List[str]:
     """What the CI gate refuses: failed compiles, spills, fp16/bf16 tile matmuls (the attention
-    kernels') without tensor cores, grids past CUDA's limits, atomics stronger than relaxed."""
+    kernels, `TILE_MATMUL_KERNELS`) without tensor cores, grids past CUDA's limits, atomics
+    stronger than relaxed."""
     failures = []
     for r in rows:
-        where = f"{r['arch']} {r['kernel']} [{r['label']}]"
+        where = f"{r['arch']} {r['kernel']} [{r['label']}{_config(r)}]"
         if r.get("status") != "ok":
             failures.append(f"{where}: {r.get('status')}")
             continue
         if r["spill_bytes"] or r["local_ops"]:
             failures.append(f"{where}: spills {r['spill_bytes']} B ({r['local_ops']} local-memory instructions)")
-        if "useful_fraction" in r and re.search(r"\b(bf16|fp16)\b", r["label"]):  # tile matmuls in half
+        if r["kernel"] in TILE_MATMUL_KERNELS and re.search(r"\b(bf16|fp16)\b", r["label"]):
             if not (r["tensor_core"]["HGMMA"] or r["tensor_core"]["HMMA"]):
                 failures.append(f"{where}: no tensor-core instruction")
         failures += [f"{where}: {p}" for p in r["grid_problems"]]
         if r["strong_atomics"]:
             failures.append(f"{where}: atomics stronger than relaxed: {', '.join(r['strong_atomics'])}")
     return failures
+
+
+def _config(r: Dict[str, Any]) -> str:
+    """The launch config of an attention row (the gate compiles several per shape), else ""."""
+    c = r.get("constexprs") or {}
+    if "BLOCK_M" not in c or "BLOCK_N" not in c:
+        return ""
+    return (f" BLOCK_M={c['BLOCK_M']} BLOCK_N={c['BLOCK_N']} TAIL_M={c.get('TAIL_M')} TAIL_N={c.get('TAIL_N')}"
+            f" warps={r.get('num_warps')} stages={r.get('num_stages')}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,20 +652,14 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def _useful(r: Dict[str, Any]) -> str:
-    """The useful fraction of the tile work, plus the modeled time of CUDA-core rank-1 tails as
-    a share of the tile work's time when there are any."""
-    if "useful_fraction" not in r:
-        return ""
-    text = f"{r['useful_fraction']:.2f}"
-    if r.get("cuda_core_flops"):
-        text += f" +cc {100 * r['cuda_core_time_share']:.0f}%"
-    return text
+    """The useful fraction of the tile work (information only)."""
+    return f"{r['useful_fraction']:.2f}" if "useful_fraction" in r else ""
 
 
 def _unique_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     seen, out = set(), []
     for r in rows:
-        ident = (r["kernel"], r["label"], tuple(r["grid"]))
+        ident = (r["kernel"], r["label"], tuple(r["grid"]), r["num_warps"], r["num_stages"])
         if ident not in seen:
             seen.add(ident)
             out.append(r)

@@ -15,35 +15,28 @@ import pytest
 import torch
 
 from mgit_fast import inspect as ins
-from mgit_fast.kernels import attention as attention_kernel
+from mgit_fast.kernels.attention import common, op, planning
 
 TARGET = ins.TARGETS["sm_90a"]
 
 
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("variant", ["plain", "lsa", "bias", "lsa_mask"])
-def test_attention_grids_fit_cuda_limits_at_huge_batches(packed, variant):
-    """B·H = 120,000 (ViT-B at batch 10,000) and 600,000: every launch's grid is within CUDA's
-    limits, and the program count covers every (query block, head)."""
+def test_attention_grids_fit_cuda_limits_at_huge_batches(arch, packed, variant):
+    """B·H = 120,000 (ViT-B at batch 10,000) and 600,000: the forward, dq and dk/dv kernels (and
+    the shared-gradient pass for an [H, N, N] map) on every arch; every grid is within CUDA's
+    limits and the program count covers every (block, head)."""
     for B, H in ((10_000, 12), (50_000, 12)):
-        launches = ins.attention_launches("huge", B, 197, H, 64, torch.bfloat16, variant, packed=packed)
-        shared = {"_attention_bwd_shared_kernel"} if variant in ("bias", "lsa_mask") else set()  # an [H, N, N] map
-        # the fused backward (one program per SM) for every variant here on sm_90a; with a mask at
-        # D = 64, sm_80 keeps the two kernels
-        assert {launch.kernel for launch in launches} == {"_attention_fwd_kernel", "_attention_bwd_fused_kernel"} | shared
-        if variant == "lsa_mask":
-            on_sm80 = ins.attention_launches("huge", B, 197, H, 64, torch.bfloat16, variant, packed=packed,
-                                             target=ins.TARGETS["sm_80"])
-            assert {launch.kernel for launch in on_sm80} == {"_attention_fwd_kernel", "_attention_bwd_dq_kernel",
-                                                             "_attention_bwd_dkdv_kernel"} | shared
-            launches += on_sm80
+        launches = ins.attention_launches("huge", B, 197, H, 64, torch.bfloat16, variant, packed=packed,
+                                          target=ins.TARGETS[arch])
+        shared = {"attention_bwd_shared_kernel"} if variant in ("bias", "lsa_mask") else set()
+        assert sorted(launch.kernel for launch in launches) == sorted(
+            {"attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel"} | shared)
         for launch in launches:
             assert ins.grid_problems(launch) == [], (launch.kernel, launch.grid)
-            if launch.kernel == "_attention_bwd_fused_kernel":
-                assert launch.grid == (TARGET.sms, 1, 1) and launch.args["BH"] == B * H
-                continue
             block = launch.constants["BLOCK_M"]  # every kernel's programs own BLOCK_M positions
-            if launch.kernel == "_attention_bwd_shared_kernel":  # (tile, group of batch rows, head)
+            if launch.kernel == "attention_bwd_shared_kernel":  # (tile, group of batch rows, head)
                 a = launch.args
                 tiles = -(-197 // block) * -(-197 // launch.constants["BLOCK_N"])
                 assert a["R"] == B and a["GROUP"] * a["GROUPS"] >= B > a["GROUP"] * (a["GROUPS"] - 1)
@@ -54,66 +47,86 @@ def test_attention_grids_fit_cuda_limits_at_huge_batches(packed, variant):
 
 def test_capture_records_the_jit_specialisation():
     """Pointer alignment comes from each view's storage offset, as on the GPU; ints past 2³¹ are
-    typed i64 by the binder; constexprs and launch options are kept."""
+    typed i64 by the binder; constexprs and launch options are kept, as planned (N = 65: the last
+    key and the last query in 16-wide tail tiles)."""
     launches = ins.attention_launches("t", 4, 65, 3, 64, torch.bfloat16, "plain", packed=True, backward=False)
     (fwd,) = launches
-    assert fwd.signature["Q"] == "*bf16" and fwd.signature["stride_qn"] == "i32"
-    assert fwd.constants == {"D": 64, "BLOCK_M": 64, "BLOCK_N": 32, "TAIL_M": 16, "TAIL_N": 1, "SPLIT": True,
-                             "HAS_SCALE_TENSOR": False, "HAS_BIAS": False,
-                             "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None, "BIAS": None,
-                             "HAS_MASK": False, "MASK": None}
+    assert fwd.kernel == "attention_fwd_kernel"
+    assert fwd.signature["Q"] == "*bf16" and fwd.signature["stride_n"] == "i32"
+    kernel_plan = planning.plan((4, 3, 65, 64), torch.bfloat16).fwd
+    config = kernel_plan.configs[0]
+    assert fwd.constants == {"D": 64, "BLOCK_M": config.block_m, "BLOCK_N": kernel_plan.block_n, "TAIL_M": 16,
+                             "TAIL_N": 16, "SPLIT": True, "SCALE_KIND": 0, "HAS_BIAS": False, "HAS_MASK": False,
+                             "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None, "BIAS": None, "MASK": None}
+    assert (fwd.options["num_warps"], fwd.options["num_stages"]) == (config.num_warps, config.num_stages)
     names = list(fwd.args)
     aligned = {names[path[0]] for path, value in fwd.attrs.items() if ["tt.divisibility", 16] in value}
     assert {"Q", "K", "V", "O", "LSE"} <= aligned  # k, v views start H·D·2 = 384 bytes in
     # a v view starting 2 bytes off a 16-byte boundary loses its alignment attribute
     flat = torch.empty(1 + 2 * 17 * 96, device="meta", dtype=torch.bfloat16)
-    q, k, v = attention_kernel._heads(flat[1:].view(2, 17, 96), 2, 3)
+    q, k, v = op.heads(flat[1:].view(2, 17, 96), 2, 3)
     out = torch.empty(2, 2, 17, 16, device="meta", dtype=torch.bfloat16)
     with ins.capture(TARGET) as captured:
-        attention_kernel.forward_into(q, k, v, out, None, 0.25, None, False)
+        op.forward(q, k, v, out, None, 0.25, None, None, False)
     names = list(captured[0].args)
     aligned = {names[path[0]] for path, value in captured[0].attrs.items() if ["tt.divisibility", 16] in value}
     assert "Q" not in aligned and "O" in aligned
-    assert fwd.options["num_warps"] == 4 and fwd.options["num_stages"] == 3  # the split geometry at D = 64
 
 
 def test_large_dbias_and_packed_offsets_are_int64_safe():
     """The shapes the issue found wrapping: packed qkv at ViT-B/16 batch 4,732 and a per-batch
     bias gradient at B = 512, N = 577, H = 16. Their byte offsets pass 2³¹, so the kernels must
-    form them from int64 head indices (`_program`) and the binder must pass large strides as i64."""
+    form them from int64 head indices (`common.program`) and the binder must pass large strides
+    as i64."""
     launches = ins.attention_launches("vit_b", 4732, 197, 12, 64, torch.bfloat16, "plain")
     assert all(not ins.grid_problems(launch) for launch in launches)
     assert 4732 * 197 * 3 * 768 > 2**31
     launches = ins.attention_launches("dbias", 512, 577, 16, 64, torch.bfloat16, "bias_batch")
-    dq = next(launch for launch in launches if launch.kernel == "_attention_bwd_dq_kernel")
-    assert dq.args["stride_gb"] == 16 * 577 * 577 and 512 * dq.args["stride_gb"] * 4 > 2**31
-    assert "to(tl.int64)" in inspect.getsource(attention_kernel._program.fn)
+    dq = next(launch for launch in launches if launch.kernel == "attention_bwd_dq_kernel")
+    assert dq.constants["STORE_DBIAS"] and not dq.constants["STORE_DMASK"]  # a per-batch bias: stored by dq
+    assert dq.args["sbb"] == 16 * 577 * 577 and 512 * dq.args["sbb"] * 4 > 2**31
+    assert "to(tl.int64)" in inspect.getsource(common.program.fn)
     launches = ins.attention_launches("dmask", 512, 577, 16, 64, torch.bfloat16, "lsa_mask_batch")
-    dq = next(launch for launch in launches if launch.kernel == "_attention_bwd_dq_kernel")
-    assert dq.constants["NEED_DMASK"]  # a per-batch mask: plain stores from the dq kernel
-    assert dq.args["stride_dmb"] == 16 * 577 * 577 and dq.args["stride_mb"] == 16 * 577 * 577
+    dq = next(launch for launch in launches if launch.kernel == "attention_bwd_dq_kernel")
+    assert dq.constants["STORE_DMASK"]  # a per-batch mask: plain stores from the dq kernel
+    assert dq.args["smb"] == 16 * 577 * 577
+    assert "attention_bwd_shared_kernel" not in {launch.kernel for launch in launches}
 
 
-@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
-@pytest.mark.parametrize("N", [65, 197, 257, 577])
-def test_vit_lengths_meet_the_useful_tile_goals(arch, N):
-    """Every attention launch with tile matmuls at the ViT lengths (bf16, D = 32 and 64, every
-    variant; the fused backward and the two-kernel one) executes tile work that is ≥ 75 % useful
-    at N = 65 and ≥ 85 % at N ≥ 197, as the model counts it (rank-1 tails on CUDA cores apart)."""
-    goal = 0.75 if N == 65 else 0.85
-    kernels = set()
-    for D in (32, 64):
-        for fused in (False, True):
-            for variant in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm"):
-                for launch in ins.attention_launches("vit", 4, N, 2, D, torch.bfloat16, variant,
-                                                     target=ins.TARGETS[arch], fused=fused):
-                    if "executed_flops" not in launch.work:
-                        continue
-                    kernels.add(launch.kernel)
-                    useful = launch.work["useful_tile_flops"] / launch.work["executed_flops"]
-                    assert useful >= goal, (launch.kernel, D, variant, useful)
-    assert kernels == {"_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
-                       "_attention_bwd_fused_kernel", "_attention_bwd_shared_kernel"}
+def _configs(launches, kernel):
+    return {(l.constants["BLOCK_M"], l.options["num_warps"], l.options["num_stages"])
+            for l in launches if l.kernel == kernel}
+
+
+def test_gate_shape_set_captures_every_candidate_config():
+    """The gate compiles each config the autotuner may pick (`planning.every_config`); the bench
+    set, like any launch off a GPU, the first only. N = 65 stays covered, its last key / query in
+    a 16-wide tail tile."""
+    gate = ins.shape_set("gate", TARGET)
+    plans = {(64, False): planning.plan((8, 4, 197, 64), torch.bfloat16),
+             (64, True): planning.plan((8, 4, 197, 64), torch.bfloat16, mask=True)}
+    several = 0
+    for (D, mask), p in plans.items():
+        label = f"D={D} N=197 bf16 {'lsa_mask' if mask else 'plain'}"
+        mine = [launch for launch in gate if launch.label == label]
+        for kernel, kernel_plan in (("attention_fwd_kernel", p.fwd), ("attention_bwd_dq_kernel", p.dq),
+                                    ("attention_bwd_dkdv_kernel", p.dkdv)):
+            assert _configs(mine, kernel) == {(c.block_m, c.num_warps, c.num_stages) for c in kernel_plan.configs}
+            several += len(kernel_plan.configs) > 1
+    assert several, "no kernel with more than one candidate: the test would not tell"
+    once = ins.attention_launches("b", 8, 197, 4, 64, torch.bfloat16, "plain")
+    assert sorted(launch.kernel for launch in once) == sorted(
+        ["attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel"])
+    n65 = [launch for launch in gate if " N=65 " in launch.label and launch.kernel == "attention_fwd_kernel"]
+    assert {launch.label.split()[0] for launch in n65} == {"D=16", "D=32", "D=64", "D=128"}
+    assert any(launch.constants["SPLIT"] and launch.constants["TAIL_N"] == 16 for launch in n65)
+
+
+def test_tf32_setting_reaches_the_plan():
+    """`tf32` makes the launchers see PyTorch's choice without changing torch's own setting."""
+    for allow, precision in ((True, "tf32"), (False, "ieee")):
+        (fwd,) = ins.attention_launches("t", 2, 65, 2, 32, torch.float32, "plain", allow_tf32=allow, backward=False)
+        assert fwd.constants["PRECISION"] == precision and fwd.label.split()[-2] == ("tf32" if allow else "fp32")
 
 
 def test_loss_and_update_launches_at_scale():
@@ -135,7 +148,7 @@ def test_grid_problems_flags_cuda_limits():
 def _row(**overrides):
     base = dict(kernel="attention_fwd", label="D=64 N=197 bf16 plain", arch="sm_90a", status="ok", spill_bytes=0,
                 local_ops=0, tensor_core={"HGMMA": 4, "HMMA": 0}, grid_problems=[], strong_atomics=[],
-                useful_fraction=0.9)
+                num_warps=8, num_stages=3, constexprs={"BLOCK_M": 128, "BLOCK_N": 32, "TAIL_M": 128, "TAIL_N": 16})
     base.update(overrides)
     return base
 
@@ -151,6 +164,15 @@ def test_gate_rules(bad, rule):
     assert ins.gate_failures([_row()]) == []
     failures = ins.gate_failures([_row(**bad)])
     assert len(failures) == 1 and rule in failures[0]
+    assert "BLOCK_M=128 BLOCK_N=32" in failures[0] and "warps=8 stages=3" in failures[0]  # which candidate
+
+
+@pytest.mark.parametrize("kernel", ["attention_bwd_dq", "attention_bwd_dkdv", "attention_bwd_shared"])
+def test_every_half_attention_kernel_needs_tensor_cores(kernel):
+    """The rule keys on the kernel name; the useful fraction is information only."""
+    row = _row(kernel=kernel, label="D=32 N=65 fp16 bias", tensor_core={"HGMMA": 0, "HMMA": 0}, useful_fraction=0.4)
+    assert [f for f in ins.gate_failures([row]) if "no tensor-core instruction" in f]
+    assert ins.gate_failures([_row(kernel=kernel, useful_fraction=0.1)]) == []
 
 
 def test_fp32_attention_without_tensor_cores_is_not_a_gate_failure():
@@ -160,7 +182,6 @@ def test_fp32_attention_without_tensor_cores_is_not_a_gate_failure():
 def test_a_launch_without_tile_matmuls_needs_no_tensor_cores():
     """The GMM's dense-bias kernel runs beside bf16 attention but multiplies no tiles."""
     row = _row(kernel="attention_gmm_bias", label="D=64 N=197 bf16 gmm", tensor_core={"HGMMA": 0, "HMMA": 0})
-    del row["useful_fraction"]
     assert ins.gate_failures([row]) == []
 
 
