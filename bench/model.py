@@ -429,8 +429,8 @@ def _gmm_bias(N: int, H: int, new: Callable):
 
 def attention_part(B: int, N: int, H: int, D: int, variant: str, *, real: bool = True, dtype=torch.bfloat16):
     """Our attention, forward and backward, bf16, packed qkv as a ViT block calls it. The reduced
-    runs take fp16 (the same bytes): the interpreter runs bf16 dots upcast, in the one masked
-    geometry, where a GPU takes the split one and the fused backward."""
+    runs take fp16: the same bytes and tiles, and the interpreter multiplies it as it is (bf16
+    is upcast to fp32 there)."""
     from mgit_fast import functional
 
     qkv = _rand(B, N, 3 * H * D, dtype=dtype, grad=True, real=real)
@@ -530,7 +530,7 @@ def update_size(dim: int, depth: int, small: bool = False) -> int:
 def run_full(make: Callable, target: insp.Target):
     """(launches with their regions, torch ops) of one full-size run (kernels captured, not run)."""
     counter = OpCounter()
-    with insp.backward_path(target), capture_with_spans(target) as (captured, collect):
+    with capture_with_spans(target) as (captured, collect):
         run = make()
         if hasattr(run, "warm"):
             run.warm()

@@ -73,11 +73,11 @@ def _predicted_vs_recorded(small, third):
 
 @pytest.mark.parametrize("variant", ["plain", "bias", "lsa"])
 def test_attention_bytes_scale_to_a_third_size(monkeypatch, variant):
-    from mgit_fast.kernels import attention
+    from mgit_fast.kernels.attention import planning
 
     # one group per gradient slice at both sizes: plain stores (at B·H = 1 there is no atomic to
     # compare an atomic with)
-    monkeypatch.setattr(attention, "SHARED_GRAD_PROGRAMS", 1)
+    monkeypatch.setattr(planning, "SHARED_GRAD_PROGRAMS", 1)
     N, D = 33, 16
     small = model.run_recorded(lambda: model.attention_part(1, N, 1, D, variant))
     third = model.run_recorded(lambda: model.attention_part(3, N, 2, D, variant))
