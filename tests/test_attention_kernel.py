@@ -628,10 +628,14 @@ def test_gaussian_mixture_refusals():
 
 class _Spy:
     """Records the grid size (and, given `calls`, the keyword arguments) of each launch of a
-    Triton kernel, then launches it."""
+    Triton kernel, then launches it. Launchers off a GPU call `kernel.fn[grid](...)`."""
 
-    def __init__(self, fn, grids, calls=None):
-        self.fn, self.grids, self.calls = fn, grids, calls
+    def __init__(self, kernel, grids, calls=None):
+        self.kernel, self.grids, self.calls = kernel, grids, calls
+
+    @property
+    def fn(self):
+        return self
 
     def __getitem__(self, grid):
         self.grids.append(grid[0])
@@ -639,6 +643,6 @@ class _Spy:
         def launch(*args, **kwargs):
             if self.calls is not None:
                 self.calls.append(kwargs)
-            return self.fn[grid](*args, **kwargs)
+            return self.kernel.fn[grid](*args, **kwargs)
 
         return launch

@@ -11,25 +11,26 @@ from mgit_fast.kernels import mgit_loss as loss_kernel
 
 
 def test_attention_op_registrations():
+    """The op torch.compile sees: separate q, k, v (num_heads 0) or a packed qkv (k, v None)."""
     B, H, N, D = 1, 2, 5, 16
     q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
     scale = torch.full((H,), D**-0.5, requires_grad=True)
     bias = torch.randn(H, N, N, requires_grad=True)
-    torch.library.opcheck(attention_kernel.attention_fwd, (q, k, v, scale, 1.0, bias, True))
+    torch.library.opcheck(attention_kernel.attention_fwd, (q, k, v, 0, scale, 1.0, bias, None, True))
     mask = torch.rand(B, H, N, N, requires_grad=True)
-    torch.library.opcheck(attention_kernel.attention_fwd, (q, k, v, scale, 1.0, bias, True, mask))
+    torch.library.opcheck(attention_kernel.attention_fwd, (q, k, v, 0, scale, 1.0, bias, mask, True))
     qkv = torch.randn(B, N, 3 * H * D, requires_grad=True)
-    torch.library.opcheck(attention_kernel.attention_qkvpacked_fwd, (qkv, H, None, D**-0.5, None, False))
-    torch.library.opcheck(attention_kernel.attention_qkvpacked_fwd,
-                          (qkv, H, None, D**-0.5, None, False, torch.rand(H, N, N, requires_grad=True)))
+    torch.library.opcheck(attention_kernel.attention_fwd, (qkv, None, None, H, None, D**-0.5, None, None, False))
+    torch.library.opcheck(attention_kernel.attention_fwd,
+                          (qkv, None, None, H, None, D**-0.5, None, torch.rand(H, N, N, requires_grad=True), False))
     # a Gaussian-mixture bias: its dense bias (no autograd), and its parameters through attention
     G, K = 2, 3
     weight, log_sigma = torch.randn(H, K, requires_grad=True), torch.randn(H, K, requires_grad=True)
     torch.library.opcheck(attention_kernel.gaussian_mixture_bias_op, (weight.detach(), log_sigma.detach(), G))
     dense = attention_kernel.gaussian_mixture_bias_op(weight.detach(), log_sigma.detach(), G)
     qkv = torch.randn(B, 1 + G * G, 3 * H * D, requires_grad=True)
-    torch.library.opcheck(attention_kernel.attention_qkvpacked_fwd,
-                          (qkv, H, None, D**-0.5, dense, False, None, weight, log_sigma, G))
+    torch.library.opcheck(attention_kernel.attention_fwd,
+                          (qkv, None, None, H, None, D**-0.5, dense, None, False, weight, log_sigma, G))
 
 
 def test_loss_op_registrations():

@@ -24,13 +24,11 @@ from .backward import backward_into
 from .common import new_buffer
 from .forward import forward_into
 from .gmm import gaussian_mixture_bias
-from .op import (attention, attention_bwd, attention_fwd, attention_qkvpacked, attention_qkvpacked_bwd,
-                 attention_qkvpacked_fwd, gaussian_mixture_bias_op, heads)
+from .op import attention, attention_bwd, attention_fwd, attention_qkvpacked, gaussian_mixture_bias_op, heads
 from .planning import HEAD_DIMS, plan, tf32_allowed
 from .shared import shared_grad
 
 __all__ = [
-    "HEAD_DIMS", "attention", "attention_bwd", "attention_fwd", "attention_qkvpacked", "attention_qkvpacked_bwd",
-    "attention_qkvpacked_fwd", "backward_into", "forward_into", "gaussian_mixture_bias", "gaussian_mixture_bias_op",
+    "HEAD_DIMS", "attention", "attention_bwd", "attention_fwd", "attention_qkvpacked", "backward_into", "forward_into", "gaussian_mixture_bias", "gaussian_mixture_bias_op",
     "heads", "new_buffer", "plan", "shared_grad", "tf32_allowed",
 ]

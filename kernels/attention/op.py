@@ -80,140 +80,139 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, mask
     return dscale, dbias, dmask
 
 
-# --------------------------------------------------------------------------------------------
-# eager: autograd.Function, launching directly
-# --------------------------------------------------------------------------------------------
+def _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_weight, gmm_log_sigma,
+                 grid_size):
+    """(out, lse): q, k, v [B, H, N, D], or q a packed qkv [B, N, 3·H·D] when num_heads > 0 (k, v None)."""
+    if num_heads:
+        B, N, width = q.shape
+        out = common.new_buffer((B, N, width // 3), device=q.device, dtype=q.dtype)
+        (out_h,) = heads(out, num_heads, 1)
+        q, k, v = heads(q, num_heads, 3)
+    else:
+        out = out_h = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
+        q, k, v = _qkv(q, k, v)
+    if gmm_weight is not None and bias is None:  # eager: the dense bias is built here
+        bias = gaussian_mixture_bias(gmm_weight.detach(), gmm_log_sigma.detach(), grid_size)
+    return out, forward(q, k, v, out_h, scale, scale_value, bias, mask, diagonal_mask), bias
+
+
+def _run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale,
+                  need_dbias, mask, need_dmask, gmm_weight, gmm_log_sigma, grid_size):
+    """(dq, dk, dv, dscale, dbias, dmask); packed (num_heads > 0): (dqkv, None, None, ...)."""
+    dout = _like(dout, out)
+    if num_heads:
+        dqkv = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
+        grads, (q, k, v), (dq, dk, dv) = (dqkv, None, None), heads(q, num_heads, 3), heads(dqkv, num_heads, 3)
+        (out,), (dout,) = heads(out, num_heads, 1), heads(dout, num_heads, 1)
+    else:
+        q, k, v = _qkv(q, k, v)
+        grads = dq, dk, dv = tuple(common.new_buffer(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    gmm = None if gmm_weight is None else (gmm_weight, gmm_log_sigma, grid_size)
+    return (*grads, *backward(dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, mask, diagonal_mask,
+                              need_dscale, need_dbias, need_dmask, gmm))
+
+
+# the inputs of both paths, in order
+SCALE, BIAS, MASK, GMM_WEIGHT, GMM_LOG_SIGMA = 4, 6, 7, 9, 10
+
+
+def _save(ctx, inputs, output):
+    q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_weight, gmm_log_sigma, grid_size = inputs
+    out, lse, dense_bias = output
+    ctx.save_for_backward(q, k, v, out, lse, scale, dense_bias, mask, gmm_weight, gmm_log_sigma)
+    ctx.num_heads, ctx.scale_value, ctx.diagonal_mask, ctx.grid_size = num_heads, scale_value, diagonal_mask, grid_size
+    ctx.set_materialize_grads(False)
+
+
+def _grads(ctx, dout, run_backward):
+    """The inputs' gradients (None where not asked) from `run_backward` (direct or the custom op)."""
+    q, k, v, out, lse, scale, bias, mask, gmm_weight, gmm_log_sigma = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gmm = gmm_weight is not None
+    need_dscale = scale is not None and need[SCALE]
+    need_dbias = (need[GMM_WEIGHT] or need[GMM_LOG_SIGMA]) if gmm else (bias is not None and need[BIAS])
+    need_dmask = mask is not None and need[MASK]
+    dout = torch.zeros_like(out) if dout is None else dout
+    dq, dk, dv, dscale, dbias, dmask = run_backward(
+        dout, q, k, v, out, lse, ctx.num_heads, scale, ctx.scale_value, bias, ctx.diagonal_mask, need_dscale,
+        need_dbias, mask, need_dmask, gmm_weight, gmm_log_sigma, ctx.grid_size)
+    dweight = dlog_sigma = None
+    if gmm and need_dbias:  # [2, H, K]
+        dweight, dlog_sigma = dbias[0].to(gmm_weight.dtype), dbias[1].to(gmm_log_sigma.dtype)
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, dscale if need_dscale else None, None,
+            dbias if need_dbias and not gmm else None, dmask if need_dmask else None, None, dweight, dlog_sigma,
+            None)
+
+
 class _Attention(torch.autograd.Function):
-    """Inputs: q, k, v ([B, H, N, D], one set of strides) or qkv ([B, N, 3·H·D]; `num_heads` > 0)."""
+    """Eager: the kernels launched directly."""
 
     @staticmethod
-    def forward(ctx, q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_weight, gmm_log_sigma,
-                grid_size):
-        packed = num_heads > 0
-        if packed:
-            qkv = q
-            B, N, width = qkv.shape
-            out = common.new_buffer((B, N, width // 3), device=qkv.device, dtype=qkv.dtype)
-            q, k, v = heads(qkv, num_heads, 3)
-            (out_h,) = heads(out, num_heads, 1)
-        else:
-            out = out_h = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
-        if gmm_weight is not None:
-            bias = gaussian_mixture_bias(gmm_weight.detach(), gmm_log_sigma.detach(), grid_size)
-        lse = forward(q, k, v, out_h, scale, scale_value, bias, mask, diagonal_mask)
-        ctx.save_for_backward(qkv if packed else None, q, k, v, out, lse, scale, bias, mask, gmm_weight,
-                              gmm_log_sigma)
-        ctx.num_heads, ctx.scale_value, ctx.diagonal_mask, ctx.grid_size = num_heads, scale_value, diagonal_mask, grid_size
+    def forward(ctx, *inputs):
+        out, lse, dense_bias = _run_forward(*inputs)
+        _save(ctx, inputs, (out, lse, dense_bias))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qkv, q, k, v, out, lse, scale, bias, mask, gmm_weight, gmm_log_sigma = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_dbias = (need[9] or need[10]) if gmm_weight is not None else (bias is not None and need[6])
-        need_dscale, need_dmask = scale is not None and need[4], mask is not None and need[7]
-        H = ctx.num_heads
-        if H:
-            dqkv = common.new_buffer(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-            dq, dk, dv = heads(dqkv, H, 3)
-            (out_h,) = heads(out, H, 1)
-            (dout_h,) = heads(_like(dout, out), H, 1)
-        else:
-            dq, dk, dv = (common.new_buffer(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-            out_h, dout_h = out, _like(dout, out)
-        gmm = None if gmm_weight is None else (gmm_weight, gmm_log_sigma, ctx.grid_size)
-        dscale, dbias, dmask = backward(dout_h, q, k, v, out_h, lse, dq, dk, dv, scale, ctx.scale_value, bias, mask,
-                                         ctx.diagonal_mask, need_dscale, need_dbias, need_dmask, gmm)
-        dweight = dlog_sigma = None
-        if gmm is not None and need_dbias:
-            dweight, dlog_sigma, dbias = dbias[0].to(gmm_weight.dtype), dbias[1].to(gmm_log_sigma.dtype), None
-        grads = (dqkv, None, None) if H else (dq, dk, dv)
-        return (*grads, None, dscale, None, dbias, dmask, None, dweight, dlog_sigma, None)
+        return _grads(ctx, dout, _run_backward)
 
 
-# --------------------------------------------------------------------------------------------
-# torch.compile: custom ops
-# --------------------------------------------------------------------------------------------
 @torch.library.custom_op("mgit_fast::attention_fwd", mutates_args=())
 def attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
-    diagonal_mask: bool, mask: Optional[Tensor] = None, gmm_weight: Optional[Tensor] = None,
+    q: Tensor, k: Optional[Tensor], v: Optional[Tensor], num_heads: int, scale: Optional[Tensor], scale_value: float,
+    bias: Optional[Tensor], mask: Optional[Tensor], diagonal_mask: bool, gmm_weight: Optional[Tensor] = None,
     gmm_log_sigma: Optional[Tensor] = None, grid_size: int = 0,
 ) -> Tuple[Tensor, Tensor]:
-    # gmm_*: the Gaussian mixture `bias` was built from, for the backward (its gradients go there)
-    out = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
-    q, k, v = _qkv(q, k, v)
-    return out, forward(q, k, v, out, scale, scale_value, bias, mask, diagonal_mask)
+    """Under torch.compile; a Gaussian mixture's dense `bias` comes built (gaussian_mixture_bias_op)."""
+    out, lse, _ = _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_weight,
+                               gmm_log_sigma, grid_size)
+    return out, lse
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, scale_value, bias, diagonal_mask, mask=None, gmm_weight=None, gmm_log_sigma=None, grid_size=0):
+def _(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_weight=None, gmm_log_sigma=None,
+      grid_size=0):
+    if num_heads:
+        B, N, width = q.shape
+        return q.new_empty((B, N, width // 3)), q.new_empty((B, num_heads, N), dtype=torch.float32)
     B, H, N, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("mgit_fast::attention_bwd", mutates_args=())
 def attention_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: Optional[Tensor],
-    scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool, need_dbias: bool,
-    mask: Optional[Tensor] = None, need_dmask: bool = False, gmm_weight: Optional[Tensor] = None,
-    gmm_log_sigma: Optional[Tensor] = None, grid_size: int = 0,
+    dout: Tensor, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], out: Tensor, lse: Tensor, num_heads: int,
+    scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool,
+    need_dbias: bool, mask: Optional[Tensor], need_dmask: bool, gmm_weight: Optional[Tensor],
+    gmm_log_sigma: Optional[Tensor], grid_size: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv = (common.new_buffer(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-    q, k, v = _qkv(q, k, v)
-    grads = backward(_like(dout, out), q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, mask, diagonal_mask,
-                      need_dscale, need_dbias, need_dmask, _gmm(gmm_weight, gmm_log_sigma, grid_size))
-    return (dq, dk, dv, *(_or_empty(g, q) for g in grads))
+    grads = _run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale,
+                          need_dbias, mask, need_dmask, gmm_weight, gmm_log_sigma, grid_size)
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask=None,
-      need_dmask=False, gmm_weight=None, gmm_log_sigma=None, grid_size=0):
-    grads = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)]
-    return (*grads, _fake_grad(scale, need_dscale, q), _fake_dbias(bias, need_dbias, gmm_weight, q),
-            _fake_grad(mask, need_dmask, q))
+def _(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask,
+      need_dmask, gmm_weight, gmm_log_sigma, grid_size):
+    like = lambda t, needed: torch.empty_like(t) if needed else q.new_empty(0)  # noqa: E731
+    dqkv = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v) if t is not None]
+    if gmm_weight is not None:
+        dbias = gmm_weight.new_empty((2, *gmm_weight.shape), dtype=torch.float32) if need_dbias else q.new_empty(0)
+    else:
+        dbias = like(bias, need_dbias)
+    return (*dqkv, *[q.new_empty(0)] * (3 - len(dqkv)), like(scale, need_dscale), dbias, like(mask, need_dmask))
 
 
-@torch.library.custom_op("mgit_fast::attention_qkvpacked_fwd", mutates_args=())
-def attention_qkvpacked_fwd(
-    qkv: Tensor, num_heads: int, scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor],
-    diagonal_mask: bool, mask: Optional[Tensor] = None, gmm_weight: Optional[Tensor] = None,
-    gmm_log_sigma: Optional[Tensor] = None, grid_size: int = 0,
-) -> Tuple[Tensor, Tensor]:
-    B, N, width = qkv.shape
-    out = common.new_buffer((B, N, width // 3), device=qkv.device, dtype=qkv.dtype)
-    (out_h,) = heads(out, num_heads, 1)
-    return out, forward(*heads(qkv, num_heads, 3), out_h, scale, scale_value, bias, mask, diagonal_mask)
+def _op_backward(ctx, dout, _dlse):
+    return _grads(ctx, dout, attention_bwd)
 
 
-@attention_qkvpacked_fwd.register_fake
-def _(qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask=None, gmm_weight=None, gmm_log_sigma=None,
-      grid_size=0):
-    B, N, width = qkv.shape
-    return qkv.new_empty((B, N, width // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+def _op_save(ctx, inputs, output):
+    _save(ctx, inputs, (*output, inputs[BIAS]))
 
 
-@torch.library.custom_op("mgit_fast::attention_qkvpacked_bwd", mutates_args=())
-def attention_qkvpacked_bwd(
-    dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: Optional[Tensor],
-    scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool, need_dbias: bool,
-    mask: Optional[Tensor] = None, need_dmask: bool = False, gmm_weight: Optional[Tensor] = None,
-    gmm_log_sigma: Optional[Tensor] = None, grid_size: int = 0,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dqkv = common.new_buffer(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    (dout_h,) = heads(_like(dout, out), num_heads, 1)
-    (out_h,) = heads(out, num_heads, 1)
-    grads = backward(dout_h, *heads(qkv, num_heads, 3), out_h, lse, *heads(dqkv, num_heads, 3), scale, scale_value,
-                      bias, mask, diagonal_mask, need_dscale, need_dbias, need_dmask,
-                      _gmm(gmm_weight, gmm_log_sigma, grid_size))
-    return (dqkv, *(_or_empty(g, qkv) for g in grads))
-
-
-@attention_qkvpacked_bwd.register_fake
-def _(dout, qkv, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask=None,
-      need_dmask=False, gmm_weight=None, gmm_log_sigma=None, grid_size=0):
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format), _fake_grad(scale, need_dscale, qkv),
-            _fake_dbias(bias, need_dbias, gmm_weight, qkv), _fake_grad(mask, need_dmask, qkv))
+attention_fwd.register_autograd(_op_backward, setup_context=_op_save)
 
 
 @torch.library.custom_op("mgit_fast::gaussian_mixture_bias", mutates_args=())
@@ -234,82 +233,23 @@ def _qkv(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _gmm(weight, log_sigma, grid_size):
-    return None if weight is None else (weight, log_sigma, grid_size)
-
-
-def _or_empty(grad: Optional[Tensor], like: Tensor) -> Tensor:
-    return grad if grad is not None else like.new_empty(0)
-
-
-def _fake_grad(param: Optional[Tensor], needed: bool, like: Tensor) -> Tensor:
-    return torch.empty_like(param) if (needed and param is not None) else like.new_empty(0)
-
-
-def _fake_dbias(bias: Optional[Tensor], needed: bool, gmm_weight: Optional[Tensor], like: Tensor) -> Tensor:
-    if needed and gmm_weight is not None:
-        return gmm_weight.new_empty((2, *gmm_weight.shape), dtype=torch.float32)
-    return _fake_grad(bias, needed, like)
-
-
-def _setup(ctx, inputs, output):
-    packed = isinstance(inputs[1], int)
-    if packed:
-        qkv, num_heads, scale, scale_value, bias, diagonal_mask, mask, gmm_weight, gmm_log_sigma, grid_size = inputs
-        tensors = (qkv,)
-    else:
-        q, k, v, scale, scale_value, bias, diagonal_mask, mask, gmm_weight, gmm_log_sigma, grid_size = inputs
-        tensors, num_heads = (q, k, v), 0
-    ctx.save_for_backward(*tensors, *output, scale, bias, mask, gmm_weight, gmm_log_sigma)
-    ctx.num_heads, ctx.scale_value, ctx.diagonal_mask, ctx.grid_size = num_heads, scale_value, diagonal_mask, grid_size
-    ctx.set_materialize_grads(False)  # no zeros for lse's gradient (never used)
-
-
-def _op_backward(ctx, dout, _dlse):
-    *tensors, out, lse, scale, bias, mask, gmm_weight, gmm_log_sigma = ctx.saved_tensors
-    first = 2 if ctx.num_heads else 3  # index of `scale` among the op's inputs
-    need = ctx.needs_input_grad
-    need_dscale = scale is not None and need[first]
-    need_dbias = (need[first + 5] or need[first + 6]) if gmm_weight is not None else (
-        bias is not None and need[first + 2])
-    need_dmask = mask is not None and need[first + 4]
-    dout = torch.zeros_like(out) if dout is None else dout
-    options = (scale, ctx.scale_value, bias, ctx.diagonal_mask, need_dscale, need_dbias, mask, need_dmask,
-               gmm_weight, gmm_log_sigma, ctx.grid_size)
-    if ctx.num_heads:
-        grads, dscale, dbias, dmask = attention_qkvpacked_bwd(dout, *tensors, out, lse, ctx.num_heads, *options)
-        grads = (grads, None)
-    else:
-        *grads, dscale, dbias, dmask = attention_bwd(dout, *tensors, out, lse, *options)
-    dweight = dlog_sigma = None
-    if gmm_weight is not None and need_dbias:
-        dweight, dlog_sigma, dbias = dbias[0].to(gmm_weight.dtype), dbias[1].to(gmm_log_sigma.dtype), None
-    elif need_dbias:
-        dbias = dbias.to(bias.dtype)
-    return (*grads, dscale if need_dscale else None, None, dbias if need_dbias and gmm_weight is None else None,
-            None, dmask if need_dmask else None, dweight, dlog_sigma, None)
-
-
-attention_fwd.register_autograd(_op_backward, setup_context=_setup)
-attention_qkvpacked_fwd.register_autograd(_op_backward, setup_context=_setup)
-
-
 # --------------------------------------------------------------------------------------------
 # entry points (arguments already checked by mgit_fast.functional)
 # --------------------------------------------------------------------------------------------
-def _scale(scale, head_dim: int) -> Tuple[Optional[Tensor], float]:
+def _apply(q, k, v, num_heads, scale, bias, mask, diagonal_mask, gmm) -> Tensor:
+    head_dim = q.shape[-1] // (3 * num_heads) if num_heads else q.shape[-1]
     if scale is None:
-        return None, head_dim**-0.5
-    if isinstance(scale, Tensor):
-        return (scale if scale.is_contiguous() else scale.contiguous()), 1.0
-    return None, float(scale)
-
-
-def _gmm_args(bias, gmm) -> tuple:
-    """(bias, gmm_weight, gmm_log_sigma, grid_size): a Gaussian mixture goes by its parameters."""
-    if gmm is None:
-        return bias, None, None, 0
-    return (None, *gmm)
+        scale, scale_value = None, head_dim**-0.5
+    elif isinstance(scale, Tensor):
+        scale, scale_value = (scale if scale.is_contiguous() else scale.contiguous()), 1.0
+    else:
+        scale, scale_value = None, float(scale)
+    gmm_args = (None, None, 0) if gmm is None else gmm
+    if torch.compiler.is_compiling():
+        if gmm is not None:
+            bias = gaussian_mixture_bias_op(gmm[0].detach(), gmm[1].detach(), gmm[2])
+        return attention_fwd(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, *gmm_args)[0]
+    return _Attention.apply(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, *gmm_args)
 
 
 def attention(q, k, v, scale=None, bias=None, diagonal_mask=False, mask=None, gmm=None) -> Tensor:
@@ -321,24 +261,11 @@ def attention(q, k, v, scale=None, bias=None, diagonal_mask=False, mask=None, gm
     ``bias``: ``(weight, log_sigma, grid_size)`` of a Gaussian-mixture bias (``weight`` and
     ``log_sigma`` learnable ``[H, K]``, N = 1 + grid_size²); ``diagonal_mask``: a token does not
     attend to itself. Gradients reach q, k, v, scale, bias (or weight and log_sigma) and mask."""
-    scale_t, scale_v = _scale(scale, q.shape[-1])
-    bias, *gmm_args = _gmm_args(bias, gmm)
-    if torch.compiler.is_compiling():
-        if gmm is not None:
-            bias = gaussian_mixture_bias_op(gmm_args[0].detach(), gmm_args[1].detach(), gmm_args[2])
-        return attention_fwd(q, k, v, scale_t, scale_v, bias, diagonal_mask, mask, *gmm_args)[0]
-    q, k, v = _qkv(q, k, v)
-    return _Attention.apply(q, k, v, 0, scale_t, scale_v, bias, mask, diagonal_mask, *gmm_args)
+    return _apply(q, k, v, 0, scale, bias, mask, diagonal_mask, gmm)
 
 
 def attention_qkvpacked(qkv, num_heads, scale=None, bias=None, diagonal_mask=False, mask=None, gmm=None) -> Tensor:
     """Attention from a packed ``qkv [B, N, 3·H·D]`` (read in place) to ``[B, N, H·D]``; the
     options as in `attention`."""
-    qkv = qkv if qkv.is_contiguous() else qkv.contiguous()
-    scale_t, scale_v = _scale(scale, qkv.shape[-1] // (3 * num_heads))
-    bias, *gmm_args = _gmm_args(bias, gmm)
-    if torch.compiler.is_compiling():
-        if gmm is not None:
-            bias = gaussian_mixture_bias_op(gmm_args[0].detach(), gmm_args[1].detach(), gmm_args[2])
-        return attention_qkvpacked_fwd(qkv, num_heads, scale_t, scale_v, bias, diagonal_mask, mask, *gmm_args)[0]
-    return _Attention.apply(qkv, None, None, num_heads, scale_t, scale_v, bias, mask, diagonal_mask, *gmm_args)
+    return _apply(qkv if qkv.is_contiguous() else qkv.contiguous(), None, None, num_heads, scale, bias, mask,
+                  diagonal_mask, gmm)

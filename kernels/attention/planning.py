@@ -93,10 +93,6 @@ class KernelPlan:
     split: bool
     configs: Tuple[Config, ...]
 
-    @property
-    def constexprs(self) -> Dict[str, object]:
-        return dict(BLOCK_N=self.block_n, TAIL_N=self.tail_n, SPLIT=self.split)
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -132,8 +128,8 @@ def tf32_allowed() -> bool:
         return False
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# kernels are defined for the interpreter or the GPU when first imported, so this is fixed then
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def precision_of(dtype: torch.dtype) -> str:
@@ -141,7 +137,7 @@ def precision_of(dtype: torch.dtype) -> str:
     "upcast" for bf16 under the CPU interpreter."""
     if dtype == torch.float32:
         return "tf32" if tf32_allowed() else "ieee"
-    if dtype == torch.bfloat16 and interpreting():
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":  # read now: inspect unsets it
         return "upcast"
     return "half"
 
@@ -217,18 +213,18 @@ def _tuned(kernel, configs: Tuple[Config, ...], key):
     return _TUNED[ident]
 
 
-def launch(kernel, kernel_plan: KernelPlan, grid: Callable, device: torch.device, args, constexprs: dict,
+def launch(kernel, kernel_plan: KernelPlan, grid: Callable, N: int, device: torch.device, args, constexprs: dict,
            key: Tuple[str, ...]) -> None:
-    """Launches `kernel` with the plan's streamed side and the owned side chosen as the module
-    docstring says. `grid(BLOCK_M)` gives the grid; `key` names the arguments the choice depends
-    on (besides the tensor dtypes)."""
+    """Launches `kernel` (a `triton.heuristics` object computing TAIL_M) with the plan's streamed
+    side and the owned side chosen as the module docstring says. `grid(BLOCK_M)` gives the grid;
+    `key` names the arguments the choice depends on (besides the tensor dtypes)."""
     configs = kernel_plan.configs
-    constexprs = dict(constexprs, **kernel_plan.constexprs)
-    tune = (len(configs) > 1 and device.type == "cuda" and not interpreting()
-            and not torch.are_deterministic_algorithms_enabled())
-    if tune:
-        _tuned(kernel, configs, key)[lambda meta: grid(meta["BLOCK_M"])](*args, **constexprs)
+    if len(configs) > 1 and device.type == "cuda" and not INTERPRETING and not torch.are_deterministic_algorithms_enabled():
+        _tuned(kernel, configs, key)[lambda meta: grid(meta["BLOCK_M"])](
+            *args, BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n, SPLIT=kernel_plan.split, **constexprs)
         return
-    for c in configs if _every_config.get() else configs[:1]:
-        kernel[grid(c.block_m)](*args, **constexprs, BLOCK_M=c.block_m, num_warps=c.num_warps,
-                                num_stages=c.num_stages)
+    for c in configs if _every_config.get() else configs[:1]:  # TAIL_M computed here: no heuristics pass
+        kernel.fn[grid(c.block_m)](*args, BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n,
+                                   SPLIT=kernel_plan.split, BLOCK_M=c.block_m,
+                                   TAIL_M=tail_width(N % c.block_m, c.block_m), num_warps=c.num_warps,
+                                   num_stages=c.num_stages, **constexprs)
