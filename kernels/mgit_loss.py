@@ -52,6 +52,7 @@ caller to raise on at its next synchronisation.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -449,6 +450,13 @@ def new_buffer(shape, *, device, dtype) -> Tensor:
 
 
 def tile(B: int, C: int) -> Tuple[int, int, int, int]:
+    """(ROWS, BLOCK_C, num_warps, programs) for [B, C] logits; see `_tile` (memoised: a launch
+    is on every step's host path)."""
+    return _tile(B, C, SINGLE_PROGRAM_ELEMENTS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tile(B: int, C: int, single_program_elements: int) -> Tuple[int, int, int, int]:
     """(ROWS, BLOCK_C, num_warps, programs): a row of up to 2,048 classes in one chunk, a longer
     one in chunks of 1,024 (its passes hold more state in registers). One program
     of 8 warps walks every row when B·C ≤ SINGLE_PROGRAM_ELEMENTS, in tiles of 512 logits of
@@ -458,7 +466,7 @@ def tile(B: int, C: int) -> Tuple[int, int, int, int]:
     registers), several rows when C is small but no more than keeps about two programs per SM
     busy (`mgit-fast inspect`)."""
     block_c = triton.next_power_of_2(C) if C <= 2048 else 1024
-    if B * C <= SINGLE_PROGRAM_ELEMENTS:
+    if B * C <= single_program_elements:
         rows = max(1, min(512 // block_c, triton.next_power_of_2(max(B, 1))))
         return rows, block_c, 8, 1
     num_warps = 8 if 1024 <= block_c and C <= 2048 else 4  # a longer row: 4 warps (8 spill its statistics)
@@ -473,10 +481,6 @@ def stores_gradients(C: int, needs_grad: bool) -> bool:
     through chunks; writing G would add a pass and 4 B·C element transfers to save a 2 B·C
     re-read, so its backward recomputes from the logits (modeled in bench/results/model.md)."""
     return needs_grad and C <= 2048
-
-
-def _rows_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def forward(z, w, target, label_smoothing: float, temperature: Scalar, js_weight: Scalar, ignore_index: int,
@@ -599,6 +603,11 @@ def _setup(ctx, inputs, output):
     ctx.options = (label_smoothing, ignore_index, t_tensor is not None or temperature != 1.0)
 
 
+def _float32(grads):
+    """The upstream gradients as float32 (autocast or a caller may hand in another dtype)."""
+    return tuple(g if g is None or g.dtype == torch.float32 else g.float() for g in grads)
+
+
 def _backward(ctx, grad_loss, grad_ce_primary, grad_ce_auxiliary, grad_js, _grad_aux, _grad_gz, _grad_gw):
     if not ctx.needs_grad:
         raise RuntimeError("mgit_fast::mgit_loss_fwd was called with needs_grad=False: it has no backward")
@@ -606,12 +615,40 @@ def _backward(ctx, grad_loss, grad_ce_primary, grad_ce_auxiliary, grad_js, _grad
     if all(g is None for g in grads):
         return (None,) * 10
     z, w, target, aux, gz, gw = ctx.saved_tensors
-    grads = tuple(g if g is None or g.dtype == torch.float32 else g.float() for g in grads)
-    dz, dw = mgit_loss_bwd(*grads, aux, gz, gw, z, w, target, *ctx.options)
+    dz, dw = mgit_loss_bwd(*_float32(grads), aux, gz, gw, z, w, target, *ctx.options)
     return (dz, dw) + (None,) * 8
 
 
 mgit_loss_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+class MGiTLossFunction(torch.autograd.Function):
+    """The eager path: the same kernels as the custom ops, launched straight from an
+    autograd.Function (a custom op's dispatch costs more host time than the launches). Used
+    when grad mode is on, a logit requires grad and nothing is compiling; outputs (loss,
+    ce_primary, ce_auxiliary, js, aux), aux not differentiable. Launches only (no torch op, no
+    synchronisation), so a CUDA graph can capture it."""
+
+    @staticmethod
+    def forward(ctx, z, w, target, label_smoothing, temperature, js_weight, ignore_index):
+        loss, ce_primary, ce_auxiliary, js, aux, gz, gw = forward(
+            z, w, target, label_smoothing, temperature, js_weight, ignore_index, True
+        )
+        ctx.mark_non_differentiable(aux)
+        ctx.set_materialize_grads(False)  # an output that got no gradient arrives as None: no zeros made
+        ctx.save_for_backward(z, w, target, aux, gz, gw)
+        ctx.options = (label_smoothing, ignore_index, isinstance(temperature, Tensor) or temperature != 1.0)
+        return loss, ce_primary, ce_auxiliary, js, aux
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_ce_primary, grad_ce_auxiliary, grad_js, _grad_aux):
+        grads = (grad_loss, grad_ce_primary, grad_ce_auxiliary, grad_js)
+        if grad_loss is None and grad_ce_primary is None and grad_ce_auxiliary is None and grad_js is None:
+            return (None,) * 7
+        z, w, target, aux, gz, gw = ctx.saved_tensors
+        dz, dw = backward(_float32(grads), aux, gz, gw, z, w, target, *ctx.options)
+        return dz, dw, None, None, None, None, None
 
 
 def mgit_loss(logits_primary, logits_auxiliary, target, label_smoothing, temperature: Scalar, js_weight: Scalar,
@@ -622,13 +659,36 @@ def mgit_loss(logits_primary, logits_auxiliary, target, label_smoothing, tempera
     others (no zeros, no stack). temperature and js_weight: floats, or 0-dim float32 tensors on
     the logits' device that the kernels read when they run (a captured CUDA graph sees in-place
     changes). Gradients are written in the forward when grad mode is on and a logit requires
-    grad; otherwise nothing beyond the outputs is."""
+    grad; otherwise nothing beyond the outputs is.
+
+    Eagerly the kernels launch directly (`MGiTLossFunction`, or no autograd at all when no
+    gradient is needed); while torch.compile traces, through the custom ops
+    mgit_fast::mgit_loss_fwd / mgit_loss_bwd, which it can put in a graph."""
     needs_grad = torch.is_grad_enabled() and (logits_primary.requires_grad or logits_auxiliary.requires_grad)
-    t_tensor = temperature if isinstance(temperature, Tensor) else None
-    js_tensor = js_weight if isinstance(js_weight, Tensor) else None
-    loss, ce_primary, ce_auxiliary, js, aux, _, _ = mgit_loss_fwd(
-        _rows_contiguous(logits_primary), _rows_contiguous(logits_auxiliary), target.contiguous(),
-        float(label_smoothing), 1.0 if t_tensor is not None else float(temperature),
-        0.0 if js_tensor is not None else float(js_weight), int(ignore_index), needs_grad, t_tensor, js_tensor,
-    )
+    if logits_primary.stride(-1) != 1:
+        logits_primary = logits_primary.contiguous()
+    if logits_auxiliary.stride(-1) != 1:
+        logits_auxiliary = logits_auxiliary.contiguous()
+    if not target.is_contiguous():
+        target = target.contiguous()
+    if torch.compiler.is_compiling():
+        t_tensor = temperature if isinstance(temperature, Tensor) else None
+        js_tensor = js_weight if isinstance(js_weight, Tensor) else None
+        loss, ce_primary, ce_auxiliary, js, aux, _, _ = mgit_loss_fwd(
+            logits_primary, logits_auxiliary, target,
+            float(label_smoothing), 1.0 if t_tensor is not None else float(temperature),
+            0.0 if js_tensor is not None else float(js_weight), int(ignore_index), needs_grad, t_tensor, js_tensor,
+        )
+    elif needs_grad:
+        loss, ce_primary, ce_auxiliary, js, aux = MGiTLossFunction.apply(
+            logits_primary, logits_auxiliary, target, float(label_smoothing),
+            temperature if isinstance(temperature, Tensor) else float(temperature),
+            js_weight if isinstance(js_weight, Tensor) else float(js_weight), int(ignore_index),
+        )
+    else:
+        loss, ce_primary, ce_auxiliary, js, aux, _, _ = forward(
+            logits_primary, logits_auxiliary, target, float(label_smoothing),
+            temperature if isinstance(temperature, Tensor) else float(temperature),
+            js_weight if isinstance(js_weight, Tensor) else float(js_weight), int(ignore_index), False,
+        )
     return (loss, ce_primary, ce_auxiliary, js), aux

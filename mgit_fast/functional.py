@@ -111,17 +111,15 @@ def mgit_loss(
     in-place changes; a tensor's value is not validated (that would synchronise). The Triton
     path writes both logits' gradients in the forward when grad mode is on and a logit
     requires grad (the backward then only scales them), and nothing more otherwise."""
-    out, _ = mgit_loss_checked(
-        logits_primary,
-        logits_auxiliary,
-        target,
-        label_smoothing=label_smoothing,
-        temperature=temperature,
-        js_weight=js_weight,
-        ignore_index=ignore_index,
-        backend=backend,
+    if resolve_backend(backend, logits_primary.device.type) == "triton":
+        out, _ = _mgit_loss_triton(
+            logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index
+        )
+        return MGiTLossOutput(*out)
+    return reference.mgit_loss(
+        logits_primary, logits_auxiliary, target, label_smoothing=label_smoothing, temperature=temperature,
+        js_weight=js_weight, ignore_index=ignore_index,
     )
-    return out
 
 
 def mgit_loss_checked(
@@ -137,18 +135,39 @@ def mgit_loss_checked(
 ) -> Tuple[MGiTLossOutput, Optional[Tensor]]:
     """``mgit_loss`` plus, on the Triton path, a device tensor counting the invalid labels
     (None on the torch path, which raises at once)."""
-    options = dict(label_smoothing=label_smoothing, temperature=temperature, js_weight=js_weight)
     if resolve_backend(backend, logits_primary.device.type) == "triton":
-        _checks.loss_inputs(logits_primary, logits_auxiliary, target, **options)
-        _checks.kernel_inputs("logits_primary", logits_primary)
-        from .kernels import mgit_loss as kernel  # imports Triton on first use only
-
-        out, aux = kernel.mgit_loss(
+        out, aux = _mgit_loss_triton(
             logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index
         )
-        return MGiTLossOutput(*out), aux[1]  # four separate tensors: no unbind, so no zeros or stack in a backward
-    out = reference.mgit_loss(logits_primary, logits_auxiliary, target, **options, ignore_index=ignore_index)
+        return MGiTLossOutput(*out), aux[1]
+    out = reference.mgit_loss(
+        logits_primary, logits_auxiliary, target, label_smoothing=label_smoothing, temperature=temperature,
+        js_weight=js_weight, ignore_index=ignore_index,
+    )
     return out, None
+
+
+_loss_kernel_module = None
+
+
+def _mgit_loss_triton(logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight,
+                      ignore_index):
+    """The Triton path: checks the arguments (no allocation, no synchronisation), then launches.
+    Returns ((loss, ce_primary, ce_auxiliary, js), aux [4], aux[1] counting invalid labels):
+    four separate tensors, so no unbind and no zeros or stack in a backward."""
+    global _loss_kernel_module
+    _checks.loss_inputs(
+        logits_primary, logits_auxiliary, target,
+        label_smoothing=label_smoothing, temperature=temperature, js_weight=js_weight,
+    )
+    _checks.kernel_inputs("logits_primary", logits_primary)
+    if _loss_kernel_module is None:
+        from .kernels import mgit_loss as kernel  # imports Triton on first use only
+
+        _loss_kernel_module = kernel
+    return _loss_kernel_module.mgit_loss(
+        logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index
+    )
 
 
 def multi_gradient_adamw(*args, backend: Optional[str] = None, **kwargs) -> MultiGradientStepOutput:

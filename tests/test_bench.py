@@ -1,5 +1,8 @@
-"""The benchmark suite collects and skips cleanly without a GPU; report.py renders results."""
+"""The benchmark suite collects and skips cleanly without a GPU; report.py renders results;
+bench/host_overhead.py runs and reports both ratios."""
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +48,24 @@ def test_report_renders_a_table_and_a_plot(tmp_path):
     assert "×1.60 vs stock_pytorch" in text and "test_skipped" not in text
     assert "128,000 img/s<br>MFU 41.0 %<br>memory ×0.60 of eager" in text
     assert (tmp_path / "BENCHMARKS.png").stat().st_size > 5_000
+
+
+def test_host_overhead_reports_both_ratios(tmp_path):
+    """A smoke run of the host-overhead benchmark (few repeats: CI machines are noisy, so the
+    goals are not checked): it prints both op / SDPA ratios, finite and positive, and the JSON
+    holds them."""
+    out = tmp_path / "host.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--repeats", "3", "--inner", "3",
+         "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("attention", "loss"):
+        found = re.search(rf"^{name}/sdpa ratio: (\S+) \(goal <= ", done.stdout, re.MULTILINE)
+        assert found, done.stdout
+        ratio = float(found.group(1))
+        assert math.isfinite(ratio) and ratio > 0, done.stdout
+    result = json.loads(out.read_text())
+    assert set(result["ratios"]) == {"attention", "loss"}
+    assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_rel_close
 from scipy.spatial.distance import jensenshannon
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from mgit_fast import FusedMGiT, MGiTLoss, ViT, functional, reference
 from mgit_fast.kernels import mgit_loss as kernel
@@ -22,7 +22,8 @@ def poison(monkeypatch):
 
     def nan_buffer(shape, *, device, dtype):
         shapes.append(tuple(shape))
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+        with _disable_current_modes():  # stands for torch.empty: an allocation, unseen by AtenOps
+            return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
     monkeypatch.setattr(kernel, "new_buffer", nan_buffer)
     return shapes
@@ -30,7 +31,8 @@ def poison(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The (kernel, grid) of every loss launch."""
+    """The (kernel, grid) of every loss launch. A launch runs with dispatch modes off: the
+    interpreter's host copies of its arguments are not torch ops a GPU launch would make."""
     log = []
 
     class Recorded:
@@ -39,7 +41,13 @@ def launches(monkeypatch):
 
         def __getitem__(self, grid):
             log.append((self.fn.__name__, tuple(grid)))
-            return self.fn[grid]
+            launch = self.fn[grid]
+
+            def run(*args, **kwargs):
+                with _disable_current_modes():
+                    return launch(*args, **kwargs)
+
+            return run
 
     for name in ("_mgit_loss_fwd_kernel", "_mgit_loss_finish_kernel", "_mgit_loss_bwd_kernel"):
         monkeypatch.setattr(kernel, name, Recorded(getattr(kernel, name)))
@@ -373,8 +381,9 @@ def test_cuda_shapes(dtype, B, C):
 # objectives that use some of the four outputs: the others' gradients arrive as None
 # ------------------------------------------------------------------------------------------
 class AtenOps(TorchDispatchMode):
-    """The aten ops that would launch on a GPU (not views, not allocations), outside our custom
-    ops (whose insides, the interpreter's copies, are not seen: the mode is off within an op)."""
+    """The aten ops that would launch on a GPU (not views, not allocations) outside our kernel
+    launches (the eager path launches directly: the `launches` fixture hides the interpreter's
+    copies) and outside our custom ops (the compiled path: the mode is off within an op)."""
 
     def __init__(self):
         super().__init__()
@@ -467,6 +476,34 @@ def test_no_torch_ops_around_the_kernels(launches, objective, ops):
         objective(out).backward()
     assert [name for name, _ in launches] == ["_mgit_loss_fwd_kernel", "_mgit_loss_bwd_kernel"]
     assert seen.names == ops
+
+
+class _OpNames(TorchDispatchMode):
+    """Every op dispatched, by schema name (ours: mgit_fast::...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("needs_grad", [True, False])
+def test_eager_calls_launch_without_the_custom_ops(launches, needs_grad):
+    """Eagerly the kernels launch straight from an autograd.Function (a custom op's dispatch
+    cost most of a call's host time); the custom ops serve torch.compile (test_compile.py)."""
+    z, w, y = batch(6, 10)
+    zz, ww = z.requires_grad_(needs_grad), w.requires_grad_(needs_grad)
+    with _OpNames() as seen:
+        out = functional.mgit_loss(zz, ww, y, temperature=2.0, backend="triton")
+        if needs_grad:
+            out.loss.backward()
+    assert [name for name in seen.names if name.startswith("mgit_fast::")] == []
+    expected = ["_mgit_loss_fwd_kernel"] + (["_mgit_loss_bwd_kernel"] if needs_grad else [])
+    assert [name for name, _ in launches] == expected
+    assert all(t.grad_fn is None for t in out) != needs_grad
 
 
 class _NoGradient(torch.autograd.Function):
