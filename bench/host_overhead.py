@@ -34,26 +34,31 @@ import time
 GOALS = {"attention": 3.0, "loss": 2.5}  # op fwd+bwd over tiny-SDPA fwd+bwd, at most
 
 
-def stub_launches() -> None:
+def stub_launches(point: str = "grid") -> None:
     """Turns every interpreted kernel launch into a no-op (TRITON_INTERPRET=1 must be set before
-    the kernels are defined). Raises RuntimeError when Triton's interpreter has changed shape."""
+    the kernels are defined). `point` "grid": ``GridExecutor.__call__`` (the interpreter still
+    builds a GridExecutor per launch, normalising every annotated kernel argument: interpreter
+    work a GPU's cached JIT launch does not repeat); "launch": ``InterpretedFunction.run``, all of
+    Triton's launch, so what remains is ours alone. Raises RuntimeError when Triton's interpreter
+    has changed shape."""
     try:
         import triton.runtime.interpreter as interpreter
     except ImportError as e:
         raise RuntimeError(f"host_overhead: Triton's interpreter does not import ({e})") from e
-    executor = getattr(interpreter, "GridExecutor", None)
-    if executor is None or not callable(getattr(executor, "__call__", None)) or "__call__" not in vars(executor):
+    executor = getattr(interpreter, "GridExecutor" if point == "grid" else "InterpretedFunction", None)
+    method = "__call__" if point == "grid" else "run"
+    if executor is None or not callable(getattr(executor, method, None)) or method not in vars(executor):
         import triton
 
         raise RuntimeError(
-            f"host_overhead: triton.runtime.interpreter.GridExecutor.__call__ is missing in Triton "
+            f"host_overhead: triton.runtime.interpreter's {point!r} stub point is missing in Triton "
             f"{triton.__version__}; find where the interpreter runs a launch and stub that instead"
         )
 
     def no_launch(self, *args, **kwargs):
         return None
 
-    executor.__call__ = no_launch
+    setattr(executor, method, no_launch)
 
 
 def make_cases():
@@ -93,7 +98,7 @@ def check_interpreted() -> None:
 
     from mgit_fast.kernels import attention, mgit_loss
 
-    for name, fn in (("mgit_loss", mgit_loss._mgit_loss_fwd_kernel), ("attention", attention._attention_fwd_kernel)):
+    for name, fn in (("mgit_loss", mgit_loss._mgit_loss_fwd_kernel), ("attention", attention.forward.attention_fwd_kernel.fn)):
         if not isinstance(fn, InterpretedFunction):
             raise RuntimeError(f"host_overhead: the {name} kernels were not defined under TRITON_INTERPRET=1")
 
@@ -146,6 +151,9 @@ def main(argv=None) -> int:
     parser.add_argument("--inner", type=int, default=20, help="calls per round (default 20)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--check", action="store_true", help="exit 1 when a ratio misses its goal")
+    parser.add_argument("--stub", choices=("grid", "launch"), default="grid",
+                        help="where launches are cut: grid (GridExecutor.__call__, default) or launch "
+                             "(InterpretedFunction.run: all of Triton's launch)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.inner < 1:
         parser.error("--repeats and --inner must be >= 1")
@@ -155,16 +163,16 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     try:
-        stub_launches()
+        stub_launches(args.stub)
         check_interpreted()
     except RuntimeError as e:  # the stub would not hold: no numbers rather than wrong ones
         print(e, file=sys.stderr)
         return 2
     result = summarize(measure(make_cases(), args.repeats, args.inner))
-    result.update(repeats=args.repeats, inner=args.inner, torch=torch.__version__)
+    result.update(repeats=args.repeats, inner=args.inner, stub=args.stub, torch=torch.__version__)
 
     print(f"host time per forward+backward, median of {args.repeats} rounds x {args.inner} calls "
-          "(kernel launches stubbed)")
+          f"(kernel launches stubbed at {args.stub!r})")
     print(f"{'case':<10} {'median µs':>10} {'p25':>8} {'p75':>8} {'/ sdpa':>7} {'goal':>6}")
     for name, med in result["median_us"].items():
         lo, hi = result["quartiles_us"][name]
