@@ -214,6 +214,10 @@ GATE_ATTENTION_N65 = [
     (torch.float16, False, "plain"), (torch.float32, False, "lsa"), (torch.float32, False, "bias"),
     (torch.float32, False, "lsa_mask"), (torch.float32, True, "plain"),
 ]
+# N = 1 + 12²: a 32-wide tail tile (N mod 32 = 17) where the split geometry runs (fp16/bf16, D = 32, 64)
+GATE_ATTENTION_N145 = [
+    (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")
+] + [(torch.float16, False, "plain")]
 META = torch.device("meta")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -410,6 +414,8 @@ def shape_set(name: str, target: Target = TARGETS["sm_90a"]) -> List[Launch]:
             launches += attention_launches(f"D={D} N=17", 8, 17, 4, D, torch.bfloat16, "plain", **every)
             for dtype, allow, variant in GATE_ATTENTION_N65:  # a 16-wide tail tile for the last key / query
                 launches += attention_launches(f"D={D} N=65", 8, 65, 4, D, dtype, variant, allow_tf32=allow, **every)
+            for dtype, allow, variant in GATE_ATTENTION_N145 if D in (32, 64) else ():
+                launches += attention_launches(f"D={D} N=145", 8, 145, 4, D, dtype, variant, allow_tf32=allow, **every)
         for B, C in LOSS_GRID:
             for dtype in (torch.bfloat16, torch.float32):
                 launches += loss_launches(B, C, dtype, target, every_output=True)

@@ -125,7 +125,12 @@ def attention_bwd_dq_kernel(
 ):
     pid_m, bh, b, h = program(N, H, BLOCK_M)
     scale = head_scale(SCALE, scale_value, h, SCALE_KIND)
-    if pid_m < N // BLOCK_M:  # a full block of queries, else the leftover ones in a TAIL_M-row tile
+    if not SPLIT:  # every block masked
+        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale,
+                 stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
+                 sbb, sbh, smb, smh, N, D, BLOCK_M, True, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
+                 DIAGONAL_MASK, PRECISION, NEED_DSCALE, STORE_DBIAS, STORE_DMASK)
+    elif pid_m < N // BLOCK_M:  # a full block of queries, else the leftover ones in a TAIL_M-row tile
         _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale,
                  stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
                  sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
@@ -135,7 +140,6 @@ def attention_bwd_dq_kernel(
                  stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
                  sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
                  DIAGONAL_MASK, PRECISION, NEED_DSCALE, STORE_DBIAS, STORE_DMASK)
-
 
 @triton.jit
 def _dkdv_block(k, v, dk, dv, Q_bh, DO_bh, LSE, DELTA, BIAS, MASK, keys, start_m, scale_log2, b, h, bh, N,
@@ -229,7 +233,12 @@ def attention_bwd_dkdv_kernel(
     """One program per block of BLOCK_M keys, streaming the queries."""
     pid_n, bh, b, h = program(N, H, BLOCK_M)
     scale = head_scale(SCALE, scale_value, h, SCALE_KIND)
-    if pid_n < N // BLOCK_M:  # a full block of keys, else the leftover ones in a TAIL_M-row tile
+    if not SPLIT:  # every block masked
+        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
+                   stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
+                   sbb, sbh, smb, smh, N, D, BLOCK_M, True, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
+                   DIAGONAL_MASK, PRECISION)
+    elif pid_n < N // BLOCK_M:  # a full block of keys, else the leftover ones in a TAIL_M-row tile
         _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
                    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
                    sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
@@ -239,7 +248,6 @@ def attention_bwd_dkdv_kernel(
                    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
                    sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
                    DIAGONAL_MASK, PRECISION)
-
 
 def backward_into(dout, q, k, v, out, lse, dq, dk, dv, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
                   dscale=None, dbias=None, dmask=None):

@@ -40,8 +40,10 @@ TILES = {
 # where the streamed side runs split (full blocks unmasked, a narrow masked tail): fp16/bf16 at
 # the ViT head dims; num_stages of the forward / dq kernels and of dk/dv
 SPLIT_STAGES = {("half", 32): (2, 2), ("half", 64): (3, 2)}
-# more candidates for the owned side, tried by the autotuner after the first: (BLOCK_M, warps)
-MORE_CANDIDATES = {("half", 32): ((128, 8),), ("half", 64): ((128, 8),)}
+# more candidates for the owned side of the forward and dq kernels, tried by the autotuner after
+# the first where N ≥ 128: (BLOCK_M, warps, stages); 3 stages spilled on sm_80, and the dk/dv
+# kernel (dk and dv accumulators) spilled 24 B at 128 keys
+MORE_CANDIDATES = {("half", 32): ((128, 8, 2),), ("half", 64): ((128, 8, 2),)}
 # with a multiplicative mask (its tile live beside p) or a per-batch gradient stored from the dq
 # kernel, these specialisations spilled with the tiles above: amended launch options, keyed
 # (kernel, precision, D, split)
@@ -156,7 +158,7 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
     block_m, block_n, warps, stages = TILES[tile_precision][D]
     split_stages = SPLIT_STAGES.get((tile_precision, D))
     split = split_stages is not None and N >= block_m
-    more = MORE_CANDIDATES.get((tile_precision, D), ()) if split else ()
+    more = MORE_CANDIDATES.get((tile_precision, D), ()) if split and N >= 128 else ()
 
     def kernel(name, block_m, block_n, warps, stages, candidates=()):
         over = dict(MASK_TILES.get((name, tile_precision, D, split), {})) if mask else {}
@@ -166,7 +168,7 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
         block_m, block_n = min(block_m, cover), min(block_n, cover)
         tail_n = (0 if N % block_n == 0 else tail_width(N % block_n, block_n)) if split else block_n
         configs = [Config(block_m, warps, stages)]
-        configs += [Config(min(m, cover), over.get("num_warps", w), stages) for m, w in candidates]
+        configs += [Config(m, over.get("num_warps", w), min(st, stages)) for m, w, st in candidates]
         return KernelPlan(block_n, tail_n, split, tuple(dict.fromkeys(configs)))
 
     fwd_stages, dkdv_stages = split_stages or (stages, stages)
@@ -174,7 +176,7 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
     # ds (or p ⊙ dp) also goes to memory from dq: narrower key blocks
     dq = kernel("dq", block_m, min(block_n, 32) if (stores_map_grad or mask) else block_n, warps, fwd_stages, more)
     if split:  # keys owned, queries streamed, both as in the forward
-        dkdv = kernel("dkdv", block_m, block_n, warps, dkdv_stages, more)
+        dkdv = kernel("dkdv", block_m, block_n, warps, dkdv_stages)
     else:  # the forward's key block per program (BLOCK_M keys spilled on the FMA and D = 128 paths)
         dkdv = kernel("dkdv", min(block_n, max(16, triton.next_power_of_2(N))), block_m, warps, stages)
     # it holds q, dout, k and v of a pair at once: at most 2 stages, 1 with tf32; tf32 at D = 128

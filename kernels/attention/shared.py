@@ -20,16 +20,20 @@ from .planning import launch, shared_grad_groups, tail_width
 
 
 @triton.jit
-def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, part, scale_value,
-                 sl_b, sl_h, r_start, r_end, RH, start_m, start_n, H, N, SH, stride_b, stride_h, stride_n,
-                 stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
+def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, start_m, start_n, H, N,
+                 stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
                  D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr,
                  MASK_COLS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                  DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
                  ATOMIC: tl.constexpr, GMM_KERNELS: tl.constexpr):
-    """Σ over the pairs r_start ≤ r < r_end of the [rows, cols] tile of ds or p ⊙ dp, then one
-    store or atomic per element into slice (sl_b, sl_h) of GRAD [B|1, H|1, N, N]; with
-    GMM_KERNELS its sums against the Gaussians, in row `part` of GRAD's two [programs, K] halves."""
+    """Σ over the pairs of group g (GROUP of the slice's R contributors) of the [rows, cols] tile
+    of ds or p ⊙ dp, then one store or atomic per element into slice sl of GRAD [B|1, H|1, N, N]
+    (SH slices over h); with GMM_KERNELS its sums against the Gaussians, in row `pid` of GRAD's
+    two [programs, K] halves."""
+    sl_b = sl // SH
+    sl_h = sl % SH
+    r_start = g * GROUP
+    r_end = tl.minimum(r_start + GROUP, R)
     rows = start_m + tl.arange(0, ROWS)
     cols = start_n + tl.arange(0, COLS)
     offs_d = tl.arange(0, D)
@@ -66,10 +70,10 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS
         d2, patches = gmm_sq_dist(rows, cols, grid)
         acc = tl.where(patches & tile_ok, acc, 0.0)
         for kk in tl.static_range(GMM_KERNELS):
-            w, inv_var, g = gmm_gaussian(GMM_W, GMM_LS, sl_h, kk, d2, GMM_KERNELS)
-            g = acc * g
-            tl.store(GRAD + part * GMM_KERNELS + kk, tl.sum(g))
-            tl.store(GRAD + (tl.num_programs(0) + part) * GMM_KERNELS + kk, w * inv_var * tl.sum(g * d2))
+            w, inv_var, gauss = gmm_gaussian(GMM_W, GMM_LS, sl_h, kk, d2, GMM_KERNELS)
+            gauss = acc * gauss
+            tl.store(GRAD + pid * GMM_KERNELS + kk, tl.sum(gauss))
+            tl.store(GRAD + (tl.num_programs(0) + pid) * GMM_KERNELS + kk, w * inv_var * tl.sum(gauss * d2))
     else:
         ptrs = GRAD + (sl_b * SH + sl_h) * N * N + rows[:, None] * N + cols[None, :]
         if ATOMIC:
@@ -97,9 +101,9 @@ def attention_bwd_shared_kernel(
 ):
     """One program per (tile, group of GROUP contributing pairs, gradient slice), tiles fastest.
     The slice (sl_b, sl_h) indexes the gradient's own [B|1, H|1] dims (SH slices over h); its R
-    contributors r map to b = sl_b + r // RH, h = sl_h + r % RH. Full tiles unmasked; the leftover
-    rows in a TAIL_M-row tile, the leftover columns in a TAIL_N-wide one (every column block
-    masked without SPLIT)."""
+    contributors r map to b = sl_b + r // RH, h = sl_h + r % RH. With SPLIT full tiles run
+    unmasked, the leftover rows in a TAIL_M-row tile, the leftover columns in a TAIL_N-wide one;
+    without, every tile masked."""
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(N, BLOCK_M) * tiles_n
     pid = tl.program_id(0).to(tl.int64)
@@ -108,37 +112,30 @@ def attention_bwd_shared_kernel(
     sl = pid // (tiles * GROUPS)
     mi = t // tiles_n
     ni = t % tiles_n
-    r_start = g * GROUP
-    r_end = tl.minimum(r_start + GROUP, R)
-    full_cols = ni < N // BLOCK_N
-    if not SPLIT:
-        full_cols = ni < 0
-    if mi < N // BLOCK_M:
-        if full_cols:
-            _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value,
-                         sl // SH, sl % SH, r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N, SH, stride_b,
-                         stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M,
-                         BLOCK_N, False, False, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION,
-                         GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
-        else:
-            _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value,
-                         sl // SH, sl % SH, r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N, SH, stride_b,
-                         stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M,
-                         TAIL_N, False, True, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION,
-                         GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+    if not SPLIT:  # every tile masked
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni * BLOCK_N,
+                     H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M, BLOCK_N, True, True, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+    elif mi < N // BLOCK_M:  # full rows, else the leftover rows in a TAIL_M-row tile
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M, False, BLOCK_M,
+                     BLOCK_N, TAIL_N, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
     else:
-        if full_cols:
-            _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value,
-                         sl // SH, sl % SH, r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N, SH, stride_b,
-                         stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, TAIL_M,
-                         BLOCK_N, True, False, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION,
-                         GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
-        else:
-            _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value,
-                         sl // SH, sl % SH, r_start, r_end, RH, mi * BLOCK_M, ni * BLOCK_N, H, N, SH, stride_b,
-                         stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, TAIL_M,
-                         TAIL_N, True, True, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION,
-                         GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, TAIL_M, True, BLOCK_M,
+                     BLOCK_N, TAIL_N, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+
+
+@triton.jit
+def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D: tl.constexpr,
+                 ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TAIL_N: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                 DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
+                 ATOMIC: tl.constexpr, GMM_KERNELS: tl.constexpr):
+    """A full block of columns, else the leftover columns in a TAIL_N-wide tile."""
+    if ni < N // BLOCK_N:
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
+                     stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, ROWS, BLOCK_N, MASK_ROWS, False, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+    else:
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
+                     stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, ROWS, TAIL_N, MASK_ROWS, True, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
 
 
 def shared_grad(target, dout, q, k, v, out, lse, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
