@@ -646,3 +646,38 @@ class _Spy:
             return self.kernel.fn[grid](*args, **kwargs)
 
         return launch
+
+
+def test_autotuned_launch_picks_among_the_candidates(monkeypatch):
+    """The GPU's path, under the interpreter: `triton.autotune` around the heuristics runs every
+    candidate of the forward and dq kernels (the timing faked to prefer the 128-row one), keys on
+    the shape and variant, launches the winner, and the results match float64."""
+    from triton.runtime.autotuner import Autotuner
+
+    ran = []
+
+    def fake_bench(self, *args, config, **meta):
+        self.fn.run(*args, **meta, **config.all_kwargs())
+        ran.append((self.base_fn.__name__, config.kwargs["BLOCK_M"]))
+        return [float(-config.kwargs["BLOCK_M"])] * 3
+
+    monkeypatch.setattr(Autotuner, "_bench", fake_bench)
+    monkeypatch.setattr(planning, "tunes", lambda device: True)
+    monkeypatch.setattr(planning, "_TUNED", {})
+    B, H, N, D = 1, 2, 197, 64
+    assert [c.block_m for c in kernel.plan((B, H, N, D), torch.float16).fwd.configs] == [64, 128]
+    scale, bias, diagonal = make_options("lsa", B, H, N)
+    qkv = torch.randn(B, N, 3 * H * D, dtype=torch.float64)
+    out, grads, ref, ref_grads, names = run_both(
+        lambda qkv, **a: functional.attention_qkvpacked(qkv, H, **a, backend="triton"),
+        lambda qkv, **a: reference.attention_qkvpacked(qkv, H, **a),
+        dict(qkv=qkv, scale=scale), torch.float16, diagonal_mask=diagonal,
+    )
+    check(out, grads, ref, ref_grads, names, torch.float16)
+    assert sorted(ran) == [("attention_bwd_dq_kernel", 64), ("attention_bwd_dq_kernel", 128),
+                           ("attention_fwd_kernel", 64), ("attention_fwd_kernel", 128)]
+    tuned = {t.base_fn.__name__: t for t in planning._TUNED.values()}
+    assert tuned["attention_fwd_kernel"].best_config.kwargs["BLOCK_M"] == 128
+    ran.clear()  # the choice is kept per key: a second call times nothing
+    functional.attention_qkvpacked(qkv.half(), H, scale=scale.float(), diagonal_mask=True, backend="triton")
+    assert ran == []

@@ -201,6 +201,11 @@ def shared_grad_groups(contributors: int, programs_per_group: int, deterministic
     return group, triton.cdiv(contributors, group)
 
 
+def tunes(device: torch.device) -> bool:
+    """Whether launches on `device` choose among their candidates by timing them."""
+    return device.type == "cuda" and not INTERPRETING and not torch.are_deterministic_algorithms_enabled()
+
+
 _TUNED: Dict[Tuple[int, Tuple[Config, ...]], Callable] = {}
 
 
@@ -221,7 +226,7 @@ def launch(kernel, kernel_plan: KernelPlan, grid: Callable, N: int, device: torc
     side and the owned side chosen as the module docstring says. `grid(BLOCK_M)` gives the grid;
     `key` names the arguments the choice depends on (besides the tensor dtypes)."""
     configs = kernel_plan.configs
-    if len(configs) > 1 and device.type == "cuda" and not INTERPRETING and not torch.are_deterministic_algorithms_enabled():
+    if len(configs) > 1 and tunes(device):
         _tuned(kernel, configs, key)[lambda meta: grid(meta["BLOCK_M"])](
             *args, BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n, SPLIT=kernel_plan.split, **constexprs)
         return
