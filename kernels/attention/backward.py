@@ -24,6 +24,14 @@ KEY = ("N", "D", "SCALE_KIND", "HAS_BIAS", "HAS_MASK", "DIAGONAL_MASK", "PRECISI
 
 
 @triton.jit
+def _store_map(ptrs, x, ok, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, x, mask=ok)
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
 def _dq_block(q, do, lse, delta, dq, dscale, K_bh, V_bh, BIAS, MASK, DBIAS, DMASK, rows, row_ok, start_n,
               scale_log2, b, h, bh, N, stride_n, sbb, sbh, smb, smh,
               D: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr,
@@ -51,18 +59,11 @@ def _dq_block(q, do, lse, delta, dq, dscale, K_bh, V_bh, BIAS, MASK, DBIAS, DMAS
     dq += mm(ds.to(k.dtype), k, PRECISION)
     if NEED_DSCALE:
         dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
-    grad_ptrs = bh * N * N + rows[:, None] * N + cols[None, :]  # per-batch gradients: contiguous [B, H, N, N]
-    ok = row_ok[:, None] & col_ok[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]  # per-batch gradients: contiguous [B, H, N, N]
     if STORE_DBIAS:
-        if MASK_ROWS or MASK_COLS:
-            tl.store(DBIAS + grad_ptrs, ds, mask=ok)
-        else:
-            tl.store(DBIAS + grad_ptrs, ds)
+        _store_map(DBIAS + bh * N * N + rows[:, None] * N + cols[None, :], ds, ok, MASK_ROWS or MASK_COLS)
     if STORE_DMASK:
-        if MASK_ROWS or MASK_COLS:
-            tl.store(DMASK + grad_ptrs, p * dp, mask=ok)
-        else:
-            tl.store(DMASK + grad_ptrs, p * dp)
+        _store_map(DMASK + bh * N * N + rows[:, None] * N + cols[None, :], p * dp, ok, MASK_ROWS or MASK_COLS)
     return dq, dscale
 
 
@@ -78,10 +79,10 @@ def _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b
     offs_d = tl.arange(0, D)
     row_ok = rows < N
     base = b * stride_b + h * stride_h
-    o_rows = b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
+    o_base = b * stride_ob + h * stride_oh  # (pointer + scalar first: no int64 offset tiles)
     q = load_rows(Q + base + rows[:, None] * stride_n + offs_d[None, :], row_ok, MASK_ROWS)
-    do = load_rows(DO + o_rows, row_ok, MASK_ROWS)
-    o = load_rows(O + o_rows, row_ok, MASK_ROWS)
+    do = load_rows(DO + o_base + rows[:, None] * stride_on + offs_d[None, :], row_ok, MASK_ROWS)
+    o = load_rows(O + o_base + rows[:, None] * stride_on + offs_d[None, :], row_ok, MASK_ROWS)
     lse = load_vec(LSE + bh * N + rows, row_ok, MASK_ROWS)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     if MASK_ROWS:  # for the dk/dv kernel, launched next
@@ -90,7 +91,10 @@ def _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b
         tl.store(DELTA + bh * N + rows, delta)
     scale_log2 = scale * 1.4426950408889634
     dq = tl.zeros([ROWS, D], dtype=tl.float32)
-    dscale = tl.zeros([ROWS], dtype=tl.float32)
+    if NEED_DSCALE:
+        dscale = tl.zeros([ROWS], dtype=tl.float32)
+    else:  # a constant through the loop, not a vector
+        dscale = 0.0
     full_n = (N // BLOCK_N) * BLOCK_N if SPLIT else 0
     for start_n in range(0, full_n, BLOCK_N):
         dq, dscale = _dq_block(q, do, lse, delta, dq, dscale, K + base, V + base, BIAS, MASK, DBIAS, DMASK, rows,
@@ -215,9 +219,10 @@ def _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, start_n, s
             dk, dv = _dkdv_block(k, v, dk, dv, Q_bh, DO_bh, LSE, DELTA, BIAS, MASK, keys, start_m, scale_log2, b, h,
                                  bh, N, stride_n, stride_on, sbb, sbh, smb, smh, D, TAIL_N, MASK_KEYS, True, SPLIT,
                                  HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
-    grad_rows = b * stride_gb + h * stride_gh + keys[:, None] * stride_gn + offs_d[None, :]
-    store_rows(DK + grad_rows, (dk * scale).to(DK.dtype.element_ty), key_ok, MASK_KEYS)
-    store_rows(DV + grad_rows, dv.to(DV.dtype.element_ty), key_ok, MASK_KEYS)
+    g_base = b * stride_gb + h * stride_gh
+    store_rows(DK + g_base + keys[:, None] * stride_gn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), key_ok,
+               MASK_KEYS)
+    store_rows(DV + g_base + keys[:, None] * stride_gn + offs_d[None, :], dv.to(DV.dtype.element_ty), key_ok, MASK_KEYS)
 
 
 @triton.heuristics({"TAIL_M": lambda args: tail_width(args["N"] % args["BLOCK_M"], args["BLOCK_M"])})

@@ -4,8 +4,8 @@ Launch geometry, every kernel: a 1-D grid of (block of BLOCK_M owned positions, 
 (queries in the forward and dq kernels, keys in dk/dv). Full BLOCK_M blocks run unmasked; the
 last program takes the N mod BLOCK_M leftover positions in a TAIL_M-row tile (the smallest power
 of two ≥ 16 that holds them). The other side streams through in BLOCK_N blocks: with `split`,
-full blocks unmasked and then the N mod BLOCK_N last positions in one masked TAIL_N-wide tile
-(≥ 16; 0 when BLOCK_N divides N); without, every block masked (TAIL_N = BLOCK_N).
+full blocks unmasked and then the N mod BLOCK_N last positions in masked 16-wide steps
+(TAIL_N = 16; 0 when BLOCK_N divides N); without, every block masked (TAIL_N = BLOCK_N).
 
 The streamed side fixes each sum's order, so it is planned here, never tuned. The owned side
 (BLOCK_M, warps, stages) comes from a short candidate list, today's measured-or-gated entry first:
@@ -41,18 +41,22 @@ TILES = {
 # the ViT head dims; num_stages of the forward / dq kernels and of dk/dv
 SPLIT_STAGES = {("half", 32): (2, 2), ("half", 64): (3, 2)}
 # more candidates for the owned side of the forward and dq kernels, tried by the autotuner after
-# the first where N ≥ 128: (BLOCK_M, warps, stages); 3 stages spilled on sm_80, and the dk/dv
-# kernel (dk and dv accumulators) spilled 24 B at 128 keys
-MORE_CANDIDATES = {("half", 32): ((128, 8, 2),), ("half", 64): ((128, 8, 2),)}
-# with a multiplicative mask (its tile live beside p) or a per-batch gradient stored from the dq
-# kernel, these specialisations spilled with the tiles above: amended launch options, keyed
-# (kernel, precision, D, split)
+# the first: (BLOCK_M, warps). 128 rows spilled 12-24 B on sm_80 (forward, dk/dv)
+MORE_CANDIDATES = {("half", 32): ((64, 8),), ("half", 64): ((64, 8),)}
+# these specialisations spilled 8-24 B on sm_80 with the tiles above: amended launch options,
+# keyed (kernel, precision, D, split)
+TILE_FIXES = {
+    ("dq", "half", 16, False): dict(num_stages=1),
+    ("dq", "half", 128, False): dict(num_stages=1),
+    ("dkdv", "tf32", 32, False): dict(num_stages=1),
+}
+# with a multiplicative mask (its tile live beside p) these spilled too: amended as above
 MASK_TILES = {
     ("fwd", "tf32", 64, False): dict(num_stages=1),
     ("dq", "half", 64, True): dict(max_block_n=16),
     ("dq", "tf32", 64, False): dict(max_block_n=16),
     ("dq", "ieee", 64, False): dict(num_warps=2),
-    ("dq", "ieee", 16, False): dict(max_block_n=16),
+    ("dq", "ieee", 16, False): dict(max_block_n=16, num_warps=2),
     ("dq", "tf32", 128, False): dict(num_stages=1),
     ("dkdv", "half", 64, True): dict(max_block_n=16),
     ("dkdv", "half", 128, False): dict(num_stages=1),
@@ -158,17 +162,18 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
     block_m, block_n, warps, stages = TILES[tile_precision][D]
     split_stages = SPLIT_STAGES.get((tile_precision, D))
     split = split_stages is not None and N >= block_m
-    more = MORE_CANDIDATES.get((tile_precision, D), ()) if split and N >= 128 else ()
+    more = MORE_CANDIDATES.get((tile_precision, D), ()) if split else ()
 
     def kernel(name, block_m, block_n, warps, stages, candidates=()):
-        over = dict(MASK_TILES.get((name, tile_precision, D, split), {})) if mask else {}
+        over = dict(TILE_FIXES.get((name, tile_precision, D, split), {}))
+        over.update(MASK_TILES.get((name, tile_precision, D, split), {}) if mask else {})
         block_n = min(block_n, over.pop("max_block_n", block_n))
         warps, stages = over.get("num_warps", warps), over.get("num_stages", stages)
         cover = max(16, triton.next_power_of_2(N))
         block_m, block_n = min(block_m, cover), min(block_n, cover)
-        tail_n = (0 if N % block_n == 0 else tail_width(N % block_n, block_n)) if split else block_n
+        tail_n = (0 if N % block_n == 0 else 16) if split else block_n  # split: 16-wide tail steps
         configs = [Config(block_m, warps, stages)]
-        configs += [Config(m, over.get("num_warps", w), min(st, stages)) for m, w, st in candidates]
+        configs += [Config(m, w, stages) for m, w in candidates]
         return KernelPlan(block_n, tail_n, split, tuple(dict.fromkeys(configs)))
 
     fwd_stages, dkdv_stages = split_stages or (stages, stages)
