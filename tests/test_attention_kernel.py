@@ -650,7 +650,7 @@ class _Spy:
 
 def test_autotuned_launch_picks_among_the_candidates(monkeypatch):
     """The GPU's path, under the interpreter: `triton.autotune` around the heuristics runs every
-    candidate of the forward and dq kernels (the timing faked to prefer the 8-warp one), keys on
+    candidate of the forward and dq kernels (the timing faked to prefer the 32-row one), keys on
     the shape and variant, launches the winner, and the results match float64."""
     from triton.runtime.autotuner import Autotuner
 
@@ -658,14 +658,14 @@ def test_autotuned_launch_picks_among_the_candidates(monkeypatch):
 
     def fake_bench(self, *args, config, **meta):
         self.fn.run(*args, **meta, **config.all_kwargs())
-        ran.append((self.base_fn.__name__, config.num_warps))
-        return [float(-config.num_warps)] * 3
+        ran.append((self.base_fn.__name__, config.kwargs["BLOCK_M"]))
+        return [float(config.kwargs["BLOCK_M"])] * 3
 
     monkeypatch.setattr(Autotuner, "_bench", fake_bench)
     monkeypatch.setattr(planning, "tunes", lambda device: True)
     monkeypatch.setattr(planning, "_TUNED", {})
     B, H, N, D = 1, 2, 197, 64
-    assert [(c.block_m, c.num_warps) for c in kernel.plan((B, H, N, D), torch.float16).fwd.configs] == [(64, 4), (64, 8)]
+    assert [c.block_m for c in kernel.plan((B, H, N, D), torch.float16).fwd.configs] == [64, 32]
     scale, bias, diagonal = make_options("lsa", B, H, N)
     qkv = torch.randn(B, N, 3 * H * D, dtype=torch.float64)
     out, grads, ref, ref_grads, names = run_both(
@@ -674,10 +674,10 @@ def test_autotuned_launch_picks_among_the_candidates(monkeypatch):
         dict(qkv=qkv, scale=scale), torch.float16, diagonal_mask=diagonal,
     )
     check(out, grads, ref, ref_grads, names, torch.float16)
-    assert sorted(ran) == [("attention_bwd_dq_kernel", 4), ("attention_bwd_dq_kernel", 8),
-                           ("attention_fwd_kernel", 4), ("attention_fwd_kernel", 8)]
+    assert sorted(ran) == [("attention_bwd_dq_kernel", 32), ("attention_bwd_dq_kernel", 64),
+                           ("attention_fwd_kernel", 32), ("attention_fwd_kernel", 64)]
     tuned = {t.base_fn.__name__: t for t in planning._TUNED.values()}
-    assert tuned["attention_fwd_kernel"].best_config.num_warps == 8
+    assert tuned["attention_fwd_kernel"].best_config.kwargs["BLOCK_M"] == 32
     ran.clear()  # the choice is kept per key: a second call times nothing
     functional.attention_qkvpacked(qkv.half(), H, scale=scale.float(), diagonal_mask=True, backend="triton")
     assert ran == []

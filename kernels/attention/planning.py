@@ -40,19 +40,18 @@ TILES = {
 # where the streamed side runs split (full blocks unmasked, a narrow masked tail): fp16/bf16 at
 # the ViT head dims; num_stages of the forward / dq kernels and of dk/dv
 SPLIT_STAGES = {("half", 32): (2, 2), ("half", 64): (3, 2)}
-# more candidates for the owned side of the forward and dq kernels, tried by the autotuner after
-# the first: (BLOCK_M, warps). 128 rows spilled 12-24 B on sm_80 (forward, dk/dv)
-MORE_CANDIDATES = {("half", 32): ((64, 8),), ("half", 64): ((64, 8),)}
 # these specialisations spilled 8-24 B on sm_80 with the tiles above: amended launch options,
 # keyed (kernel, precision, D, split)
 TILE_FIXES = {
     ("dq", "half", 16, False): dict(num_stages=1),
     ("dq", "half", 128, False): dict(num_stages=1),
     ("dkdv", "tf32", 32, False): dict(num_stages=1),
+    ("shared", "tf32", 32, False): dict(num_warps=8),
 }
 # with a multiplicative mask (its tile live beside p) these spilled too: amended as above
 MASK_TILES = {
     ("fwd", "tf32", 64, False): dict(num_stages=1),
+    ("fwd", "ieee", 64, False): dict(num_warps=2),
     ("dq", "half", 64, True): dict(max_block_n=16),
     ("dq", "tf32", 64, False): dict(max_block_n=16),
     ("dq", "ieee", 64, False): dict(num_warps=2),
@@ -64,6 +63,11 @@ MASK_TILES = {
     ("shared", "ieee", 64, False): dict(num_warps=2),
     ("shared", "half", 64, True): dict(num_stages=1),
 }
+# a second candidate for the owned side of the forward and dq kernels (split only), timed against
+# the first by the autotuner: (BLOCK_M, warps, stages). Both stream the same blocks. Gated on
+# sm_80 and sm_90a, Triton 3.6 and 3.9: 128 rows, 8 warps, or one stage fewer at D = 64 and 32
+# rows at D = 32 spilled somewhere
+MORE_CANDIDATES = {("half", 32): (64, 4, 1), ("half", 64): (32, 4, 2)}
 # programs the shared-gradient pass aims for (about 8 per SM on an H100): enough to fill the GPU
 # while each program sums as many (b, h) pairs as it can before its one atomic per element
 SHARED_GRAD_PROGRAMS = 1024
@@ -162,9 +166,9 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
     block_m, block_n, warps, stages = TILES[tile_precision][D]
     split_stages = SPLIT_STAGES.get((tile_precision, D))
     split = split_stages is not None and N >= block_m
-    more = MORE_CANDIDATES.get((tile_precision, D), ()) if split else ()
+    more = MORE_CANDIDATES.get((tile_precision, D)) if split else None
 
-    def kernel(name, block_m, block_n, warps, stages, candidates=()):
+    def kernel(name, block_m, block_n, warps, stages, more=None):
         over = dict(TILE_FIXES.get((name, tile_precision, D, split), {}))
         over.update(MASK_TILES.get((name, tile_precision, D, split), {}) if mask else {})
         block_n = min(block_n, over.pop("max_block_n", block_n))
@@ -173,7 +177,8 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
         block_m, block_n = min(block_m, cover), min(block_n, cover)
         tail_n = (0 if N % block_n == 0 else 16) if split else block_n  # split: 16-wide tail steps
         configs = [Config(block_m, warps, stages)]
-        configs += [Config(m, w, stages) for m, w in candidates]
+        if more:
+            configs.append(Config(*more))
         return KernelPlan(block_n, tail_n, split, tuple(dict.fromkeys(configs)))
 
     fwd_stages, dkdv_stages = split_stages or (stages, stages)
