@@ -628,14 +628,10 @@ def test_gaussian_mixture_refusals():
 
 class _Spy:
     """Records the grid size (and, given `calls`, the keyword arguments) of each launch of a
-    Triton kernel, then launches it. Launchers off a GPU call `kernel.fn[grid](...)`."""
+    Triton kernel, then launches it."""
 
     def __init__(self, kernel, grids, calls=None):
         self.kernel, self.grids, self.calls = kernel, grids, calls
-
-    @property
-    def fn(self):
-        return self
 
     def __getitem__(self, grid):
         self.grids.append(grid[0])
@@ -643,7 +639,7 @@ class _Spy:
         def launch(*args, **kwargs):
             if self.calls is not None:
                 self.calls.append(kwargs)
-            return self.kernel.fn[grid](*args, **kwargs)
+            return self.kernel[grid](*args, **kwargs)
 
         return launch
 

@@ -266,9 +266,9 @@ def backward_into(dout, q, k, v, out, lse, dq, dk, dv, delta, plan, scale, scale
     constexprs = dict(D=D, SCALE_KIND=scale_kind(scale), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                       DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision)
     with on_device(q):
-        launch(attention_bwd_dq_kernel, plan.dq, grid, N, q.device,
+        launch(attention_bwd_dq_kernel, plan.dq, grid, q.device,
                (q, k, v, out, dout, lse, delta, dq, dscale, dbias, dmask, scale, bias, mask, scale_value, *strides),
                dict(constexprs, NEED_DSCALE=dscale is not None, STORE_DBIAS=dbias is not None,
                     STORE_DMASK=dmask is not None), KEY + ("NEED_DSCALE", "STORE_DBIAS", "STORE_DMASK"))
-        launch(attention_bwd_dkdv_kernel, plan.dkdv, grid, N, q.device,
+        launch(attention_bwd_dkdv_kernel, plan.dkdv, grid, q.device,
                (q, k, v, dout, lse, delta, dk, dv, scale, bias, mask, scale_value, *strides), constexprs, KEY)

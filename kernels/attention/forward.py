@@ -107,6 +107,6 @@ def forward_into(q, k, v, out, lse, plan, scale, scale_value, bias, mask, diagon
     constexprs = dict(D=D, SCALE_KIND=scale_kind(scale), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                       DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision)
     with on_device(q):
-        launch(attention_fwd_kernel, plan.fwd, lambda block_m: (triton.cdiv(N, block_m) * B * H,), N, q.device, args,
+        launch(attention_fwd_kernel, plan.fwd, lambda block_m: (triton.cdiv(N, block_m) * B * H,), q.device, args,
                constexprs, FWD_KEY)
 

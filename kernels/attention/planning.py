@@ -230,7 +230,7 @@ def _tuned(kernel, configs: Tuple[Config, ...], key):
     return _TUNED[ident]
 
 
-def launch(kernel, kernel_plan: KernelPlan, grid: Callable, N: int, device: torch.device, args, constexprs: dict,
+def launch(kernel, kernel_plan: KernelPlan, grid: Callable, device: torch.device, args, constexprs: dict,
            key: Tuple[str, ...]) -> None:
     """Launches `kernel` (a `triton.heuristics` object computing TAIL_M) with the plan's streamed
     side and the owned side chosen as the module docstring says. `grid(BLOCK_M)` gives the grid;
@@ -240,8 +240,6 @@ def launch(kernel, kernel_plan: KernelPlan, grid: Callable, N: int, device: torc
         _tuned(kernel, configs, key)[lambda meta: grid(meta["BLOCK_M"])](
             *args, BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n, SPLIT=kernel_plan.split, **constexprs)
         return
-    for c in configs if _every_config.get() else configs[:1]:  # TAIL_M computed here: no heuristics pass
-        kernel.fn[grid(c.block_m)](*args, BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n,
-                                   SPLIT=kernel_plan.split, BLOCK_M=c.block_m,
-                                   TAIL_M=tail_width(N % c.block_m, c.block_m), num_warps=c.num_warps,
-                                   num_stages=c.num_stages, **constexprs)
+    for c in configs if _every_config.get() else configs[:1]:
+        kernel[grid(c.block_m)](*args, BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n, SPLIT=kernel_plan.split,
+                                BLOCK_M=c.block_m, num_warps=c.num_warps, num_stages=c.num_stages, **constexprs)
