@@ -44,6 +44,7 @@ SPLIT_STAGES = {("half", 32): (2, 2), ("half", 64): (3, 2)}
 # keyed (kernel, precision, D, split)
 TILE_FIXES = {
     ("fwd", "tf32", 16, False): dict(num_warps=8),
+    ("fwd", "ieee", 64, False): dict(num_warps=2),
     ("dq", "half", 16, False): dict(num_stages=1),
     ("dq", "half", 128, False): dict(num_stages=1),
     ("dkdv", "tf32", 32, False): dict(num_stages=1),
@@ -52,11 +53,10 @@ TILE_FIXES = {
 # with a multiplicative mask (its tile live beside p) these spilled too: amended as above
 MASK_TILES = {
     ("fwd", "tf32", 64, False): dict(num_stages=1),
-    ("fwd", "ieee", 64, False): dict(num_warps=2),
     ("dq", "half", 64, True): dict(max_block_n=16),
     ("dq", "tf32", 64, False): dict(max_block_n=16),
     ("dq", "ieee", 64, False): dict(num_warps=2),
-    ("dq", "ieee", 16, False): dict(max_block_n=16, num_warps=2),
+    ("dq", "ieee", 16, False): dict(max_block_n=16, num_warps=8),
     ("dq", "tf32", 128, False): dict(num_stages=1),
     ("dkdv", "half", 64, True): dict(max_block_n=16),
     ("dkdv", "half", 128, False): dict(num_stages=1),
