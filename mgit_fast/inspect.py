@@ -214,7 +214,8 @@ GATE_ATTENTION_N65 = [
     (torch.float16, False, "plain"), (torch.float32, False, "lsa"), (torch.float32, False, "bias"),
     (torch.float32, False, "lsa_mask"), (torch.float32, True, "plain"),
 ]
-# N = 1 + 12²: a 32-wide tail tile (N mod 32 = 17) where the split geometry runs (fp16/bf16, D = 32, 64)
+# N = 1 + 12²: 17 leftover keys (two 16-wide tail steps) and a 32-row query tail where the split
+# geometry runs (fp16/bf16, D = 32, 64)
 GATE_ATTENTION_N145 = [
     (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")
 ] + [(torch.float16, False, "plain")]

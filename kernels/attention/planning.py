@@ -1,11 +1,12 @@
 """`plan()`: the one place that picks the attention kernels' tiles and paths.
 
 Launch geometry, every kernel: a 1-D grid of (block of BLOCK_M owned positions, b·h) programs
-(queries in the forward and dq kernels, keys in dk/dv). Full BLOCK_M blocks run unmasked; the
-last program takes the N mod BLOCK_M leftover positions in a TAIL_M-row tile (the smallest power
-of two ≥ 16 that holds them). The other side streams through in BLOCK_N blocks: with `split`,
-full blocks unmasked and then the N mod BLOCK_N last positions in masked 16-wide steps
-(TAIL_N = 16; 0 when BLOCK_N divides N); without, every block masked (TAIL_N = BLOCK_N).
+(queries in the forward and dq kernels, keys in dk/dv); the other side streams through in
+BLOCK_N blocks. With `split` (fp16/bf16 at D = 32, 64, N ≥ BLOCK_M) full blocks run unmasked on
+both sides: the last program takes the N mod BLOCK_M leftover positions in a TAIL_M-row tile (the
+smallest power of two ≥ 16 that holds them), and the N mod BLOCK_N last streamed positions go in
+masked 16-wide steps (TAIL_N = 16; 0 when BLOCK_N divides N). Without (fp32, tf32, D = 16 or 128,
+short sequences, where that code spilled), every block is masked (TAIL_N = BLOCK_N).
 
 The streamed side fixes each sum's order, so it is planned here, never tuned. The owned side
 (BLOCK_M, warps, stages) comes from a short candidate list, today's measured-or-gated entry first:
