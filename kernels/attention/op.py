@@ -82,7 +82,8 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, mask
 
 def _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_weight, gmm_log_sigma,
                  grid_size):
-    """(out, lse): q, k, v [B, H, N, D], or q a packed qkv [B, N, 3·H·D] when num_heads > 0 (k, v None)."""
+    """(out, lse, the bias the kernels read: a Gaussian mixture's built here in eager mode): q, k, v
+    [B, H, N, D], or q a packed qkv [B, N, 3·H·D] when num_heads > 0 (k, v None)."""
     if num_heads:
         B, N, width = q.shape
         out = common.new_buffer((B, N, width // 3), device=q.device, dtype=q.dtype)

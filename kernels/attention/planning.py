@@ -23,7 +23,7 @@ import contextvars
 import dataclasses
 import functools
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 import triton
