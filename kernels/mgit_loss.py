@@ -671,24 +671,20 @@ def mgit_loss(logits_primary, logits_auxiliary, target, label_smoothing, tempera
         logits_auxiliary = logits_auxiliary.contiguous()
     if not target.is_contiguous():
         target = target.contiguous()
+    scalars = (float(label_smoothing), temperature if isinstance(temperature, Tensor) else float(temperature),
+               js_weight if isinstance(js_weight, Tensor) else float(js_weight), int(ignore_index))
     if torch.compiler.is_compiling():
-        t_tensor = temperature if isinstance(temperature, Tensor) else None
-        js_tensor = js_weight if isinstance(js_weight, Tensor) else None
+        smoothing, t, js_w, ignore = scalars
+        t_tensor = t if isinstance(t, Tensor) else None
+        js_tensor = js_w if isinstance(js_w, Tensor) else None
         loss, ce_primary, ce_auxiliary, js, aux, _, _ = mgit_loss_fwd(
-            logits_primary, logits_auxiliary, target,
-            float(label_smoothing), 1.0 if t_tensor is not None else float(temperature),
-            0.0 if js_tensor is not None else float(js_weight), int(ignore_index), needs_grad, t_tensor, js_tensor,
+            logits_primary, logits_auxiliary, target, smoothing, 1.0 if t_tensor is not None else t,
+            0.0 if js_tensor is not None else js_w, ignore, needs_grad, t_tensor, js_tensor,
         )
     elif needs_grad:
-        loss, ce_primary, ce_auxiliary, js, aux = MGiTLossFunction.apply(
-            logits_primary, logits_auxiliary, target, float(label_smoothing),
-            temperature if isinstance(temperature, Tensor) else float(temperature),
-            js_weight if isinstance(js_weight, Tensor) else float(js_weight), int(ignore_index),
-        )
+        loss, ce_primary, ce_auxiliary, js, aux = MGiTLossFunction.apply(logits_primary, logits_auxiliary, target,
+                                                                         *scalars)
     else:
-        loss, ce_primary, ce_auxiliary, js, aux, _, _ = forward(
-            logits_primary, logits_auxiliary, target, float(label_smoothing),
-            temperature if isinstance(temperature, Tensor) else float(temperature),
-            js_weight if isinstance(js_weight, Tensor) else float(js_weight), int(ignore_index), False,
-        )
+        loss, ce_primary, ce_auxiliary, js, aux, _, _ = forward(logits_primary, logits_auxiliary, target, *scalars,
+                                                               False)
     return (loss, ce_primary, ce_auxiliary, js), aux

@@ -20,9 +20,6 @@ from .common import (head_scale, load_rows, load_vec, map_strides, map_tile, mm,
                      store_rows)
 from .planning import launch, tail_width
 
-KEY = ("N", "D", "SCALE_KIND", "HAS_BIAS", "HAS_MASK", "DIAGONAL_MASK", "PRECISION", "BLOCK_N", "TAIL_N", "SPLIT")
-
-
 @triton.jit
 def _store_map(ptrs, x, ok, MASKED: tl.constexpr):
     if MASKED:
@@ -269,6 +266,6 @@ def backward_into(dout, q, k, v, out, lse, dq, dk, dv, delta, plan, scale, scale
         launch(attention_bwd_dq_kernel, plan.dq, grid, q.device,
                (q, k, v, out, dout, lse, delta, dq, dscale, dbias, dmask, scale, bias, mask, scale_value, *strides),
                dict(constexprs, NEED_DSCALE=dscale is not None, STORE_DBIAS=dbias is not None,
-                    STORE_DMASK=dmask is not None), KEY + ("NEED_DSCALE", "STORE_DBIAS", "STORE_DMASK"))
+                    STORE_DMASK=dmask is not None), ("NEED_DSCALE", "STORE_DBIAS", "STORE_DMASK"))
         launch(attention_bwd_dkdv_kernel, plan.dkdv, grid, q.device,
-               (q, k, v, dout, lse, delta, dk, dv, scale, bias, mask, scale_value, *strides), constexprs, KEY)
+               (q, k, v, dout, lse, delta, dk, dv, scale, bias, mask, scale_value, *strides), constexprs)

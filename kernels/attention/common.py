@@ -7,9 +7,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
-
-
 def new_buffer(shape, *, device, dtype) -> Tensor:
     """Every tensor a kernel writes is allocated here, uninitialised."""
     return torch.empty(shape, device=device, dtype=dtype)

@@ -93,9 +93,6 @@ def attention_fwd_kernel(
                   stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N,
                   SPLIT, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
 
-FWD_KEY = ("N", "D", "SCALE_KIND", "HAS_BIAS", "HAS_MASK", "DIAGONAL_MASK", "PRECISION", "BLOCK_N", "TAIL_N", "SPLIT")
-
-
 def forward_into(q, k, v, out, lse, plan, scale, scale_value, bias, mask, diagonal_mask):
     """Writes attention of the [B, H, N, D] views q, k, v (one set of strides, unit stride on D)
     into the view `out` and the log-sum-exp (fp32, log2 units, the unmasked softmax's) into `lse`
@@ -108,5 +105,5 @@ def forward_into(q, k, v, out, lse, plan, scale, scale_value, bias, mask, diagon
                       DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision)
     with on_device(q):
         launch(attention_fwd_kernel, plan.fwd, lambda block_m: (triton.cdiv(N, block_m) * B * H,), q.device, args,
-               constexprs, FWD_KEY)
+               constexprs)
 

@@ -232,14 +232,18 @@ def _tuned(kernel, configs: Tuple[Config, ...], key):
     return _TUNED[ident]
 
 
+# the arguments an autotuned choice depends on (besides the tensor dtypes, which Triton adds)
+TUNING_KEY = ("N", "D", "SCALE_KIND", "HAS_BIAS", "HAS_MASK", "DIAGONAL_MASK", "PRECISION", "BLOCK_N", "TAIL_N", "SPLIT")
+
+
 def launch(kernel, kernel_plan: KernelPlan, grid: Callable, device: torch.device, args, constexprs: dict,
-           key: Tuple[str, ...]) -> None:
+           more_key: Tuple[str, ...] = ()) -> None:
     """Launches `kernel` (a `triton.heuristics` object computing TAIL_M) with the plan's streamed
     side and the owned side chosen as the module docstring says. `grid(BLOCK_M)` gives the grid;
-    `key` names the arguments the choice depends on (besides the tensor dtypes)."""
+    `more_key` names the kernel's own flags the choice also depends on (see TUNING_KEY)."""
     configs = kernel_plan.configs
     if len(configs) > 1 and tunes(device):
-        _tuned(kernel, configs, key)[lambda meta: grid(meta["BLOCK_M"])](
+        _tuned(kernel, configs, TUNING_KEY + more_key)[lambda meta: grid(meta["BLOCK_M"])](
             *args, BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n, SPLIT=kernel_plan.split, **constexprs)
         return
     for c in configs if _every_config.get() else configs[:1]:

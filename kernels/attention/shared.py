@@ -176,7 +176,7 @@ def shared_grad(target, dout, q, k, v, out, lse, delta, plan, scale, scale_value
                       GMM_KERNELS=kernels)
     with on_device(q):
         launch(attention_bwd_shared_kernel, kernel_plan, lambda block_m: (programs_per_group * groups,), q.device,
-               args, constexprs, ())
+               args, constexprs)
     if gmm is not None:  # [2, slices_h = H, groups · tiles, K] summed over the programs of a head
         return grad.view(2, slices_h, groups * tile_programs, kernels).sum(dim=2)
     return grad.reshape(target.shape).to(target.dtype)
