@@ -1,6 +1,7 @@
 """MultiGradientAdamW: the MGiT update of a primary and an auxiliary model in one call."""
 from __future__ import annotations
 
+import types
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -317,8 +318,10 @@ class MultiGradientAdamW(torch.optim.Optimizer):
 
     def __getstate__(self) -> Dict[str, Any]:
         """For copy.deepcopy and torch.save: all attributes (torch's Optimizer keeps only a
-        subset), moments as compact tensors; the flat layout is rebuilt at the next step."""
-        state = dict(self.__dict__)
+        subset), moments as compact tensors; the flat layout is rebuilt at the next step.
+        Functions set on the instance are left out: an LR scheduler wraps ``step`` there with a
+        reference to this optimizer, so a copy keeping it would step the original."""
+        state = {k: v for k, v in self.__dict__.items() if not isinstance(v, (types.FunctionType, types.MethodType))}
         state["state"] = {p: {k: v.clone() for k, v in s.items()} for p, s in self.state.items()}
         state.update(_flat=None, _param_views=None)
         return state

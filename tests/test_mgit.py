@@ -224,10 +224,14 @@ def test_given_auxiliary_is_used():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_deep_copy_and_whole_module_save_step_like_the_original(backend):
-    """The copy owns its own tensors (optimizer state included) and continues identically."""
+    """The copy owns its own tensors (optimizer state included) and continues identically, also
+    when an LR scheduler has wrapped the optimizer's ``step`` (the copy must not step the
+    original's models, and the wrapper must not stop ``torch.save``)."""
     mgit = build(backend=backend, pairing="all")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(mgit.optimizer, lambda step: 1.0 / (1 + step))
     x, y = batch()
     mgit.training_step(x, y)
+    scheduler.step()
     saved = io.BytesIO()
     torch.save(mgit, saved)
     saved.seek(0)
