@@ -52,7 +52,10 @@ for _path in (ROOT, os.path.join(ROOT, "tests")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 # the reduced-size runs execute the kernels in Triton's interpreter: chosen before they are defined
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") != "1" and any(m.startswith("mgit_fast.kernels") for m in sys.modules):
+    raise ImportError("bench/model.py runs the kernels in Triton's interpreter, but this process has "
+                      "already defined them for the GPU (import it first, or set TRITON_INTERPRET=1)")
+os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -30,7 +30,8 @@ import memcheck
 # before the kernels are defined (mgit_fast imports them on first use).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETING:
     memcheck.install()
 
 # timm imports torchvision at module level, and PyPI's torchvision does not import beside the
@@ -73,6 +74,33 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "no_memcheck: run the test's kernel launches without the memory checker")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Collecting must not switch the process to or from the interpreter: kernels defined after
+    such a switch would run interpreted on CUDA tensors (or compiled on CPU ones)."""
+    now = os.environ.get("TRITON_INTERPRET") == "1"
+    other_mode = [name for name, module in list(sys.modules.items())
+                  if name.startswith("mgit_fast.kernels") and (not INTERPRETING) in _kernel_modes(module)]
+    if now != INTERPRETING or other_mode:
+        raise pytest.UsageError(
+            f"collecting the tests changed TRITON_INTERPRET (was {INTERPRETING}, now {now}) or defined kernels "
+            f"in the other mode ({', '.join(other_mode) or 'none yet'}): a test module must not set it"
+        )
+
+
+def _kernel_modes(module) -> set:
+    """For each Triton kernel in the module: True if it was defined for the interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    modes = set()
+    for value in vars(module).values():
+        while hasattr(value, "fn") and not isinstance(value, (JITFunction, InterpretedFunction)):
+            value = value.fn  # triton.heuristics / autotune wrappers
+        if isinstance(value, (JITFunction, InterpretedFunction)):
+            modes.add(isinstance(value, InterpretedFunction))
+    return modes
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
