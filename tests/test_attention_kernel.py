@@ -73,7 +73,7 @@ def run_both(fn, ref_fn, inputs64, dtype, **options):
     high = {n: leaf(t, torch.float64) for n, t in low.items()}  # the same (rounded) values
     out = fn(**low, **options)
     ref = ref_fn(**high, **options)
-    upstream = torch.randn(ref.shape, dtype=torch.float64).to(out.dtype)
+    upstream = torch.randn(ref.shape, dtype=torch.float64, device=ref.device).to(out.dtype)
     grads = torch.autograd.grad(out, [low[n] for n in names], upstream)
     upstream = upstream.double()
     ref_grads = torch.autograd.grad(ref, [high[n] for n in names], upstream)
@@ -211,6 +211,25 @@ def test_packed_vit_lengths(N, variant):
         lambda qkv, **a: functional.attention_qkvpacked(qkv, H, **a, backend="triton"),
         lambda qkv, **a: reference.attention_qkvpacked(qkv, H, **a),
         dict(qkv=qkv, scale=scale, bias=bias), torch.bfloat16, diagonal_mask=diagonal,
+    )
+    check(out, grads, ref, ref_grads, names, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["plain", "lsa", "shared_bias", "batch_bias"])
+def test_cuda_more_programs_than_two_waves(variant):
+    """ViT-S/16 geometry with B·H > 2·SMs (where grid and wave decisions change), packed bf16,
+    the output and every gradient against float64."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    H, N, D = 6, 197, 64
+    B = 2 * sms // H + 1
+    scale, bias, diagonal = make_options(variant, B, H, N)
+    to_gpu = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    qkv = torch.randn(B, N, 3 * H * D, dtype=torch.float64, device="cuda")
+    out, grads, ref, ref_grads, names = run_both(
+        lambda qkv, **a: functional.attention_qkvpacked(qkv, H, **a, backend="triton"),
+        lambda qkv, **a: reference.attention_qkvpacked(qkv, H, **a),
+        dict(qkv=qkv, scale=to_gpu(scale), bias=to_gpu(bias)), torch.bfloat16, diagonal_mask=diagonal,
     )
     check(out, grads, ref, ref_grads, names, torch.bfloat16)
 
