@@ -1,18 +1,50 @@
-"""Shared benchmark helpers: measured ceilings, floors, NVML telemetry, extra_info.
+"""Shared benchmark helpers: device and wall time, measured ceilings, telemetry, results.
 
 Every benchmark times its own implementation and its peers on the same inputs with
-``triton.testing.do_bench`` (CUDA events, median), records the pytest-benchmark statistics for
-its own row, and puts in ``extra_info``: the GPU, achieved TFLOP/s and GB/s, the floor
-(max of FLOPs over the measured bf16 matmul rate and bytes over the measured copy bandwidth),
-time/floor, ``speedup_vs_<peer>``, each peer's ``<peer>_step_memory_mib``, and NVML clocks,
-power, energy per iteration and peak memory.
+``measure``: **wall** time (host included: calls queued back to back, then one synchronise; the
+median of a few rounds per call) and **device** time (the sum of the GPU kernels' durations per
+call, from ``torch.profiler``). At ViT shapes the two differ by the host's overhead. ``run``
+records our row in pytest-benchmark and puts in ``extra_info``: both times of ours and of each
+peer, ``speedup_vs_<peer>`` (wall) and ``device_speedup_vs_<peer>``, achieved TFLOP/s and GB/s
+(from device time), the floor (FLOPs over the measured bf16 matmul rate, bytes over the
+measured copy bandwidth), peak memory and, where NVML answers, clocks, power and energy.
+
+``MGIT_BENCH_JSONL=<file>``: each result is also appended there as one JSON line as soon as it
+exists (a run cut short keeps what finished). ``MGIT_BENCH_DRY=1``: the suite runs on the CPU
+on tiny shapes, kernels in Triton's interpreter (set ``TRITON_INTERPRET=1`` too), compiles
+with the "eager" backend, no device time: it checks the benchmarks' code, not speed.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import statistics
+import time
 from typing import Callable, Dict, Optional
 
 import torch
+
+DRY = os.environ.get("MGIT_BENCH_DRY") == "1"
+DEVICE = "cpu" if DRY else "cuda"
+JSONL = os.environ.get("MGIT_BENCH_JSONL")
+
+
+def pick(full, dry):
+    """``full`` on a GPU, ``dry`` in a dry run."""
+    return dry if DRY else full
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def compiled(fn, mode: Optional[str] = None, **options):
+    """``torch.compile(fn)``; in a dry run with the "eager" backend (no C++ toolchain needed)."""
+    if DRY:
+        return torch.compile(fn, backend="eager", **options)
+    return torch.compile(fn, mode=mode, **options)
 
 
 @dataclasses.dataclass
@@ -23,35 +55,58 @@ class GPU:
 
     @classmethod
     def measure(cls) -> "GPU":
-        from triton.testing import do_bench
-
-        n = 8192
-        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-        ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
-        src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
+        n = pick(8192, 64)
+        a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+        src = torch.randn(pick(256 * 2**20, 2**16), device=DEVICE)  # 1 GiB on a GPU
         dst = torch.empty_like(src)
-        copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-        return cls(
-            name=torch.cuda.get_device_name(),
-            matmul_tflops=2 * n**3 / ms / 1e9,
-            copy_gbps=2 * src.numel() * 4 / copy_ms / 1e6,
-        )
+        matmul, copy = measure(lambda: a @ b), measure(lambda: dst.copy_(src))
+        name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+        matmul_ms, copy_ms = matmul["device_ms"] or matmul["wall_ms"], copy["device_ms"] or copy["wall_ms"]
+        return cls(name=name, matmul_tflops=2 * n**3 / matmul_ms / 1e9, copy_gbps=2 * src.numel() * 4 / copy_ms / 1e6)
 
     def floor_ms(self, flops: float, nbytes: float) -> float:
         return max(flops / (self.matmul_tflops * 1e9), nbytes / (self.copy_gbps * 1e6))
 
 
-def median_ms(fn: Callable[[], object]) -> float:
-    from triton.testing import do_bench
+def measure(fn: Callable[[], object], calls: Optional[int] = None, rounds: Optional[int] = None) -> Dict[str, object]:
+    """Wall ms per call (median over ``rounds`` of ``calls`` back-to-back calls and one
+    synchronise), device ms per call (sum of GPU kernel durations under the profiler; None
+    without a GPU) and GPU kernels (and copies) per call."""
+    calls, rounds = calls or pick(20, 1), rounds or pick(7, 1)
+    for _ in range(pick(3, 1)):  # compiles, autotunes, fills caches
+        fn()
+    synchronize()
+    per_call = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize()
+        per_call.append((time.perf_counter() - start) * 1e3 / calls)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if DEVICE == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiled = pick(5, 1)
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(profiled):
+            fn()
+        synchronize()
+    on_device = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_us = sum(e.time_range.elapsed_us() for e in on_device)  # kernels, copies, memsets
+    return {
+        "wall_ms": statistics.median(per_call),
+        "device_ms": device_us / 1e3 / profiled if on_device else None,
+        "kernels_per_call": len(on_device) / profiled,
+    }
 
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
-
-def step_memory_mib(fn: Callable[[], object]) -> float:
-    """Memory one call allocates beyond what was live before it (activations, workspaces).
-    A CUDA-graph replay allocates nothing (its pool was reserved at capture): measure the
-    same step without the graph instead."""
+def step_memory_mib(fn: Callable[[], object]) -> Optional[float]:
+    """Memory one call allocates beyond what was live before it (activations, workspaces);
+    None without a GPU. A CUDA-graph replay allocates nothing (its pool was reserved at
+    capture): measure the same step without the graph instead."""
+    if DEVICE != "cuda":
+        return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -60,40 +115,42 @@ def step_memory_mib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def _nvml_reading():
+def telemetry(fn: Callable[[], object], iterations: int = 200) -> Dict[str, object]:
+    """Peak memory of one call, and energy per call, power and clocks over ``iterations``
+    calls where NVML reports them; a counter the GPU lacks is named in ``telemetry``."""
+    info: Dict[str, object] = {}
+    peak = step_memory_mib(fn)
+    if peak is not None:
+        info["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     try:
         import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        return pynvml, handle
-    except Exception:  # nvidia-ml-py missing or no NVML: telemetry is left out
-        return None, None
-
-
-def telemetry(fn: Callable[[], object], iterations: int = 200) -> Dict[str, float]:
-    """Energy per iteration, power and clocks over a run of ``iterations`` calls, and the
-    peak memory of one call."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    info = {"peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20}
-    pynvml, handle = _nvml_reading()
-    if pynvml is None:
+    except ImportError:
+        info["telemetry"] = "nvidia-ml-py not installed"
         return info
-    start = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # mJ
-    for _ in range(iterations):
-        fn()
-    torch.cuda.synchronize()
-    energy_mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) - start
-    info.update(
-        energy_per_iter_mj=energy_mj / iterations,
-        power_w=pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
-        sm_clock_mhz=pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-        mem_clock_mhz=pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
-    )
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device() if DEVICE == "cuda" else 0)
+        start = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # mJ
+        for _ in range(iterations):
+            fn()
+        synchronize()
+        info["energy_per_iter_mj"] = (pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) - start) / iterations
+        info.update(
+            power_w=pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+            sm_clock_mhz=pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            mem_clock_mhz=pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+        )
+    except Exception as error:  # NVMLError_NotSupported and kin: the timings stand without it
+        info["telemetry"] = f"partial: {type(error).__name__}: {error}"
     return info
+
+
+def record(name: str, info: Dict[str, object]) -> None:
+    """Appends one result to ``MGIT_BENCH_JSONL`` (when set), flushed at once (conftest.py
+    calls it when each benchmark ends)."""
+    if JSONL:
+        with open(JSONL, "a") as f:
+            f.write(json.dumps({"name": name, "extra_info": info}, default=str) + "\n")
 
 
 def run(
@@ -106,19 +163,25 @@ def run(
     nbytes: float,
     **extra,
 ) -> None:
-    """Times ``ours`` and every peer on the same inputs, records ``ours`` in pytest-benchmark,
-    and fills ``extra_info``. A peer given as None (not installed) is listed as skipped."""
-    ours_ms = median_ms(ours)
+    """Measures ``ours`` and every peer on the same inputs, records ``ours`` in
+    pytest-benchmark and fills ``extra_info`` (see the module docstring). A peer given as None
+    (not installed) is listed as skipped."""
+    mine = measure(ours)
     info = benchmark.extra_info
     info.update(extra)
+    device_ms = mine["device_ms"]
+    timed_ms = device_ms or mine["wall_ms"]
     floor = gpu.floor_ms(flops, nbytes)
     info.update(
         gpu=gpu.name,
-        median_ms=ours_ms,
-        tflops=flops / ours_ms / 1e9,
-        gbps=nbytes / ours_ms / 1e6,
+        median_ms=mine["wall_ms"],
+        wall_ms=mine["wall_ms"],
+        device_ms=device_ms,
+        kernels_per_call=mine["kernels_per_call"],
+        tflops=flops / timed_ms / 1e9,
+        gbps=nbytes / timed_ms / 1e6,
         floor_ms=floor,
-        time_over_floor=ours_ms / floor,
+        time_over_floor=timed_ms / floor,
         matmul_peak_tflops=gpu.matmul_tflops,
         copy_peak_gbps=gpu.copy_gbps,
     )
@@ -126,14 +189,17 @@ def run(
         if fn is None:
             info[f"peer_{name}"] = "not installed"
             continue
-        peer_ms = median_ms(fn)
-        info[f"{name}_ms"] = peer_ms
-        info[f"speedup_vs_{name}"] = peer_ms / ours_ms
+        theirs = measure(fn)
+        info[f"{name}_ms"] = info[f"{name}_wall_ms"] = theirs["wall_ms"]
+        info[f"{name}_device_ms"] = theirs["device_ms"]
+        info[f"speedup_vs_{name}"] = theirs["wall_ms"] / mine["wall_ms"]
+        if device_ms and theirs["device_ms"]:
+            info[f"device_speedup_vs_{name}"] = theirs["device_ms"] / device_ms
         info[f"{name}_step_memory_mib"] = step_memory_mib(fn)
-    info.update(telemetry(ours))
+    info.update(telemetry(ours, iterations=pick(200, 1)))
 
     def synchronised():
         ours()
-        torch.cuda.synchronize()
+        synchronize()
 
-    benchmark.pedantic(synchronised, rounds=30, warmup_rounds=5, iterations=1)
+    benchmark.pedantic(synchronised, rounds=pick(30, 1), warmup_rounds=pick(5, 0), iterations=1)

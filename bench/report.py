@@ -1,13 +1,15 @@
-"""Turns pytest-benchmark JSON into BENCHMARKS.md (a table) and a PNG (speedups per peer).
+"""Benchmark results as Markdown: a table (and a PNG of the speedups), or a GPU session's summary.
 
-    python bench/report.py bench/results/<run>.json [--out BENCHMARKS.md]
+    python3 bench/report.py RESULTS [--out BENCHMARKS.md]    # pytest-benchmark JSON or our JSONL
+    python3 bench/report.py --session DIR                     # DIR/99_summary.md from a gpu_session.sh run
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 KEYS = ("shape", "setup", "model", "variant", "pass_", "batch", "classes", "tokens")
 NOTES = {  # extra_info key: how the notes column shows it
@@ -15,7 +17,20 @@ NOTES = {  # extra_info key: how the notes column shows it
     "mfu": lambda v: f"MFU {100 * v:.1f} %",
     "memory_vs_eager": lambda v: f"memory ×{v:.2f} of eager",
     "compiled_mode": lambda v: f"compiled: {v}",
+    "kernels_per_call": lambda v: f"{v:g} kernels/call",
 }
+
+
+def load(path: Path) -> dict:
+    """pytest-benchmark's JSON, or MGIT_BENCH_JSONL lines (a run cut short has only those)."""
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return {"benchmarks": [json.loads(line) for line in text.splitlines() if line.strip()]}
+    return json.loads(text)
+
+
+def _ms(wall: Optional[float], device: Optional[float]) -> str:
+    return f"{wall:.3f}" + (f" / {device:.3f}" if device is not None else "")
 
 
 def rows(results: dict) -> List[dict]:
@@ -24,23 +39,29 @@ def rows(results: dict) -> List[dict]:
         info = bench.get("extra_info", {})
         if "median_ms" not in info:
             continue
-        work = bench["name"].split("[")[0].removeprefix("test_")
+        work = bench["name"].split("::")[-1].split("[")[0].removeprefix("test_")
         shape = ", ".join(f"{k.rstrip('_')}={info[k]}" for k in KEYS if k in info)
         peers = {k[len("speedup_vs_"):]: v for k, v in info.items() if k.startswith("speedup_vs_")}
-        peer_ms = {name: info.get(f"{name}_ms") for name in peers}
-        out.append(dict(work=work, shape=shape, ours_ms=info["median_ms"], peers=peers, peer_ms=peer_ms,
-                        floor=info.get("time_over_floor"), gpu=info.get("gpu", "?"),
-                        notes="<br>".join(show(info[k]) for k, show in NOTES.items() if k in info)))
+        out.append(dict(
+            work=work, shape=shape, ours=(info.get("wall_ms", info["median_ms"]), info.get("device_ms")),
+            peers=peers, device_speedups={n: info.get(f"device_speedup_vs_{n}") for n in peers},
+            peer_ms={n: (info.get(f"{n}_ms"), info.get(f"{n}_device_ms")) for n in peers},
+            floor=info.get("time_over_floor"), gpu=info.get("gpu", "?"),
+            notes="<br>".join(show(info[k]) for k, show in NOTES.items() if info.get(k) is not None),
+        ))
     return out
 
 
 def table(entries: List[dict]) -> str:
-    lines = ["| work | shape | ours (ms) | peers (ms) | speedup | time / floor | notes |", "|---|---|---|---|---|---|---|"]
+    lines = ["| work | shape | ours (ms, wall / device) | peers (ms, wall / device) | speedup (wall / device) "
+             "| device time / floor | notes |", "|---|---|---|---|---|---|---|"]
     for e in entries:
-        peers = "<br>".join(f"{n}: {ms:.3f}" for n, ms in e["peer_ms"].items() if ms is not None)
-        speed = "<br>".join(f"×{s:.2f} vs {n}" for n, s in e["peers"].items())
+        peers = "<br>".join(f"{n}: {_ms(*ms)}" for n, ms in e["peer_ms"].items() if ms[0] is not None)
+        speed = "<br>".join(
+            f"×{s:.2f}" + (f" / ×{e['device_speedups'][n]:.2f}" if e["device_speedups"].get(n) else "") + f" vs {n}"
+            for n, s in e["peers"].items())
         floor = f"{e['floor']:.2f}" if e["floor"] is not None else "–"
-        lines.append(f"| {e['work']} | {e['shape']} | {e['ours_ms']:.3f} | {peers} | {speed} | {floor} | {e['notes']} |")
+        lines.append(f"| {e['work']} | {e['shape']} | {_ms(*e['ours'])} | {peers} | {speed} | {floor} | {e['notes']} |")
     return "\n".join(lines)
 
 
@@ -59,19 +80,60 @@ def plot(entries: List[dict], path: Path) -> None:
         ax.bar([i + k * width for i in range(len(entries))], values, width=width, label=f"vs {name}")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(entries))], labels, rotation=90, fontsize=6)
-    ax.set_ylabel("speedup of mgit_fast")
+    ax.set_ylabel("speedup of mgit_fast (wall)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def session_summary(folder: Path) -> str:
+    """The summary of a gpu_session.sh run: stages, correctness, timings, cuda tests, sanitizer."""
+
+    def read(name: str) -> str:
+        path = folder / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    text = ["# GPU session", "", "```", read("00_session.txt").strip() or "(no 00_session.txt)", "```", ""]
+    cases = [json.loads(line) for line in read("10_correct.jsonl").splitlines() if line.strip()]
+    failed = [c for c in cases if not c.get("ok")]
+    text += [f"## Correctness against float64: {len(cases) - len(failed)}/{len(cases)} ok", ""]
+    for case in failed:
+        text.append(f"- FAILED {case['case']}: {case.get('error') or case.get('errors')}")
+    worst = {}
+    for case in cases:
+        for key, value in case.get("errors", {}).items():
+            worst[key] = max(worst.get(key, 0.0), value)
+    if worst:
+        text.append("- largest relative errors: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())))
+    text.append("")
+    bench = folder / "20_bench.jsonl"
+    entries = rows(load(bench)) if bench.exists() else []
+    text += [f"## Timings ({len(entries)} benchmarks)", "", table(entries) if entries else "(none)", ""]
+    cuda = read("30_cuda_tests.log")
+    verdicts = re.findall(r"^=*\s*(\d+ \w+.* in [\d.]+s.*?)\s*=*$", cuda, re.MULTILINE)
+    text += ["## cuda tests", "", verdicts[-1] if verdicts else "(no summary line)", ""]
+    text += [line for line in cuda.splitlines() if line.startswith(("FAILED", "ERROR"))] + [""]
+    sanitizer = read("40_sanitizer.txt")
+    lines = sanitizer.splitlines()
+    found = [line for line in lines if "SUMMARY" in line or line.startswith(("FAIL", "sanitizer:"))]
+    done = sum(line.startswith(("ok ", "FAIL")) for line in lines)
+    text += ["## Sanitizer", "", f"{done} small cases ran", *found, ""] if lines else ["## Sanitizer", "", "(not run)", ""]
+    return "\n".join(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path)
+    parser.add_argument("results", type=Path, nargs="?", help="pytest-benchmark JSON or a .jsonl of results")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--session", type=Path, help="a gpu_session.sh output folder: writes its 99_summary.md")
     args = parser.parse_args(argv)
-    results = json.loads(args.json.read_text())
+    if args.session is not None:
+        (args.session / "99_summary.md").write_text(session_summary(args.session))
+        return 0
+    if args.results is None:
+        parser.error("give a results file or --session DIR")
+    results = load(args.results)
     entries = rows(results)
     machine = results.get("machine_info", {})
     gpus = sorted({e["gpu"] for e in entries})
@@ -79,8 +141,9 @@ def main(argv=None) -> int:
     text = [
         "# Benchmarks",
         "",
-        f"From `{args.json}` ({results.get('datetime', '?')}); GPU: {', '.join(gpus) or '?'}; "
-        f"Python {machine.get('python_version', '?')}. Medians of CUDA-event timings (triton.testing.do_bench).",
+        f"From `{args.results}` ({results.get('datetime', '?')}); GPU: {', '.join(gpus) or '?'}; "
+        f"Python {machine.get('python_version', '?')}. Wall: calls queued back to back, one synchronise; "
+        "device: the GPU kernels' durations (torch.profiler); medians.",
         "",
         table(entries),
         "",

@@ -7,28 +7,40 @@ read and written (28 bytes in fp32), plus the auxiliary gradient read again for 
 """
 import pytest
 import torch
-from benchutil import run
+from benchutil import DEVICE, pick, run
 
 from mgit_fast import MultiGradientAdamW, ViT
 
-MODELS = {
-    "vit_s/4@32": dict(img_size=32, patch_size=4, embed_dim=384, num_heads=6, depth=12, num_classes=100),
-    "vit_b/16@224": dict(img_size=224, patch_size=16, embed_dim=768, num_heads=12, depth=12, num_classes=1000),
-}
+MODELS = pick(
+    {
+        "vit_s/4@32": dict(img_size=32, patch_size=4, embed_dim=384, num_heads=6, depth=12, num_classes=100),
+        "vit_b/16@224": dict(img_size=224, patch_size=16, embed_dim=768, num_heads=12, depth=12, num_classes=1000),
+    },
+    {"tiny": dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2, depth=2, num_classes=10)},
+)
 
 
 def models(cfg):
-    primary = ViT(**cfg).cuda()
-    auxiliary = ViT(**{**cfg, "depth": 1}).cuda()
+    primary = ViT(**cfg).to(DEVICE)
+    auxiliary = ViT(**{**cfg, "depth": 1}).to(DEVICE)
     for p in list(primary.parameters()) + list(auxiliary.parameters()):
         p.grad = torch.randn_like(p) * 1e-2
     return primary, auxiliary
 
 
+def head_pairs(primary, auxiliary):
+    """(primary, auxiliary) parameters of the classifier heads, paired by name."""
+    theirs = dict(auxiliary.named_parameters())
+    pairs = [(p, theirs[n]) for n, p in primary.named_parameters() if n.startswith("head.") and n in theirs]
+    if not pairs:
+        raise ValueError("the models have no head parameters in common")
+    return pairs
+
+
 def stock_pytorch(primary, auxiliary, mix=0.3, max_grad_norm=1.0):
     """clip per model, mix the heads with _foreach ops, two fused AdamW."""
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05, fused=True) for m in (primary, auxiliary)]
-    heads = [(p, a) for (n, p), (_, a) in zip(primary.named_parameters(), auxiliary.named_parameters()) if n.startswith("head.")]
+    heads = head_pairs(primary, auxiliary)
 
     def step():
         for m in (primary, auxiliary):
@@ -45,7 +57,7 @@ def stock_pytorch(primary, auxiliary, mix=0.3, max_grad_norm=1.0):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_update(benchmark, gpu, name):
     ours_models, peer_models, eager_models = models(MODELS[name]), models(MODELS[name]), models(MODELS[name])
-    ce = (torch.tensor(2.0, device="cuda"), torch.tensor(1.0, device="cuda"))
+    ce = (torch.tensor(2.0, device=DEVICE), torch.tensor(1.0, device=DEVICE))
     ours = MultiGradientAdamW(*ours_models, backend="triton", max_grad_norm=1.0)
     eager = MultiGradientAdamW(*eager_models, backend="torch", max_grad_norm=1.0)
     ours.step(*ce)  # builds the flat layout

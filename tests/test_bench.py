@@ -1,16 +1,31 @@
-"""The benchmark suite collects and skips cleanly without a GPU; report.py renders results;
-bench/host_overhead.py runs and reports both ratios."""
+"""The benchmark suite collects and skips cleanly without a GPU; its dry run (bench/gpu_session.sh
+--dry: every stage of the GPU session on tiny shapes on the CPU) passes; report.py renders
+results; telemetry survives a GPU without an energy counter; bench/host_overhead.py runs and
+reports both ratios."""
 import json
 import math
 import re
+import importlib.util
+import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_module(name):
+    """A module of bench/ (which is not a package), imported with bench/ on sys.path."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"mgit_bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
@@ -28,8 +43,11 @@ def test_report_renders_a_table_and_a_plot(tmp_path):
         "datetime": "2026-11-21",
         "machine_info": {"python_version": "3.11"},
         "benchmarks": [
-            {"name": "test_loss[256-10]", "extra_info": {"median_ms": 0.05, "batch": 256, "classes": 10, "gpu": "G",
-                                                          "speedup_vs_eager": 4.0, "eager_ms": 0.2, "time_over_floor": 3.0}},
+            {"name": "test_loss[256-10]", "extra_info": {"median_ms": 0.05, "wall_ms": 0.05, "device_ms": 0.02,
+                                                          "batch": 256, "classes": 10, "gpu": "G",
+                                                          "speedup_vs_eager": 4.0, "eager_ms": 0.2,
+                                                          "eager_device_ms": 0.1, "device_speedup_vs_eager": 5.0,
+                                                          "time_over_floor": 3.0}},
             {"name": "test_update[vit_s]", "extra_info": {"median_ms": 1.0, "model": "vit_s", "gpu": "G",
                                                            "speedup_vs_stock_pytorch": 1.6, "stock_pytorch_ms": 1.6}},
             {"name": "test_step[vit_s]", "extra_info": {"median_ms": 2.0, "setup": "vit_s", "gpu": "G", "mfu": 0.41,
@@ -44,10 +62,84 @@ def test_report_renders_a_table_and_a_plot(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = out.read_text()
-    assert "| loss | batch=256, classes=10 | 0.050 | eager: 0.200 | ×4.00 vs eager | 3.00 |  |" in text
+    assert "| loss | batch=256, classes=10 | 0.050 / 0.020 | eager: 0.200 / 0.100 | ×4.00 / ×5.00 vs eager | 3.00 |  |" in text
     assert "×1.60 vs stock_pytorch" in text and "test_skipped" not in text
     assert "128,000 img/s<br>MFU 41.0 %<br>memory ×0.60 of eager" in text
     assert (tmp_path / "BENCHMARKS.png").stat().st_size > 5_000
+    # the same results as JSON lines (what a session cut short leaves) give the same table
+    lines = tmp_path / "run.jsonl"
+    lines.write_text("".join(json.dumps(b) + "\n" for b in fake["benchmarks"]))
+    again = tmp_path / "again.md"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(lines), "--out", str(again)], check=True)
+    assert text.split("\n\n")[2] == again.read_text().split("\n\n")[2]
+
+
+def test_gpu_session_dry_run(tmp_path):
+    """Every stage of bench/gpu_session.sh on tiny shapes on the CPU: each ends with rc 0, the
+    correctness cases pass, each benchmark family leaves wall-time results, the summary names
+    every section; at most 8 files."""
+    out = tmp_path / "session"
+    env = {k: v for k, v in os.environ.items() if k not in ("MGIT_BENCH_JSONL", "STAGES", "BUDGET")}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "--dry"], env={**env, "OUT": str(out)},
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (out / "00_session.txt").read_text()
+    stages = [line for line in log.splitlines() if line.startswith("stage ")]
+    assert [line.split(":")[0] for line in stages] == ["stage B", "stage C", "stage D", "stage E", "stage F"], log
+    assert all(": rc 0," in line for line in stages), log
+    cases = [json.loads(line) for line in (out / "10_correct.jsonl").read_text().splitlines()]
+    assert len(cases) >= 9 and all(c["ok"] for c in cases), cases
+    results = [json.loads(line) for line in (out / "20_bench.jsonl").read_text().splitlines()]
+    families = {r["name"].split("::")[1].split("[")[0] for r in results}
+    assert families == {"test_update", "test_loss", "test_attention", "test_step"}, families
+    assert all(r["extra_info"]["wall_ms"] > 0 for r in results)
+    assert any("speedup_vs_stock_pytorch" in r["extra_info"] for r in results)  # the update's peer pairs heads
+    assert any(r["extra_info"].get("flex_graphs") for r in results)  # FlexAttention compiled
+    summary = (out / "99_summary.md").read_text()
+    for section in ("## Correctness against float64: ", "## Timings", "## cuda tests", "## Sanitizer"):
+        assert section in summary
+    assert len(list(out.iterdir())) <= 8
+
+
+def test_gpu_session_refuses_an_unknown_argument_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "--fast"],
+                          env={**os.environ, "OUT": str(out)}, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "usage" in done.stderr
+    assert not out.exists()
+
+
+def test_update_peer_pairs_the_heads_by_name():
+    """The stock-PyTorch update peer mixes the heads of a 12-block and a 1-block model (zipping
+    their parameter lists found none)."""
+    from mgit_fast import ViT
+
+    update = bench_module("test_update")
+    cfg = dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2, num_classes=10)
+    primary, auxiliary = ViT(**cfg, depth=3), ViT(**cfg, depth=1)
+    pairs = update.head_pairs(primary, auxiliary)
+    assert [p.shape for p, _ in pairs] == [primary.head.weight.shape, primary.head.bias.shape]
+    assert all(p is getattr(primary.head, n) and a is getattr(auxiliary.head, n)
+               for (p, a), n in zip(pairs, ("weight", "bias")))
+
+
+def test_telemetry_survives_a_gpu_without_an_energy_counter(monkeypatch):
+    """NVML reporting NotSupported for the energy counter leaves the timings and names the gap."""
+    benchutil = bench_module("benchutil")
+
+    class NotSupported(Exception):
+        pass
+
+    def unsupported(handle):
+        raise NotSupported("Not Supported")
+
+    fake = types.SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: "gpu0",
+                                 nvmlDeviceGetTotalEnergyConsumption=unsupported)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(benchutil, "DEVICE", "cpu")
+    calls = []
+    info = benchutil.telemetry(lambda: calls.append(1), iterations=3)
+    assert info["telemetry"].startswith("partial: NotSupported")
 
 
 def test_host_overhead_reports_both_ratios(tmp_path):
