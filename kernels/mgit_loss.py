@@ -166,8 +166,11 @@ def _row_tile(
         p = e_zt * (1.0 / s_zt)[:, None]
         q = e_wt * (1.0 / s_wt)[:, None]
         log_m = _log_m(log_p, log_q)
-        kl_p = tl.sum(p * (log_p - log_m), 1)
-        kl_q = tl.sum(q * (log_q - log_m), 1)
+        # the select keeps each product rounded before the row sum: fused into the sum's first
+        # cross-lane add (an fma), the lanes of a row would get sums an ulp apart and write them
+        # to one shared-memory slot (a race compute-sanitizer reports); p, q are 0 outside `ok`
+        kl_p = tl.sum(tl.where(ok, p * (log_p - log_m), 0.0), 1)
+        kl_q = tl.sum(tl.where(ok, q * (log_q - log_m), 0.0), 1)
         lse_z = m_z + tl.log(s_z)
         lse_w = m_w + tl.log(s_w)
         is_y = offs[None, :] == y[:, None]
