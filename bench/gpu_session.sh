@@ -30,6 +30,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT"/{00_session.txt,10_correct.jsonl,11_correct.log,20_bench.jsonl,21_bench.log,30_cuda_tests.log,40_sanitizer.txt,99_summary.md}
 LOG="$OUT/00_session.txt"
+unset ${!PYTEST_XDIST@}  # started from a pytest-xdist worker (the tests): the benchmarks are not in one
 export PYTHONUNBUFFERED=1 MGIT_BENCH_COMPILE_MODES=${MGIT_BENCH_COMPILE_MODES:-default}
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 MGIT_BENCH_DRY=1
@@ -96,7 +97,7 @@ summary
 stage B 100 "$OUT/11_correct.log" $PY bench/correctness.py "$OUT/10_correct.jsonl"
 
 export MGIT_BENCH_JSONL="$OUT/20_bench.jsonl"
-bench=(-m pytest --benchmark-only -q -rfE -p no:cacheprovider)
+bench=(-m pytest --benchmark-only -q -rfE -p no:cacheprovider -p no:xdist)  # (benchmarks run serially)
 stage C 220 "$OUT/21_bench.log" $PY "${bench[@]}" ${BENCH_K:+-k "$BENCH_K"} \
   bench/test_update.py bench/test_loss.py bench/test_attention.py
 stage D 150 "$OUT/21_bench.log" $PY "${bench[@]}" bench/test_step.py

@@ -18,6 +18,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def outside_xdist():
+    """This environment without pytest-xdist's worker variables (with them, pytest-benchmark in a
+    child process thinks it runs under xdist and refuses --benchmark-only)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+
+
 def bench_module(name):
     """A module of bench/ (which is not a package), imported with bench/ on sys.path."""
     if str(ROOT / "bench") not in sys.path:
@@ -31,8 +37,9 @@ def bench_module(name):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 def test_bench_suite_skips_without_a_gpu():
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", str(ROOT / "bench"), "--benchmark-only", "-q", "-p", "no:cacheprovider"],
-        capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, "-m", "pytest", str(ROOT / "bench"), "--benchmark-only", "-q", "-p", "no:cacheprovider",
+         "-p", "no:xdist"],
+        capture_output=True, text=True, cwd=ROOT, env=outside_xdist(),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "passed" not in done.stdout and "benchmarks need a CUDA GPU" in done.stdout
