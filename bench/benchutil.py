@@ -35,6 +35,23 @@ def pick(full, dry):
     return dry if DRY else full
 
 
+# the benchmark shapes, shared by the benchmarks and bench/correctness.py
+WIDTHS = {"ti": (192, 3), "s": (384, 6), "b": (768, 12)}  # (width, heads)
+ATTENTION_SHAPES = pick(  # (name, B, N, width, heads), bf16
+    [(f"vit_{m}/4@32", 256, 65, *WIDTHS[m]) for m in WIDTHS]
+    + [(f"vit_{m}/16@224", 128, 197, *WIDTHS[m]) for m in WIDTHS],
+    [("tiny", 2, 17, 32, 2)],
+)
+LOSS_BATCHES, LOSS_CLASSES = pick([256, 1024, 4096], [8]), pick([10, 100, 1000, 21843], [10, 3000])
+UPDATE_MODELS = pick(  # primary configurations (the auxiliary: one block)
+    {
+        "vit_s/4@32": dict(img_size=32, patch_size=4, embed_dim=384, num_heads=6, depth=12, num_classes=100),
+        "vit_b/16@224": dict(img_size=224, patch_size=16, embed_dim=768, num_heads=12, depth=12, num_classes=1000),
+    },
+    {"tiny": dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2, depth=2, num_classes=10)},
+)
+
+
 def synchronize() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()

@@ -23,7 +23,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchutil import DEVICE  # noqa: E402
+from benchutil import ATTENTION_SHAPES, DEVICE, LOSS_BATCHES, LOSS_CLASSES, UPDATE_MODELS  # noqa: E402
 
 from mgit_fast import MultiGradientAdamW, ViT, functional  # noqa: E402
 from mgit_fast.reference import GaussianMixture  # noqa: E402
@@ -131,10 +131,6 @@ def update_case(cfg, steps=3):
 
 
 def cases(small: bool):
-    from test_attention import SHAPES
-    from test_loss import test_loss
-    from test_update import MODELS
-
     if small:
         sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 2
         for dtype, D in ((torch.float32, 32), (torch.float16, 16), (torch.float16, 64), (torch.bfloat16, 128)):
@@ -146,14 +142,13 @@ def cases(small: bool):
         yield "update tiny pair", update_case, (dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2, depth=2,
                                                      num_classes=10),)
         return
-    for name, B, N, dim, H in SHAPES:
+    for name, B, N, dim, H in ATTENTION_SHAPES:
         for variant in VARIANTS:
             yield f"attention {name} {variant} bf16", attention_case, (B, N, H, dim // H, variant, torch.bfloat16)
-    grid = {mark.args[0]: mark.args[1] for mark in test_loss.pytestmark if mark.name == "parametrize"}
-    for B in grid["B"]:
-        for C in grid["C"]:
+    for B in LOSS_BATCHES:
+        for C in LOSS_CLASSES:
             yield f"loss B{B} C{C}", loss_case, (B, C)
-    for name, cfg in MODELS.items():
+    for name, cfg in UPDATE_MODELS.items():
         yield f"update {name} pair", update_case, (cfg,)
 
 

@@ -12,16 +12,10 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import DEVICE, DRY, compiled, pick, run
+from benchutil import ATTENTION_SHAPES, DEVICE, DRY, compiled, pick, run
 
 from mgit_fast import functional, reference
 
-MODELS = {"ti": (192, 3), "s": (384, 6), "b": (768, 12)}
-SHAPES = pick(
-    [(f"vit_{m}/4@32", 256, 65, *MODELS[m]) for m in MODELS]
-    + [(f"vit_{m}/16@224", 128, 197, *MODELS[m]) for m in MODELS],
-    [("tiny", 2, 17, 32, 2)],
-)
 SDPA_BACKENDS = pick({"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"},
                      {"math": "MATH"})
 
@@ -71,7 +65,7 @@ def flex_layout(H, variant, scale, bias):
 
 @pytest.mark.parametrize("variant", ["plain", "lsa", "bias"])
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("name, B, N, dim, H", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("name, B, N, dim, H", ATTENTION_SHAPES, ids=[s[0] for s in ATTENTION_SHAPES])
 def test_attention(benchmark, gpu, name, B, N, dim, H, variant, pass_):
     grad = pass_ == "fwd+bwd"
     qkv, scale, bias = make_inputs(B, N, dim, H, variant, grad)

@@ -7,7 +7,7 @@ gradients written once: 6·B·C·2 bytes (a chunked row, C > 2048, reads its log
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import DEVICE, compiled, pick, run
+from benchutil import DEVICE, LOSS_BATCHES, LOSS_CLASSES, compiled, run
 
 from mgit_fast import functional, reference
 
@@ -39,8 +39,8 @@ def liger_peer(z, w, y):
     return loss
 
 
-@pytest.mark.parametrize("C", pick([10, 100, 1000, 21843], [10, 3000]))
-@pytest.mark.parametrize("B", pick([256, 1024, 4096], [8]))
+@pytest.mark.parametrize("C", LOSS_CLASSES)
+@pytest.mark.parametrize("B", LOSS_BATCHES)
 def test_loss(benchmark, gpu, B, C):
     z = torch.randn(B, C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(B, C, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)

@@ -7,18 +7,9 @@ read and written (28 bytes in fp32), plus the auxiliary gradient read again for 
 """
 import pytest
 import torch
-from benchutil import DEVICE, pick, run
+from benchutil import DEVICE, UPDATE_MODELS, run
 
 from mgit_fast import MultiGradientAdamW, ViT
-
-MODELS = pick(
-    {
-        "vit_s/4@32": dict(img_size=32, patch_size=4, embed_dim=384, num_heads=6, depth=12, num_classes=100),
-        "vit_b/16@224": dict(img_size=224, patch_size=16, embed_dim=768, num_heads=12, depth=12, num_classes=1000),
-    },
-    {"tiny": dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2, depth=2, num_classes=10)},
-)
-
 
 def models(cfg):
     primary = ViT(**cfg).to(DEVICE)
@@ -54,9 +45,9 @@ def stock_pytorch(primary, auxiliary, mix=0.3, max_grad_norm=1.0):
     return step
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(UPDATE_MODELS))
 def test_update(benchmark, gpu, name):
-    ours_models, peer_models, eager_models = models(MODELS[name]), models(MODELS[name]), models(MODELS[name])
+    ours_models, peer_models, eager_models = (models(UPDATE_MODELS[name]) for _ in range(3))
     ce = (torch.tensor(2.0, device=DEVICE), torch.tensor(1.0, device=DEVICE))
     ours = MultiGradientAdamW(*ours_models, backend="triton", max_grad_norm=1.0)
     eager = MultiGradientAdamW(*eager_models, backend="torch", max_grad_norm=1.0)
