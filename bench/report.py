@@ -47,7 +47,8 @@ def rows(results: dict) -> List[dict]:
             peers=peers, device_speedups={n: info.get(f"device_speedup_vs_{n}") for n in peers},
             peer_ms={n: (info.get(f"{n}_ms"), info.get(f"{n}_device_ms")) for n in peers},
             floor=info.get("time_over_floor"), gpu=info.get("gpu", "?"),
-            notes="<br>".join(show(info[k]) for k, show in NOTES.items() if info.get(k) is not None),
+            notes="<br>".join([show(info[k]) for k, show in NOTES.items() if info.get(k) is not None]
+                              + [f"{k[5:]}: {v}" for k, v in info.items() if k.startswith("peer_")]),
         ))
     return out
 

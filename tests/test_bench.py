@@ -168,3 +168,27 @@ def test_host_overhead_reports_both_ratios(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["ratios"]) == {"attention", "loss"}
     assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values())
+
+
+def test_a_failing_peer_is_noted_and_the_rest_is_measured(monkeypatch):
+    """A peer that raises (an SDPA backend this GPU lacks) is noted; ours and the others are timed."""
+    benchutil = bench_module("benchutil")
+    monkeypatch.setattr(benchutil, "DEVICE", "cpu")
+    monkeypatch.setattr(benchutil, "DRY", True)
+
+    class Benchmark:
+        extra_info = {}
+
+        def pedantic(self, fn, **kwargs):
+            fn()
+
+    def unsupported():
+        raise RuntimeError("No available kernel")
+
+    x = torch.randn(64, 64)
+    gpu = benchutil.GPU(name="cpu", matmul_tflops=1.0, copy_gbps=1.0)
+    bench = Benchmark()
+    benchutil.run(bench, gpu, lambda: x @ x, {"broken": unsupported, "plain": lambda: x + x}, flops=1.0, nbytes=1.0)
+    info = bench.extra_info
+    assert info["peer_broken"].startswith("failed: RuntimeError: No available kernel")
+    assert info["wall_ms"] > 0 and info["plain_wall_ms"] > 0 and "speedup_vs_plain" in info
