@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from . import functional
+from . import _checks, functional
 from .reference import GaussianMixture, gaussian_mixture_bias, patch_sq_dist
 
 ATTENTION_VARIANTS = ("standard", "lsa", "gmm", "ibit")
@@ -242,6 +242,13 @@ class FusedAttention(nn.Module):
         False: ViT attention is bidirectional."""
         if is_causal:
             raise ValueError("is_causal=True is not supported: FusedAttention is bidirectional ViT attention")
+        _checks.tensor("x", x, ndim=3)
+        weight = self.qkv.weight
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"x must be [B, N, {weight.shape[1]}] (the module's width), got shape {tuple(x.shape)}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the module's weights are {weight.dtype} "
+                            "(cast one to the other, or run under torch.autocast)")
         bias = None
         if attn_mask is not None:
             bias = _additive(attn_mask)

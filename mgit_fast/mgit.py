@@ -184,13 +184,18 @@ class FusedMGiT(nn.Module):
         return self.primary(x)
 
     def training_step(self, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
-        """One MGiT step on the batch ``(x, y)``; returns detached 0-dim device tensors."""
+        """One MGiT step on the batch ``(x, y)``; returns detached 0-dim device tensors. An empty
+        batch is refused. A batch whose labels are all ``ignore_index`` has no loss gradient,
+        but the update still runs, as a zero-gradient ``torch.optim.AdamW`` step would: weight
+        decay and the moments' momentum move the weights, and the step count advances."""
         _checks.tensor("x", x)
         if x.dtype == torch.float64 and (dtype := next(self.primary.parameters()).dtype) != torch.float64:
             raise TypeError(f"x must have the models' dtype {dtype} (or a lower precision under autocast), got float64")
         _checks.tensor("y", y, ndim=1, dtypes=_checks.LABEL_DTYPES)
         if y.shape[0] != x.shape[0]:
             raise ValueError(f"y has {y.shape[0]} labels but x holds {x.shape[0]} images")
+        if x.shape[0] == 0:  # a step would still move every weight (weight decay, momentum)
+            raise ValueError("x holds no images (batch size 0)")
         _checks.same_device("y", y, "x", x)
         device = self.optimizer.step_count.device
         if x.device != device:

@@ -207,3 +207,16 @@ def test_cuda_torch_compile_fullgraph_block():
     out = compiled(x)
     out.sum().backward()
     assert_rel_close(out, eager, 1e-3, "compiled")
+
+
+def test_fused_attention_names_x_for_a_wrong_shape_or_dtype():
+    """A wrong width, rank or dtype is refused naming ``x`` (not a matmul error, not ``qkv``)."""
+    attention = FusedAttention(32, 2, backend="torch")
+    with pytest.raises(ValueError, match=r"x must be \[B, N, 32\]"):
+        attention(torch.randn(2, 5, 24))
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        attention(torch.randn(5, 32))
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        attention(torch.randn(2, 5, 32, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside: accepted
+        assert attention(torch.randn(2, 5, 32)).shape == (2, 5, 32)

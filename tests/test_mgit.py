@@ -246,3 +246,17 @@ def test_deep_copy_and_whole_module_save_step_like_the_original(backend):
     for other in copies:
         for p, q in zip(mgit.parameters(), other.parameters()):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_empty_batch_is_refused_and_changes_nothing(backend):
+    mgit = build(backend=backend)
+    mgit.training_step(*batch())
+    before, steps = params(mgit.primary, mgit.auxiliary), int(mgit.optimizer.step_count)
+    moments = [s["exp_avg"].clone() for s in mgit.optimizer.state.values()]
+    x, y = batch(0)
+    with pytest.raises(ValueError, match="x holds no images"):
+        mgit.training_step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(params(mgit.primary, mgit.auxiliary), before))
+    assert int(mgit.optimizer.step_count) == steps
+    assert all(torch.equal(s["exp_avg"], m) for s, m in zip(mgit.optimizer.state.values(), moments))
