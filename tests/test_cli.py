@@ -223,3 +223,17 @@ def test_ibit_config_builds_masked_models():
                         data)
     masks = [m for m in model.modules() if isinstance(m, IBiTMask)]
     assert len(masks) == 2 and all(m.mask_rank == 3 and m.num_tokens == 5 for m in masks)
+
+
+def test_help_says_each_default_once_and_version_prints(capsys):
+    from mgit_fast import __version__
+    from mgit_fast.cli import build_parser
+
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    import re
+
+    assert not re.search(r"\(default: [^)]*\) \(default:", text)  # was "(default: all) (default: None)"
+    assert "(default: all)" in text and "passes over the training set (default: " in text
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"mgit-fast {__version__}"
