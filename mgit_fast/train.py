@@ -408,24 +408,36 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+ARM_COLORS = {"baseline": "tab:blue", "mgit": "tab:orange", "auxiliary": "tab:green"}  # the same in every panel
+
+
 def plot(results: dict, path: Path) -> None:
     """Training cross-entropy, test accuracy, JS and μ per epoch for both arms: the mean over
-    seeds as a line, the range over seeds as a band."""
+    seeds as a line, the range over seeds as a band; each arm has one colour in every panel,
+    and the accuracy axis spans the second half of training (where the arms differ)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = figure(results, plt)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(results: dict, plt):
+    """The figure ``plot`` saves."""
+
     def curves(histories, key):
         rows = [h[key] for h in histories if key in h]
         return torch.tensor(rows, dtype=torch.float64) if rows else None
 
-    def draw(ax, values, label, **style):
+    def draw(ax, values, label, color, **style):
         epochs = range(1, values.shape[1] + 1)
-        line = ax.plot(epochs, values.mean(0).tolist(), label=label, **style)[0]
+        ax.plot(epochs, values.mean(0).tolist(), label=label, color=color, **style)
         if values.shape[0] > 1:
             ax.fill_between(epochs, values.min(0).values.tolist(), values.max(0).values.tolist(),
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+                            color=color, alpha=0.2, linewidth=0)
 
     panels = [
         ("ce_primary", "primary's training cross-entropy", "cross-entropy (nats)"),
@@ -435,15 +447,22 @@ def plot(results: dict, path: Path) -> None:
     ]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, (key, title, ylabel) in zip(axes, panels):
+        drawn = []
         for arm, label in (("baseline", "baseline"),
                            ("mgit", "MGiT primary" if key in ("ce_primary", "test_accuracy") else "MGiT")):
             values = curves(results[arm]["history"], key)
             if values is not None:
-                draw(ax, values, label)
+                draw(ax, values, label, ARM_COLORS[arm])
+                drawn.append(values)
         if key == "test_accuracy":
             values = curves(results["mgit"]["history"], "aux_test_accuracy")
             if values is not None:
-                draw(ax, values, "MGiT auxiliary", linestyle="--")
+                draw(ax, values, "MGiT auxiliary", ARM_COLORS["auxiliary"], linestyle="--")
+                drawn.append(values)
+            late = [v[:, v.shape[1] // 2:] for v in drawn if v.shape[1]]
+            if late:
+                low, high = min(float(v.min()) for v in late), max(float(v.max()) for v in late)
+                ax.set_ylim(max(0.0, low - 2.0), min(100.0, high + 2.0))
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -451,5 +470,4 @@ def plot(results: dict, path: Path) -> None:
     seeds = results["config"]["seeds"]
     fig.suptitle(f"{results['config']['dataset']}: mean over {len(seeds)} seeds (line) and their range (band)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

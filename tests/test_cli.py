@@ -237,3 +237,36 @@ def test_help_says_each_default_once_and_version_prints(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"mgit-fast {__version__}"
+
+
+def test_training_plot_keeps_each_arm_one_colour_and_zooms_the_accuracy():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from mgit_fast.train import ARM_COLORS, figure
+
+    epochs = 10
+    ramp = [20.0 + 70.0 * (1 - 0.6**e) for e in range(epochs)]
+
+    def history(shift, mgit):
+        h = {"ce_primary": [2.0 / (e + 1) for e in range(epochs)], "test_accuracy": [a + shift for a in ramp]}
+        if mgit:
+            h.update(js=[0.1] * epochs, mix=[0.3] * epochs, aux_test_accuracy=[a - 5 for a in ramp])
+        return h
+
+    results = {"config": {"seeds": [0, 1], "dataset": "digits"},
+               "baseline": {"history": [history(0.0, False), history(0.5, False)]},
+               "mgit": {"history": [history(1.0, True), history(1.5, True)]}}
+    fig = figure(results, plt)
+    expected = {"baseline": ARM_COLORS["baseline"], "MGiT primary": ARM_COLORS["mgit"], "MGiT": ARM_COLORS["mgit"],
+                "MGiT auxiliary": ARM_COLORS["auxiliary"]}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            assert to_hex(line.get_color()) == to_hex(expected[line.get_label()]), (ax.get_title(), line.get_label())
+    accuracy = next(ax for ax in fig.axes if ax.get_title() == "test accuracy")
+    low, high = accuracy.get_ylim()
+    assert 60.0 < low < ramp[epochs // 2] - 5 and ramp[-1] + 1.5 <= high <= 100.0
+    plt.close(fig)
