@@ -144,8 +144,13 @@ def validate(args: argparse.Namespace) -> Optional[str]:
             return f"--model must be vit or timm:NAME, got {args.model!r}"
         try:
             import timm
-        except ImportError:
-            return "--model timm:...: timm is not installed (pip install --no-deps timm; see the README)"
+        except ImportError as error:
+            import importlib.util
+
+            if importlib.util.find_spec("timm") is None:
+                return "--model timm:...: timm is not installed (pip install --no-deps timm; see the README)"
+            return (f"--model timm:...: timm is installed but does not import ({type(error).__name__}: {error}); "
+                    "it needs a torchvision that imports beside this torch (see the README)")
         if not timm.is_model(args.model[5:]):
             return f"--model: timm has no model named {args.model[5:]!r}"
     if args.mask_rank is not None:

@@ -270,3 +270,17 @@ def test_training_plot_keeps_each_arm_one_colour_and_zooms_the_accuracy():
     low, high = accuracy.get_ylim()
     assert 60.0 < low < ramp[epochs // 2] - 5 and ramp[-1] + 1.5 <= high <= 100.0
     plt.close(fig)
+
+
+def test_a_timm_that_does_not_import_is_named_for_what_failed(tmp_path, monkeypatch, capsys):
+    """timm present but failing on torchvision: the message says so (it said "not installed")."""
+    fake = tmp_path / "timm"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torchvision'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert main(["train", "--model", "timm:vit_tiny_patch16_224", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "timm is installed but does not import" in err and "torchvision" in err
+    assert not (tmp_path / "run").exists()
