@@ -171,12 +171,23 @@ def validate(args: argparse.Namespace) -> Optional[str]:
     if args.graph and not (args.device.startswith("cuda") or (args.device == "auto" and _cuda_available())):
         return f"--graph needs a CUDA device, got --device {args.device}" + (
             " (no CUDA GPU here)" if args.device == "auto" else "")
+    out = os.path.abspath(args.out)
+    created = []  # the folders this check makes, deepest first: removed again (training makes them)
+    while not os.path.exists(out) and out not in created:
+        created.append(out)
+        out = os.path.dirname(out)
     try:
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):
             pass
     except OSError as exc:
         return f"--out: cannot write to {args.out}: {exc.strerror or exc}"
+    finally:
+        for folder in created:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
     return None
 
 
@@ -254,7 +265,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         device=args.device,
         graph=args.graph,
     )
-    results = train(cfg, args.out, show_progress=not args.no_progress)
+    from .data import DatasetError
+
+    try:
+        results = train(cfg, args.out, show_progress=not args.no_progress)
+    except DatasetError as err:  # raised before training starts and before --out is created
+        print(f"mgit-fast train: --dataset {args.dataset}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports
     print(format_table(results))

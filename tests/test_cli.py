@@ -284,3 +284,34 @@ def test_a_timm_that_does_not_import_is_named_for_what_failed(tmp_path, monkeypa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "timm is installed but does not import" in err and "torchvision" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_data_error_is_one_line_exit_2_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    """A corrupt image in a folder dataset, and a download that fails into a data dir that does
+    not exist: one line, exit 2, no traceback, no output folder, no data folder left behind."""
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
+    (tmp_path / "images" / "b" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{tmp_path / 'images'}", "--out", str(out), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read image" in err and "broken.png" in err
+    assert not out.exists()
+
+    def offline(url, timeout=None):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data_dir = tmp_path / "nonexistent" / "dir"
+    assert main(["train", "--dataset", "cifar100", "--data-dir", str(data_dir), "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("mgit-fast train: --dataset cifar100: ") and "network is unreachable" in last
+    assert not (tmp_path / "nonexistent").exists() and not (tmp_path / "home").exists() and not out.exists()

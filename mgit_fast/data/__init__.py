@@ -2,6 +2,7 @@
 and SVHN from their standard files, and image folders (``folder:PATH``)."""
 from .datasets import (
     DATASETS,
+    DatasetError,
     Split,
     check_dataset_name,
     dataset_choices_help,
@@ -15,6 +16,7 @@ from .datasets import (
 
 __all__ = [
     "DATASETS",
+    "DatasetError",
     "Split",
     "check_dataset_name",
     "dataset_choices_help",

@@ -149,6 +149,34 @@ def load_dataset(
     which files to put where. The new datasets are standardised per channel by training-set
     statistics. ``test_fraction`` and ``split_seed`` set the stratified split of ``digits``,
     ``synthetic`` and a folder without train/test; the split depends on them only."""
+    try:
+        return _load(name, data_dir, test_fraction, split_seed, image_size)
+    except FileNotFoundError as err:
+        raise DatasetNotFoundError(str(err)) from err
+    except ImportError as err:
+        raise DatasetImportError(str(err)) from err
+    except ValueError as err:
+        raise DatasetValueError(str(err)) from err
+
+
+class DatasetError(Exception):
+    """A dataset that cannot be loaded (also a FileNotFoundError, ImportError or ValueError, as
+    its cause was); its message is one line."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    pass
+
+
+class DatasetImportError(DatasetError, ImportError):
+    pass
+
+
+class DatasetValueError(DatasetError, ValueError):
+    pass
+
+
+def _load(name, data_dir, test_fraction, split_seed, image_size) -> Split:
     problem = check_dataset_name(name)
     if problem is not None:
         missing = isinstance(name, str) and name.startswith(FOLDER_PREFIX) and not _folder_path(name).exists()
@@ -263,7 +291,20 @@ def _fetch_missing(name: str, remotes: List[Tuple[_Remote, Path]], alternative: 
 def _download(remote: _Remote, dest: Path) -> None:
     """Fetches ``remote`` into a hidden temporary file beside ``dest``, renamed to ``dest`` only
     when complete and matching its MD5; nothing is left behind otherwise."""
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # removed on failure
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _fetch(remote, dest)
+    except BaseException:
+        for folder in created:  # deepest first; one a concurrent writer filled stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _fetch(remote: _Remote, dest: Path) -> None:
     print(f"mgit-fast: downloading {remote.url} to {dest}", file=sys.stderr, flush=True)
     fd, part = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
