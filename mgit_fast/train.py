@@ -18,7 +18,10 @@ import importlib.util
 import json
 import math
 import os
+import platform
+import subprocess
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
@@ -302,6 +305,15 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
         "mgit": {"test_accuracy": [], "aux_test_accuracy": [], "history": []},
     }
     arms = 2 if cfg.baseline else 1
+    saved = {}  # (arm, seed): what models/<arm>_seed<seed>.pt holds (CPU copies)
+    shape = {"image": list(full.x_train.shape[1:]), "num_classes": full.num_classes}
+
+    def keep(arm, seed, primary, whole=None):
+        state = {"primary": {k: v.detach().cpu().clone() for k, v in primary.state_dict().items()}, **shape}
+        if whole is not None:
+            state["mgit"] = _to_cpu(whole.state_dict())
+        saved[arm, seed] = state
+
     start = time.perf_counter()
     with tqdm(total=arms * cfg.epochs * len(cfg.seeds), desc="mgit-fast train", disable=not show_progress) as bar:
         for seed in cfg.seeds:
@@ -317,6 +329,7 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
                 history = _run_arm(BaselineStep(model, cfg), {"test_accuracy": model}, data, cfg, seed, ranks, bar)
                 results["baseline"]["test_accuracy"].append(history["test_accuracy"][-1])
                 results["baseline"]["history"].append(history)
+                keep("baseline", seed, model)
 
             bar.set_postfix(seed=seed, arm="mgit")
             primary = copy.deepcopy(initial)
@@ -342,6 +355,7 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
             results["mgit"]["test_accuracy"].append(history["test_accuracy"][-1])
             results["mgit"]["aux_test_accuracy"].append(history["aux_test_accuracy"][-1])
             results["mgit"]["history"].append(history)
+            keep("mgit", seed, primary, mgit)
 
     for arm in results.values():
         for key in [k for k in arm if k.endswith("accuracy")]:
@@ -360,6 +374,9 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
         test_images=len(data.x_test),
         torch=torch.__version__,
         mgit_fast=_version(),
+        torch_threads=torch.get_num_threads(),
+        cpu=_cpu_name(),
+        git_commit=_git_commit(),
     )
     results["seconds"] = time.perf_counter() - start
     if out_dir is not None and ranks.rank == 0:
@@ -367,7 +384,58 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(results, indent=2))
         plot(results, out / "training.png")
+        (out / "models").mkdir(exist_ok=True)
+        for (arm, seed), state in saved.items():
+            torch.save(state, out / "models" / f"{arm}_seed{seed}.pt")
     return results
+
+
+def load_trained(out_dir: Union[str, Path], arm: str = "mgit", seed: int = 0) -> nn.Module:
+    """The primary that ``mgit-fast train --out OUT_DIR`` trained for ``arm`` ("mgit" or
+    "baseline") and ``seed``, rebuilt from ``metrics.json``'s config and loaded from
+    ``models/<arm>_seed<seed>.pt`` (on the CPU, in eval mode). That file also holds, for the
+    MGiT arm, the whole ``FusedMGiT`` state (``"mgit"``: both models, the optimizer's moments
+    and step) for ``FusedMGiT.load_state_dict`` to resume from."""
+    out = Path(out_dir)
+    path = out / "models" / f"{arm}_seed{seed}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (arm is 'mgit' or 'baseline'; the seeds run are in metrics.json)")
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    cfg = TrainConfig(**{f.name: config[f.name] for f in dataclasses.fields(TrainConfig) if f.name in config})
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    shape = types.SimpleNamespace(x_train=torch.empty(1, *state["image"]), num_classes=state["num_classes"])
+    model = build_model(cfg, shape)
+    model.load_state_dict(state["primary"])
+    return model.eval()
+
+
+def _to_cpu(value):
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} ({len(names)} logical)" if names else platform.processor() or "unknown"
+    except OSError:
+        return platform.processor() or "unknown"
+
+
+def _git_commit() -> Optional[str]:
+    """The commit of the source tree this package runs from, when it is a git checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _version() -> str:
