@@ -342,3 +342,9 @@ def test_trained_models_are_saved_and_load_to_predict_as_trained(tmp_path):
     assert config["torch_threads"] == torch.get_num_threads() and config["cpu"] and "git_commit" in config
     with pytest.raises(FileNotFoundError, match="seeds run"):
         load_trained(tmp_path, "mgit", 7)
+
+
+def test_mnist5k_images_are_28_pixels_for_the_mask_rank_check(capsys):
+    """7×7 patches of 4 pixels: --mask-rank up to 49 (the check once assumed 32-pixel images)."""
+    assert main(["train", "--dataset", "mnist5k", "--attention", "ibit", "--mask-rank", "50"]) == 2
+    assert "--mask-rank must be in [1, 49]" in capsys.readouterr().err

