@@ -308,7 +308,7 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
     saved = {}  # (arm, seed): what models/<arm>_seed<seed>.pt holds (CPU copies)
     shape = {"image": list(full.x_train.shape[1:]), "num_classes": full.num_classes}
 
-    def keep(arm, seed, primary, whole=None):
+    def save(arm, seed, primary, whole=None):
         state = {"primary": {k: v.detach().cpu().clone() for k, v in primary.state_dict().items()}, **shape}
         if whole is not None:
             state["mgit"] = _to_cpu(whole.state_dict())
@@ -319,8 +319,8 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
         for seed in cfg.seeds:
             data = full
             if cfg.train_per_class is not None:  # few-shot: a per-class draw of its own for each seed
-                keep = per_class_subset(full.y_train, cfg.train_per_class, seed)
-                data = full._replace(x_train=full.x_train[keep], y_train=full.y_train[keep])
+                chosen = per_class_subset(full.y_train, cfg.train_per_class, seed)
+                data = full._replace(x_train=full.x_train[chosen], y_train=full.y_train[chosen])
             torch.manual_seed(seed)
             initial = build_model(cfg, data).to(device)
             if cfg.baseline:
@@ -329,7 +329,7 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
                 history = _run_arm(BaselineStep(model, cfg), {"test_accuracy": model}, data, cfg, seed, ranks, bar)
                 results["baseline"]["test_accuracy"].append(history["test_accuracy"][-1])
                 results["baseline"]["history"].append(history)
-                keep("baseline", seed, model)
+                save("baseline", seed, model)
 
             bar.set_postfix(seed=seed, arm="mgit")
             primary = copy.deepcopy(initial)
@@ -355,7 +355,7 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
             results["mgit"]["test_accuracy"].append(history["test_accuracy"][-1])
             results["mgit"]["aux_test_accuracy"].append(history["aux_test_accuracy"][-1])
             results["mgit"]["history"].append(history)
-            keep("mgit", seed, primary, mgit)
+            save("mgit", seed, primary, mgit)
 
     for arm in results.values():
         for key in [k for k in arm if k.endswith("accuracy")]:

@@ -110,7 +110,7 @@ def test_every_option_says_what_it_is_and_its_default():
             continue
         assert action.help, action.option_strings
         if not isinstance(action, argparse._StoreTrueAction):
-            assert "%(default)" in train.formatter_class(prog="x")._get_help_string(action), action.option_strings
+            assert "(default:" in train.formatter_class(prog="x")._get_help_string(action), action.option_strings
 
 
 def test_cli_error_runs_as_a_process_without_traceback(tmp_path):

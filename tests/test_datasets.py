@@ -225,7 +225,7 @@ def test_image_folder_train_test_layout(tmp_path):
 
 
 def test_dataset_names(tmp_path):
-    assert DATASETS == ("digits", "synthetic", "cifar10", "cifar100", "svhn")
+    assert DATASETS == ("digits", "synthetic", "mnist5k", "cifar10", "cifar100", "svhn")
     assert "folder:PATH" in dataset_choices_help()
     for name in DATASETS:
         assert check_dataset_name(name) is None
