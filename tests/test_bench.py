@@ -25,9 +25,11 @@ def outside_xdist():
 
 
 def bench_module(name):
-    """A module of bench/ (which is not a package), imported with bench/ on sys.path."""
+    """A module of bench/ (which is not a package), imported with bench/ on sys.path: last, so
+    `conftest` stays the tests' own (bench/ has one too) for this process and the processes it
+    spawns, which import test modules by name."""
     if str(ROOT / "bench") not in sys.path:
-        sys.path.insert(0, str(ROOT / "bench"))
+        sys.path.append(str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location(f"mgit_bench_{name}", ROOT / "bench" / f"{name}.py")
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
     spec.loader.exec_module(module)
