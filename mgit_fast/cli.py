@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "timm:NAME (a timm ViT, e.g. timm:vit_tiny_patch16_224, built at the data's image size with --patch-size "
         "and --drop-path)")
     add("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    add("--eval-every", type=int, default=d.eval_every,
+        help="measure test accuracy after every k-th epoch and after the last (evaluation can cost more "
+             "than training on a few-shot set)")
     add("--seeds", type=int, default=len(d.seeds), help="number of seeds (0, 1, ...)")
     add("--batch-size", type=int, default=d.batch_size, help="images per step")
     add("--lr", type=float, default=d.lr, help="peak AdamW learning rate (warm-up, then cosine decay)")
@@ -115,7 +118,7 @@ def validate(args: argparse.Namespace) -> Optional[str]:
     Checks everything that would otherwise fail after training began; creates --out."""
     inf = math.inf
     ranges = [
-        ("--epochs", args.epochs, 1, inf), ("--seeds", args.seeds, 1, inf), ("--batch-size", args.batch_size, 1, inf),
+        ("--epochs", args.epochs, 1, inf), ("--eval-every", args.eval_every, 1, inf), ("--seeds", args.seeds, 1, inf), ("--batch-size", args.batch_size, 1, inf),
         ("--patch-size", args.patch_size, 1, inf), ("--depth", args.depth, 1, inf), ("--embed-dim", args.embed_dim, 1, inf),
         ("--num-heads", args.num_heads, 1, inf), ("--weight-decay", args.weight_decay, 0, inf),
         ("--js-weight", args.js_weight, 0, inf), ("--mix-max", args.mix_max, 0, 1), ("--average", args.average, 0, 1),
@@ -240,6 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         train_per_class=args.train_per_class,
         model=args.model,
         epochs=args.epochs,
+        eval_every=args.eval_every,
         seeds=list(range(args.seeds)),
         batch_size=args.batch_size,
         lr=args.lr,

@@ -48,6 +48,7 @@ class TrainConfig:
     train_per_class: Optional[int] = None  # few-shot: this many training images per class, drawn per seed
     model: str = "vit"  # the built-in ViT, or "timm:NAME" (a timm model at the data's image size)
     epochs: int = 20
+    eval_every: int = 1  # test accuracy after every k-th epoch and after the last
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     batch_size: int = 32
     lr: float = 1e-3
@@ -184,7 +185,7 @@ def _run_arm(
     batches = torch.Generator().manual_seed(seed)  # order and augmentation, shared by both arms
     history: Dict[str, List[float]] = {}
     step = 0
-    for _ in range(cfg.epochs):
+    for epoch in range(1, cfg.epochs + 1):
         for m in evaluate.values():
             m.train()
         sums: Dict[str, Tensor] = {}
@@ -206,8 +207,10 @@ def _run_arm(
             means = torch.stack(list(sums.values())).tolist()
             for key, total in zip(sums, means):
                 history.setdefault(key, []).append(total / steps_per_epoch)
-        for name, model in evaluate.items():
-            history.setdefault(name, []).append(accuracy(model, x_test, y_test))
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:  # evaluation draws no random numbers
+            history.setdefault("eval_epochs", []).append(epoch)
+            for name, model in evaluate.items():
+                history.setdefault(name, []).append(accuracy(model, x_test, y_test))
         progress.update(1)
     return history
 
@@ -500,8 +503,8 @@ def figure(results: dict, plt):
         rows = [h[key] for h in histories if key in h]
         return torch.tensor(rows, dtype=torch.float64) if rows else None
 
-    def draw(ax, values, label, color, **style):
-        epochs = range(1, values.shape[1] + 1)
+    def draw(ax, values, label, color, epochs=None, **style):
+        epochs = epochs or range(1, values.shape[1] + 1)
         ax.plot(epochs, values.mean(0).tolist(), label=label, color=color, **style)
         if values.shape[0] > 1:
             ax.fill_between(epochs, values.min(0).values.tolist(), values.max(0).values.tolist(),
@@ -516,16 +519,18 @@ def figure(results: dict, plt):
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, (key, title, ylabel) in zip(axes, panels):
         drawn = []
+        # accuracies exist at the evaluated epochs (the same for every arm and seed), the rest per epoch
+        at = results["mgit"]["history"][0].get("eval_epochs") if key == "test_accuracy" else None
         for arm, label in (("baseline", "baseline"),
                            ("mgit", "MGiT primary" if key in ("ce_primary", "test_accuracy") else "MGiT")):
             values = curves(results[arm]["history"], key)
             if values is not None:
-                draw(ax, values, label, ARM_COLORS[arm])
+                draw(ax, values, label, ARM_COLORS[arm], at)
                 drawn.append(values)
         if key == "test_accuracy":
             values = curves(results["mgit"]["history"], "aux_test_accuracy")
             if values is not None:
-                draw(ax, values, "MGiT auxiliary", ARM_COLORS["auxiliary"], linestyle="--")
+                draw(ax, values, "MGiT auxiliary", ARM_COLORS["auxiliary"], at, linestyle="--")
                 drawn.append(values)
             late = [v[:, v.shape[1] // 2:] for v in drawn if v.shape[1]]
             if late:

@@ -61,6 +61,28 @@ def test_uncoupled_mgit_primary_is_the_baseline(drop_path):
         assert base["ce_primary"] == pytest.approx(mgit["ce_primary"], rel=1e-6)
 
 
+def test_evaluating_less_often_trains_the_same_models():
+    """--eval-every k measures after every k-th epoch and the last, and changes nothing else:
+    training statistics and final accuracies equal those of evaluating every epoch."""
+    cfg = dict(TINY, epochs=4, seeds=[0])
+    every = train(TrainConfig(**cfg), show_progress=False)
+    sparse = train(TrainConfig(eval_every=3, **cfg), show_progress=False)
+    for arm in ("baseline", "mgit"):
+        assert sparse[arm]["test_accuracy"] == every[arm]["test_accuracy"]
+        full, few = every[arm]["history"][0], sparse[arm]["history"][0]
+        assert full["eval_epochs"] == [1, 2, 3, 4] and few["eval_epochs"] == [3, 4]
+        assert few["test_accuracy"] == [full["test_accuracy"][2], full["test_accuracy"][3]]
+        assert few["ce_primary"] == full["ce_primary"]
+    from mgit_fast.train import figure
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = next(ax for ax in figure(sparse, plt).axes if ax.get_title() == "test accuracy")
+    assert all(list(line.get_xdata()) == [3, 4] for line in accuracy.get_lines())
+    plt.close("all")
+
+
 def test_coupled_mgit_primary_differs_from_the_baseline():
     """The converse, so the fairness test can fail: with the default coupling the primary's
     training differs from the baseline's."""
