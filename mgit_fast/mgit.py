@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from . import _checks, functional
 from .attention import FusedAttention
+from .integrations import huggingface
 from .loss import MGiTLoss
 from .models.auxiliary import make_auxiliary
 from .optim import MultiGradientAdamW, Pairing
@@ -55,6 +56,11 @@ class LossScale:
         torch._amp_update_scale_(self.scale, self.clean_steps, skipped.float(), 2.0, 0.5, self.growth_interval)
 
 
+def _logits(out) -> Tensor:
+    """A model's logits: its output, or the ``.logits`` of a transformers output."""
+    return out if isinstance(out, Tensor) else out.logits
+
+
 class FusedMGiT(nn.Module):
     """MGiT training of ``primary`` beside a compact ``auxiliary`` (DESIGN §1).
 
@@ -68,7 +74,9 @@ class FusedMGiT(nn.Module):
     ``fuse_attention`` (default) swaps every timm-style attention module of both models for
     ``FusedAttention`` in place, keeping the weights (``patch_vit``); a model it cannot swap
     (attention dropout, q/k norm) raises ``ValueError``: pass ``fuse_attention=False`` to keep
-    the model's own attention.
+    the model's own attention. A transformers vision model (ViT, DeiT, Dinov2, ...) instead gets
+    ``set_attn_implementation("mgit_fast")`` (``mgit_fast.integrations.huggingface``); its
+    ``.logits`` are the logits.
     ``backend`` (``"torch"``/``"triton"``/None) is applied to the loss, the update and every
     ``FusedAttention`` of both models. ``amp_dtype``: see ``autocast_dtype``; float16 adds
     dynamic loss scaling on the device (``loss_scale``, a ``LossScale``; overflowing steps are
@@ -127,12 +135,17 @@ class FusedMGiT(nn.Module):
         if auxiliary is not None and not isinstance(auxiliary, nn.Module):
             raise TypeError(f"auxiliary must be an nn.Module or None, got {type(auxiliary).__name__}")
         if fuse_attention:  # timm-style attention → FusedAttention, in place (checked before any swap)
-            models = [m for m in (primary, auxiliary) if m is not None]
+            models = [m for m in (primary, auxiliary) if m is not None and not huggingface.is_transformers_model(m)]
             for dry_run in (True, False):
                 for model in models:
                     patch_vit(model, backend=backend, dry_run=dry_run)
         self.primary = primary
         self.auxiliary = auxiliary if auxiliary is not None else make_auxiliary(primary, aux_depth, seed=aux_seed)
+        if fuse_attention:  # transformers models: the fused attention through their attention registry
+            for model in (self.primary, self.auxiliary):
+                if huggingface.is_transformers_model(model):
+                    huggingface.register()
+                    model.set_attn_implementation(huggingface.name_for(backend))
         autocast_dtype(amp_dtype, "cpu")  # validates
         self.amp_dtype = amp_dtype
         device = next(primary.parameters()).device
@@ -219,14 +232,14 @@ class FusedMGiT(nn.Module):
         primary, auxiliary = self._replicas or (self.primary, self.auxiliary)
         streams = self._fork(x)  # overlap: before the primary's forward, so both models run at once
         with autocast:
-            logits_primary = primary(x)
+            logits_primary = _logits(primary(x))
         if streams is None:
             with autocast:
-                logits_auxiliary = auxiliary(x)
+                logits_auxiliary = _logits(auxiliary(x))
         else:  # the auxiliary on the side stream; autograd runs its backward there too
             current, side = streams
             with torch.cuda.stream(side), autocast:
-                logits_auxiliary = auxiliary(x)
+                logits_auxiliary = _logits(auxiliary(x))
             current.wait_stream(side)  # the loss reads both logits
             logits_auxiliary.record_stream(current)
         with self._reading(hyperparameters):

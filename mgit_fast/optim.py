@@ -14,6 +14,7 @@ Pairing = Union[str, Sequence[str]]
 Hyper = Union[float, Tensor]
 HYPERPARAMETERS = ("mix", "mix_max", "average", "max_grad_norm")  # each a float or a 0-dim device tensor
 PAIRINGS = ("head", "all", "none")
+HEAD_PREFIXES = ("head.", "classifier.")  # where timm / mgit_fast and transformers keep the classifier
 
 
 def decays(name: str, param: Tensor, no_weight_decay: set) -> bool:
@@ -45,7 +46,8 @@ def pair_parameters(
 ) -> List[Tuple[int, int]]:
     """Index pairs ``(i, j)`` of primary and auxiliary parameters with the same name and shape.
 
-    ``"head"`` pairs the classifier (names under ``head.``), ``"all"`` every match, ``"none"``
+    ``"head"`` pairs the classifier (names under ``head.``, timm's and mgit_fast's, or
+    ``classifier.``, transformers'), ``"all"`` every match, ``"none"``
     nothing; a list of names pairs exactly those (each must exist in both with one shape).
     """
     auxiliary_index = {name: j for j, (name, _) in enumerate(named_auxiliary)}
@@ -64,7 +66,7 @@ def pair_parameters(
         chosen = [
             (i, name, p)
             for i, (name, p) in enumerate(named_primary)
-            if pairing == "all" or name.startswith("head.")
+            if pairing == "all" or name.startswith(HEAD_PREFIXES)
         ]
         pairs = [pair for pair in (match(*c) for c in chosen) if pair is not None]
         if not pairs and named_auxiliary:

@@ -5,7 +5,8 @@
 - Tests marked ``@pytest.mark.cuda`` are skipped when no CUDA GPU is available; without one,
   ``TRITON_INTERPRET=1`` is set so the Triton kernels run (slowly) on the CPU.
 - Without a torchvision that imports, ``tests/stand_ins`` (a torchvision stand-in) goes on
-  ``sys.path`` so timm's model code imports.
+  ``sys.path`` so timm's model code imports (transformers, which runs without torchvision, is
+  told there is none first).
 - Every test starts from a torch seed derived from its node id (``seed`` fixture, autouse), so
   inputs are random but reproducible and differ between tests.
 - Under the interpreter every kernel launch is memory-checked (``memcheck.py``: out-of-bounds
@@ -41,6 +42,12 @@ try:
 except Exception:  # ImportError, or a CUDA build's operator registration failing
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
+    try:  # transformers runs without torchvision: it caches that before it could see the stand-in
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available()
+    except ImportError:
+        pass
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "stand_ins"))
 
 # The tests use tiny tensors: one intra-op thread is faster than two and cannot stall when
