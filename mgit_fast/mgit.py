@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -201,6 +201,12 @@ class FusedMGiT(nn.Module):
         batch is refused. A batch whose labels are all ``ignore_index`` has no loss gradient,
         but the update still runs, as a zero-gradient ``torch.optim.AdamW`` step would: weight
         decay and the moments' momentum move the weights, and the step count advances."""
+        self._check_batch(x, y)
+        if self.graph and _is_cuda(x):
+            return self._graph_step(x, y)
+        return self._step(x, y)
+
+    def _check_batch(self, x: Tensor, y: Tensor) -> None:
         _checks.tensor("x", x)
         if x.dtype == torch.float64 and (dtype := next(self.primary.parameters()).dtype) != torch.float64:
             raise TypeError(f"x must have the models' dtype {dtype} (or a lower precision under autocast), got float64")
@@ -214,12 +220,12 @@ class FusedMGiT(nn.Module):
         if x.device != device:
             raise ValueError(f"x is on {x.device} but the models are on {device}")
 
-        if self.graph and _is_cuda(x):
-            return self._graph_step(x, y)
-        return self._step(x, y)
-
-    def _step(self, x: Tensor, y: Tensor, hyperparameters: Optional[Dict[Tuple[str, str], Tensor]] = None
-              ) -> Dict[str, Tensor]:
+    def _step(self, x: Tensor, y: Tensor, hyperparameters: Optional[Dict[Tuple[str, str], Tensor]] = None,
+              trainer: Optional[Tuple[Callable, Callable, bool]] = None) -> Dict[str, Tensor]:
+        """One eager step. ``trainer``: (backward(loss), step(**optimizer.step's arguments),
+        whether to average the statistics across ranks) of a trainer that owns the backward, the
+        optimizer step and the gradient averaging (Lightning: ``manual_backward``, its wrapped
+        optimizer's ``step``, its DistributedDataParallel)."""
         # gradients start as None, so autograd writes fresh ones instead of zeroing and adding
         # (16 B/param less); inside a capture they come from the graph's private pool, where
         # every replay writes them again at the captured addresses
@@ -245,16 +251,17 @@ class FusedMGiT(nn.Module):
         with self._reading(hyperparameters):
             out = self.criterion(logits_primary, logits_auxiliary, y)
         scale = self.loss_scale.scale if amp == torch.float16 else None
-        (out.loss if scale is None else out.loss * scale).backward()
+        backward, optimizer_step, reduce = trainer or (Tensor.backward, self.optimizer.step, self._replicas is not None)
+        backward(out.loss if scale is None else out.loss * scale)
         if streams is not None:
             current.wait_stream(side)  # the auxiliary's gradients are complete before the update
         stats = torch.stack([o.detach() for o in out])  # loss, ce_primary, ce_auxiliary, js
-        if self._replicas is not None:  # μ and the reported values from the global batch
+        if reduce:  # μ and the reported values from the global batch
             torch.distributed.all_reduce(stats)
             stats /= _world_size()
         loss, ce_primary, ce_auxiliary, js = stats.unbind(0)
         with self._reading(hyperparameters):
-            update = self.optimizer.step(ce_primary, ce_auxiliary, grad_scale=scale)
+            update = optimizer_step(ce_primary=ce_primary, ce_auxiliary=ce_auxiliary, grad_scale=scale)
         if scale is not None:
             self.loss_scale.update(update.skipped)
         mix = update.mix

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import types
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -175,13 +175,19 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         ce_primary: Optional[Union[Tensor, float]] = None,
         ce_auxiliary: Optional[Union[Tensor, float]] = None,
         grad_scale: Optional[Tensor] = None,
+        closure: Optional[Callable[[], Any]] = None,
     ) -> MultiGradientStepOutput:
         """One update of both models. ``ce_primary``/``ce_auxiliary`` (0-dim tensors, e.g. the
         outputs of ``MGiTLoss``) are needed for ``mix="adaptive"``. ``grad_scale``: a 0-dim
         device tensor S when the gradients come from a loss multiplied by S (fp16 loss
         scaling); they are divided by S (an overflow is non-finite, so it skips the step).
+        ``closure`` (torch.optim's convention, which trainers such as Lightning use to run their
+        hooks): called first, with gradients enabled; its result is not used.
         Returns μ, the two gradient norms (unscaled) and the skip flag, all device tensors;
         nothing synchronises."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
         self._check_hyperparameter_devices(self.step_count.device)
         mix = self.mix if self.named_auxiliary else 0.0
         if isinstance(mix, str):
