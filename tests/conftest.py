@@ -38,22 +38,28 @@ if INTERPRETING:
 # CPU torch: without a working one, timm is imported here with the stand-in in tests/stand_ins,
 # which is then withdrawn, so libraries that run without torchvision (transformers, Lightning's
 # torchmetrics) see none rather than a stand-in they would import more of.
-try:
-    import torchvision  # noqa: F401
-except Exception:  # ImportError, or a CUDA build's operator registration failing
+def _torchvision_works() -> bool:
+    try:
+        import torchvision
+    except Exception:  # ImportError, or a CUDA build's operator registration failing
+        return False
+    return not str(getattr(torchvision, "__version__", "")).endswith("+stand-in")  # (PYTHONPATH may hold it)
+
+
+if not _torchvision_works():
     def _forget_torchvision():
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
 
     _forget_torchvision()
-    _stand_ins = os.path.join(os.path.dirname(__file__), "stand_ins")
+    _stand_ins = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stand_ins")
     sys.path.insert(0, _stand_ins)
     try:
         import timm  # noqa: F401
     except ImportError:
         pass
     finally:
-        sys.path.remove(_stand_ins)
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _stand_ins]
         _forget_torchvision()
 
 # The tests use tiny tensors: one intra-op thread is faster than two and cannot stall when

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_rel_close
+
+pytest.importorskip("transformers", reason="the huggingface extra (installed with the test extra)")
 from transformers import (Dinov2Config, Dinov2ForImageClassification, ViTConfig, ViTForImageClassification)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -8,8 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import lightning as L
 import pytest
+
+L = pytest.importorskip("lightning", reason="the lightning extra (installed with the test extra)")
 import torch
 from conftest import assert_rel_close
 from torch.utils.data import DataLoader, TensorDataset
