@@ -97,6 +97,11 @@ def test_what_it_does_not_support_is_refused():
         MGiTModule(vit(), graph=True)
     with pytest.raises(TypeError, match="scheduler"):
         MGiTModule(vit(), scheduler="cosine")
+    module = MGiTModule(vit())
+    before = parameters(module)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        trainer(max_epochs=1, precision="bf16-mixed").fit(module, loaders()[0])
+    assert all(torch.equal(a, b) for a, b in zip(parameters(module), before))
 
 
 @pytest.mark.slow

@@ -18,7 +18,9 @@ optimizer (moments, step count, μ's state) and the scheduler; resuming with
 ``Trainer(strategy="ddp", devices=K)``: Lightning's DistributedDataParallel averages the
 gradients, the statistics (and so μ) are averaged across ranks, so K ranks step like one process
 on the K-fold batch, as ``FusedMGiT`` under ``torchrun``. Not supported here: ``graph=True``
-(Lightning's hooks run inside the step; use ``FusedMGiT`` directly), ``overlap=True`` under DDP.
+(Lightning's hooks run inside the step; use ``FusedMGiT`` directly), ``overlap=True`` under DDP,
+Lightning's mixed-precision plugins (``amp_dtype=`` gives FusedMGiT's own autocast and loss
+scaling; a ``precision`` other than ``"32-true"`` is refused when fitting starts).
 """
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ class MGiTModule(L.LightningModule):
         self.mgit = FusedMGiT(primary, **options)
         self.mgit._replicas = None  # under Lightning its own DistributedDataParallel averages the gradients
         self.scheduler = scheduler
+
+    def on_fit_start(self) -> None:
+        if self.trainer.precision not in ("32-true", "64-true"):
+            raise ValueError(f"MGiTModule runs at Trainer(precision='32-true'), got {self.trainer.precision!r}: "
+                             "pass amp_dtype=torch.bfloat16 / torch.float16 for FusedMGiT's own autocast and "
+                             "loss scaling")
 
     def forward(self, x: torch.Tensor):
         """The primary's output (inference uses the primary alone)."""
