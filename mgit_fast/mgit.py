@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import _checks, functional
 from .attention import FusedAttention
+from .integrations import huggingface
 from .loss import MGiTLoss
 from .models.auxiliary import make_auxiliary
 from .optim import MultiGradientAdamW, Pairing
@@ -55,6 +56,11 @@ class LossScale:
         torch._amp_update_scale_(self.scale, self.clean_steps, skipped.float(), 2.0, 0.5, self.growth_interval)
 
 
+def _logits(out) -> Tensor:
+    """A model's logits: its output, or the ``.logits`` of a transformers output."""
+    return out if isinstance(out, Tensor) else out.logits
+
+
 class FusedMGiT(nn.Module):
     """MGiT training of ``primary`` beside a compact ``auxiliary`` (DESIGN §1).
 
@@ -68,7 +74,9 @@ class FusedMGiT(nn.Module):
     ``fuse_attention`` (default) swaps every timm-style attention module of both models for
     ``FusedAttention`` in place, keeping the weights (``patch_vit``); a model it cannot swap
     (attention dropout, q/k norm) raises ``ValueError``: pass ``fuse_attention=False`` to keep
-    the model's own attention.
+    the model's own attention. A transformers vision model (ViT, DeiT, Dinov2, ...) instead gets
+    ``set_attn_implementation("mgit_fast")`` (``mgit_fast.integrations.huggingface``); its
+    ``.logits`` are the logits.
     ``backend`` (``"torch"``/``"triton"``/None) is applied to the loss, the update and every
     ``FusedAttention`` of both models. ``amp_dtype``: see ``autocast_dtype``; float16 adds
     dynamic loss scaling on the device (``loss_scale``, a ``LossScale``; overflowing steps are
@@ -127,12 +135,17 @@ class FusedMGiT(nn.Module):
         if auxiliary is not None and not isinstance(auxiliary, nn.Module):
             raise TypeError(f"auxiliary must be an nn.Module or None, got {type(auxiliary).__name__}")
         if fuse_attention:  # timm-style attention → FusedAttention, in place (checked before any swap)
-            models = [m for m in (primary, auxiliary) if m is not None]
+            models = [m for m in (primary, auxiliary) if m is not None and not huggingface.is_transformers_model(m)]
             for dry_run in (True, False):
                 for model in models:
                     patch_vit(model, backend=backend, dry_run=dry_run)
         self.primary = primary
         self.auxiliary = auxiliary if auxiliary is not None else make_auxiliary(primary, aux_depth, seed=aux_seed)
+        if fuse_attention:  # transformers models: the fused attention through their attention registry
+            for model in (self.primary, self.auxiliary):
+                if huggingface.is_transformers_model(model):
+                    huggingface.register()
+                    model.set_attn_implementation(huggingface.name_for(backend))
         autocast_dtype(amp_dtype, "cpu")  # validates
         self.amp_dtype = amp_dtype
         device = next(primary.parameters()).device
@@ -188,6 +201,12 @@ class FusedMGiT(nn.Module):
         batch is refused. A batch whose labels are all ``ignore_index`` has no loss gradient,
         but the update still runs, as a zero-gradient ``torch.optim.AdamW`` step would: weight
         decay and the moments' momentum move the weights, and the step count advances."""
+        self._check_batch(x, y)
+        if self.graph and _is_cuda(x):
+            return self._graph_step(x, y)
+        return self._step(x, y)
+
+    def _check_batch(self, x: Tensor, y: Tensor) -> None:
         _checks.tensor("x", x)
         if x.dtype == torch.float64 and (dtype := next(self.primary.parameters()).dtype) != torch.float64:
             raise TypeError(f"x must have the models' dtype {dtype} (or a lower precision under autocast), got float64")
@@ -201,12 +220,12 @@ class FusedMGiT(nn.Module):
         if x.device != device:
             raise ValueError(f"x is on {x.device} but the models are on {device}")
 
-        if self.graph and _is_cuda(x):
-            return self._graph_step(x, y)
-        return self._step(x, y)
-
-    def _step(self, x: Tensor, y: Tensor, hyperparameters: Optional[Dict[Tuple[str, str], Tensor]] = None
-              ) -> Dict[str, Tensor]:
+    def _step(self, x: Tensor, y: Tensor, hyperparameters: Optional[Dict[Tuple[str, str], Tensor]] = None,
+              trainer: Optional[Tuple[Callable, Callable, bool]] = None) -> Dict[str, Tensor]:
+        """One eager step. ``trainer``: (backward(loss), step(**optimizer.step's arguments),
+        whether to average the statistics across ranks) of a trainer that owns the backward, the
+        optimizer step and the gradient averaging (Lightning: ``manual_backward``, its wrapped
+        optimizer's ``step``, its DistributedDataParallel)."""
         # gradients start as None, so autograd writes fresh ones instead of zeroing and adding
         # (16 B/param less); inside a capture they come from the graph's private pool, where
         # every replay writes them again at the captured addresses
@@ -219,29 +238,30 @@ class FusedMGiT(nn.Module):
         primary, auxiliary = self._replicas or (self.primary, self.auxiliary)
         streams = self._fork(x)  # overlap: before the primary's forward, so both models run at once
         with autocast:
-            logits_primary = primary(x)
+            logits_primary = _logits(primary(x))
         if streams is None:
             with autocast:
-                logits_auxiliary = auxiliary(x)
+                logits_auxiliary = _logits(auxiliary(x))
         else:  # the auxiliary on the side stream; autograd runs its backward there too
             current, side = streams
             with torch.cuda.stream(side), autocast:
-                logits_auxiliary = auxiliary(x)
+                logits_auxiliary = _logits(auxiliary(x))
             current.wait_stream(side)  # the loss reads both logits
             logits_auxiliary.record_stream(current)
         with self._reading(hyperparameters):
             out = self.criterion(logits_primary, logits_auxiliary, y)
         scale = self.loss_scale.scale if amp == torch.float16 else None
-        (out.loss if scale is None else out.loss * scale).backward()
+        backward, optimizer_step, reduce = trainer or (Tensor.backward, self.optimizer.step, self._replicas is not None)
+        backward(out.loss if scale is None else out.loss * scale)
         if streams is not None:
             current.wait_stream(side)  # the auxiliary's gradients are complete before the update
         stats = torch.stack([o.detach() for o in out])  # loss, ce_primary, ce_auxiliary, js
-        if self._replicas is not None:  # μ and the reported values from the global batch
+        if reduce:  # μ and the reported values from the global batch
             torch.distributed.all_reduce(stats)
             stats /= _world_size()
         loss, ce_primary, ce_auxiliary, js = stats.unbind(0)
         with self._reading(hyperparameters):
-            update = self.optimizer.step(ce_primary, ce_auxiliary, grad_scale=scale)
+            update = optimizer_step(ce_primary=ce_primary, ce_auxiliary=ce_auxiliary, grad_scale=scale)
         if scale is not None:
             self.loss_scale.update(update.skipped)
         mix = update.mix

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import types
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ Pairing = Union[str, Sequence[str]]
 Hyper = Union[float, Tensor]
 HYPERPARAMETERS = ("mix", "mix_max", "average", "max_grad_norm")  # each a float or a 0-dim device tensor
 PAIRINGS = ("head", "all", "none")
+HEAD_PREFIXES = ("head.", "classifier.")  # where timm / mgit_fast and transformers keep the classifier
 
 
 def decays(name: str, param: Tensor, no_weight_decay: set) -> bool:
@@ -45,7 +46,8 @@ def pair_parameters(
 ) -> List[Tuple[int, int]]:
     """Index pairs ``(i, j)`` of primary and auxiliary parameters with the same name and shape.
 
-    ``"head"`` pairs the classifier (names under ``head.``), ``"all"`` every match, ``"none"``
+    ``"head"`` pairs the classifier (names under ``head.``, timm's and mgit_fast's, or
+    ``classifier.``, transformers'), ``"all"`` every match, ``"none"``
     nothing; a list of names pairs exactly those (each must exist in both with one shape).
     """
     auxiliary_index = {name: j for j, (name, _) in enumerate(named_auxiliary)}
@@ -64,7 +66,7 @@ def pair_parameters(
         chosen = [
             (i, name, p)
             for i, (name, p) in enumerate(named_primary)
-            if pairing == "all" or name.startswith("head.")
+            if pairing == "all" or name.startswith(HEAD_PREFIXES)
         ]
         pairs = [pair for pair in (match(*c) for c in chosen) if pair is not None]
         if not pairs and named_auxiliary:
@@ -173,13 +175,19 @@ class MultiGradientAdamW(torch.optim.Optimizer):
         ce_primary: Optional[Union[Tensor, float]] = None,
         ce_auxiliary: Optional[Union[Tensor, float]] = None,
         grad_scale: Optional[Tensor] = None,
+        closure: Optional[Callable[[], Any]] = None,
     ) -> MultiGradientStepOutput:
         """One update of both models. ``ce_primary``/``ce_auxiliary`` (0-dim tensors, e.g. the
         outputs of ``MGiTLoss``) are needed for ``mix="adaptive"``. ``grad_scale``: a 0-dim
         device tensor S when the gradients come from a loss multiplied by S (fp16 loss
         scaling); they are divided by S (an overflow is non-finite, so it skips the step).
+        ``closure`` (torch.optim's convention, which trainers such as Lightning use to run their
+        hooks): called first, with gradients enabled; its result is not used.
         Returns μ, the two gradient norms (unscaled) and the skip flag, all device tensors;
         nothing synchronises."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
         self._check_hyperparameter_devices(self.step_count.device)
         mix = self.mix if self.named_auxiliary else 0.0
         if isinstance(mix, str):

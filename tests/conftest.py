@@ -4,8 +4,8 @@
   so a NaN can never pass a tolerance check); ``assert_rel_close(out, ref, tol)`` wraps it.
 - Tests marked ``@pytest.mark.cuda`` are skipped when no CUDA GPU is available; without one,
   ``TRITON_INTERPRET=1`` is set so the Triton kernels run (slowly) on the CPU.
-- Without a torchvision that imports, ``tests/stand_ins`` (a torchvision stand-in) goes on
-  ``sys.path`` so timm's model code imports.
+- Without a torchvision that imports, timm is imported with ``tests/stand_ins`` (a torchvision
+  stand-in) on ``sys.path``, which is withdrawn afterwards (see below).
 - Every test starts from a torch seed derived from its node id (``seed`` fixture, autouse), so
   inputs are random but reproducible and differ between tests.
 - Under the interpreter every kernel launch is memory-checked (``memcheck.py``: out-of-bounds
@@ -35,13 +35,32 @@ if INTERPRETING:
     memcheck.install()
 
 # timm imports torchvision at module level, and PyPI's torchvision does not import beside the
-# CPU torch: without a working one, timm gets the stand-in in tests/stand_ins.
-try:
-    import torchvision  # noqa: F401
-except Exception:  # ImportError, or a CUDA build's operator registration failing
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "stand_ins"))
+# CPU torch: without a working one, timm is imported here with the stand-in in tests/stand_ins,
+# which is then withdrawn, so libraries that run without torchvision (transformers, Lightning's
+# torchmetrics) see none rather than a stand-in they would import more of.
+def _torchvision_works() -> bool:
+    try:
+        import torchvision
+    except Exception:  # ImportError, or a CUDA build's operator registration failing
+        return False
+    return not str(getattr(torchvision, "__version__", "")).endswith("+stand-in")  # (PYTHONPATH may hold it)
+
+
+if not _torchvision_works():
+    def _forget_torchvision():
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+
+    _forget_torchvision()
+    _stand_ins = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stand_ins")
+    sys.path.insert(0, _stand_ins)
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _stand_ins]
+        _forget_torchvision()
 
 # The tests use tiny tensors: one intra-op thread is faster than two and cannot stall when
 # another process holds a core.

@@ -14,8 +14,11 @@ def test_kernels_install_under_the_package():
 
 
 def test_no_top_level_kernels_module(tmp_path):
-    # from an unrelated folder, so the repository root is not on sys.path
-    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('kernels') is not None)"
+    # from an unrelated folder, so the repository root is not on sys.path; a `kernels` there may be
+    # Hugging Face's (transformers installs it), never this repository's folder
+    ours = Path(__file__).resolve().parents[1] / "kernels"
+    code = ("import importlib.util, pathlib, sys; spec = importlib.util.find_spec('kernels'); "
+            f"sys.exit(spec is not None and pathlib.Path(spec.origin).resolve().parent == pathlib.Path({str(ours)!r}))")
     assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 0
 
 
