@@ -141,11 +141,11 @@ class FusedMGiT(nn.Module):
                     patch_vit(model, backend=backend, dry_run=dry_run)
         self.primary = primary
         self.auxiliary = auxiliary if auxiliary is not None else make_auxiliary(primary, aux_depth, seed=aux_seed)
-        if fuse_attention:  # transformers models: the fused attention through their attention registry
-            for model in (self.primary, self.auxiliary):
-                if huggingface.is_transformers_model(model):
-                    huggingface.register()
-                    model.set_attn_implementation(huggingface.name_for(backend))
+        transformers_models = [m for m in (self.primary, self.auxiliary) if huggingface.is_transformers_model(m)]
+        if fuse_attention and transformers_models:  # the fused attention through their attention registry
+            huggingface.register()
+            for model in transformers_models:
+                model.set_attn_implementation(huggingface.name_for(backend))
         autocast_dtype(amp_dtype, "cpu")  # validates
         self.amp_dtype = amp_dtype
         device = next(primary.parameters()).device
