@@ -98,7 +98,7 @@ def check_interpreted() -> None:
 
     from mgit_fast.kernels import attention, mgit_loss
 
-    for name, fn in (("mgit_loss", mgit_loss._mgit_loss_fwd_kernel), ("attention", attention.forward.attention_fwd_kernel.fn)):
+    for name, fn in (("mgit_loss", mgit_loss._mgit_loss_fwd_kernel), ("attention", attention.forward.attention_fwd_kernel)):
         if not isinstance(fn, InterpretedFunction):
             raise RuntimeError(f"host_overhead: the {name} kernels were not defined under TRITON_INTERPRET=1")
 

@@ -147,7 +147,7 @@ def test_ragged_lengths(N):
 TAIL_VARIANTS = ["plain", "lsa", "shared_bias", "batch_bias", "everything"]
 
 
-@pytest.mark.parametrize("N", [17, 63, 64, 65, 80, 197])
+@pytest.mark.parametrize("N", [17, 63, 64, 65, 80, 90, 197])
 @pytest.mark.parametrize(
     "dtype, variant",
     [(torch.bfloat16, v) for v in TAIL_VARIANTS] + [(torch.float16, "everything"), (torch.float32, "shared_bias"),
@@ -156,7 +156,8 @@ TAIL_VARIANTS = ["plain", "lsa", "shared_bias", "batch_bias", "everything"]
 def test_full_blocks_and_tails(N, dtype, variant):
     """Lengths around the tile sizes (D = 64: 64-row programs, 32-wide key blocks for fp16/bf16,
     16×16 for fp32): full unmasked blocks, narrow masked tails (16 wide for the lone last key or
-    query of N = 32·n + 1), and a leftover-rows program (its rows past N masked)."""
+    query of N = 32·n + 1; N = 90 leaves 26, two tail steps and one 32-wide tail tile in the
+    shared-gradient pass), and a leftover-rows program (its rows past N masked)."""
     B, H, D = 2, 2, 64
     scale, bias, diagonal = make_options(variant, B, H, N)
     inputs = dict(q=torch.randn(B, H, N, D, dtype=torch.float64), k=torch.randn(B, H, N, D, dtype=torch.float64),
@@ -235,22 +236,27 @@ def test_cuda_more_programs_than_two_waves(variant):
 
 
 @pytest.mark.parametrize("N, tail_m, tail_n, split", [(17, 32, 32, False), (64, 64, 0, True), (65, 16, 16, True),
-                                                     (197, 16, 16, True), (577, 16, 16, True)])
+                                                     (90, 32, 16, True), (197, 16, 16, True), (577, 16, 16, True)])
 def test_plan_covers_the_sequence(N, tail_m, tail_n, split):
-    """Full blocks plus one tail on each side cover exactly N positions; the first candidate is the
-    tile table's entry; every candidate shares the streamed side (so the sums' order)."""
+    """Full blocks plus one tail tile on the owned side, and full blocks plus TAIL_N-wide steps on
+    the streamed side, cover exactly N positions (the shared-gradient pass, whose columns are
+    tiles, not steps: one TAIL_N-wide tile); the first candidate is the tile table's entry; every
+    candidate shares the streamed side (so the sums' order)."""
     p = kernel.plan((2, 3, N, 64), torch.float16)
     first = p.fwd.configs[0]
-    assert (planning.tail_width(N % first.block_m, first.block_m), p.fwd.tail_n, p.fwd.split) == (tail_m, tail_n, split)
+    assert (first.tail_m, p.fwd.tail_n, p.fwd.split) == (tail_m, tail_n, split)
     assert (first.block_m, p.fwd.block_n, first.num_warps) == ((32, 32, 4) if N < 64 else (64, 32, 4))
+
+    def covered(block, tail, split, steps):
+        if not split:
+            return -(-N // block) * block
+        rest = N % block
+        return N - rest + (0 if rest == 0 else (-(-rest // tail) * tail if steps else tail))
+
     for kernel_plan in (p.fwd, p.dq, p.dkdv, p.shared):
         for c in kernel_plan.configs:
-            tail = planning.tail_width(N % c.block_m, c.block_m) if N % c.block_m else 0
-            assert N <= N // c.block_m * c.block_m + tail < N + 64
-        if kernel_plan.split:
-            streamed = N // kernel_plan.block_n * kernel_plan.block_n + (kernel_plan.tail_n if N % kernel_plan.block_n else 0)
-        else:
-            streamed = -(-N // kernel_plan.block_n) * kernel_plan.block_n
+            assert N <= covered(c.block_m, c.tail_m, kernel_plan.split, False) < N + c.block_m
+        streamed = covered(kernel_plan.block_n, kernel_plan.tail_n, kernel_plan.split, kernel_plan is not p.shared)
         assert N <= streamed < N + kernel_plan.block_n
     assert len(p.fwd.configs) == (2 if split else 1) and len(p.dkdv.configs) == len(p.shared.configs) == 1
     # a mask narrows the streamed keys of the dq kernel

@@ -18,7 +18,7 @@ import triton.language as tl
 from .. import on_device
 from .common import (head_scale, load_rows, load_vec, map_strides, map_tile, mm, program, scale_kind, scores,
                      store_rows)
-from .planning import launch, tail_width
+from .planning import launch
 
 @triton.jit
 def _store_map(ptrs, x, ok, MASKED: tl.constexpr):
@@ -113,7 +113,6 @@ def _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b
     store_rows(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), row_ok, MASK_ROWS)
 
 
-@triton.heuristics({"TAIL_M": lambda args: tail_width(args["N"] % args["BLOCK_M"], args["BLOCK_M"])})
 @triton.jit
 def attention_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, SCALE, BIAS, MASK, scale_value,
@@ -124,14 +123,10 @@ def attention_bwd_dq_kernel(
     DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, NEED_DSCALE: tl.constexpr, STORE_DBIAS: tl.constexpr,
     STORE_DMASK: tl.constexpr,
 ):
+    """One program per block of BLOCK_M queries, streaming the keys (blocks as in the forward)."""
     pid_m, bh, b, h = program(N, H, BLOCK_M)
     scale = head_scale(SCALE, scale_value, h, SCALE_KIND)
-    if not SPLIT:  # every block masked
-        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale,
-                 stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
-                 sbb, sbh, smb, smh, N, D, BLOCK_M, True, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
-                 DIAGONAL_MASK, PRECISION, NEED_DSCALE, STORE_DBIAS, STORE_DMASK)
-    elif pid_m < N // BLOCK_M:  # a full block of queries, else the leftover ones in a TAIL_M-row tile
+    if SPLIT and pid_m < N // BLOCK_M:
         _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale,
                  stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
                  sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
@@ -141,6 +136,7 @@ def attention_bwd_dq_kernel(
                  stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
                  sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
                  DIAGONAL_MASK, PRECISION, NEED_DSCALE, STORE_DBIAS, STORE_DMASK)
+
 
 @triton.jit
 def _dkdv_block(k, v, dk, dv, Q_bh, DO_bh, LSE, DELTA, BIAS, MASK, keys, start_m, scale_log2, b, h, bh, N,
@@ -222,7 +218,6 @@ def _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, start_n, s
     store_rows(DV + g_base + keys[:, None] * stride_gn + offs_d[None, :], dv.to(DV.dtype.element_ty), key_ok, MASK_KEYS)
 
 
-@triton.heuristics({"TAIL_M": lambda args: tail_width(args["N"] % args["BLOCK_M"], args["BLOCK_M"])})
 @triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, SCALE, BIAS, MASK, scale_value,
@@ -235,12 +230,7 @@ def attention_bwd_dkdv_kernel(
     """One program per block of BLOCK_M keys, streaming the queries."""
     pid_n, bh, b, h = program(N, H, BLOCK_M)
     scale = head_scale(SCALE, scale_value, h, SCALE_KIND)
-    if not SPLIT:  # every block masked
-        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
-                   stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
-                   sbb, sbh, smb, smh, N, D, BLOCK_M, True, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
-                   DIAGONAL_MASK, PRECISION)
-    elif pid_n < N // BLOCK_M:  # a full block of keys, else the leftover ones in a TAIL_M-row tile
+    if SPLIT and pid_n < N // BLOCK_M:
         _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
                    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
                    sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
@@ -251,6 +241,7 @@ def attention_bwd_dkdv_kernel(
                    sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
                    DIAGONAL_MASK, PRECISION)
 
+
 def backward_into(dout, q, k, v, out, lse, dq, dk, dv, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
                   dscale=None, dbias=None, dmask=None):
     """Writes dq, dk, dv ([B, H, N, D] views sharing one set of strides) and δ into `delta`
@@ -258,14 +249,14 @@ def backward_into(dout, q, k, v, out, lse, dq, dk, dv, delta, plan, scale, scale
     gradients into `dbias` / `dmask` (contiguous fp32 [B, H, N, N]). q, k, v share one set of
     strides and dout shares out's; scale, bias and mask as in `forward_into`."""
     B, H, N, D = q.shape
-    grid = lambda block_m: (triton.cdiv(N, block_m) * B * H,)  # noqa: E731
+    programs = lambda block_m: triton.cdiv(N, block_m) * B * H  # noqa: E731
     strides = (*q.stride()[:3], *out.stride()[:3], *dq.stride()[:3], *map_strides(bias), *map_strides(mask), H, N)
     constexprs = dict(D=D, SCALE_KIND=scale_kind(scale), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                       DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision)
     with on_device(q):
-        launch(attention_bwd_dq_kernel, plan.dq, grid, q.device,
+        launch(attention_bwd_dq_kernel, plan.dq, programs, q.device,
                (q, k, v, out, dout, lse, delta, dq, dscale, dbias, dmask, scale, bias, mask, scale_value, *strides),
                dict(constexprs, NEED_DSCALE=dscale is not None, STORE_DBIAS=dbias is not None,
                     STORE_DMASK=dmask is not None), ("NEED_DSCALE", "STORE_DBIAS", "STORE_DMASK"))
-        launch(attention_bwd_dkdv_kernel, plan.dkdv, grid, q.device,
+        launch(attention_bwd_dkdv_kernel, plan.dkdv, programs, q.device,
                (q, k, v, dout, lse, delta, dk, dv, scale, bias, mask, scale_value, *strides), constexprs)

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .. import on_device
 from .common import head_scale, load_rows, map_strides, map_tile, mm, program, scale_kind, scores, store_rows
-from .planning import launch, tail_width
+from .planning import launch
 
 
 @triton.jit
@@ -69,7 +69,6 @@ def _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, start_m, scale_log2, stride
         tl.store(LSE + bh * N + rows, lse)
 
 
-@triton.heuristics({"TAIL_M": lambda args: tail_width(args["N"] % args["BLOCK_M"], args["BLOCK_M"])})
 @triton.jit
 def attention_fwd_kernel(
     Q, K, V, O, LSE, SCALE, BIAS, MASK, scale_value, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on,
@@ -80,18 +79,15 @@ def attention_fwd_kernel(
 ):
     pid_m, bh, b, h = program(N, H, BLOCK_M)
     scale_log2 = head_scale(SCALE, scale_value, h, SCALE_KIND) * 1.4426950408889634
-    if not SPLIT:  # every block masked (a narrower code path: the split one spills on the fp32 / tf32 tiles)
-        _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2, stride_b, stride_h, stride_n,
-                  stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, N, D, BLOCK_M, True, BLOCK_N, TAIL_N,
-                  SPLIT, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
-    elif pid_m < N // BLOCK_M:  # a full block of queries, else the leftover ones in a TAIL_M-row tile
+    if SPLIT and pid_m < N // BLOCK_M:  # a full block of queries, unmasked
         _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2, stride_b, stride_h, stride_n,
                   stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N,
                   SPLIT, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
-    else:
+    else:  # the leftover queries in a TAIL_M-row tile; without SPLIT every block, masked (TAIL_M = BLOCK_M)
         _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2, stride_b, stride_h, stride_n,
                   stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N,
                   SPLIT, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
+
 
 def forward_into(q, k, v, out, lse, plan, scale, scale_value, bias, mask, diagonal_mask):
     """Writes attention of the [B, H, N, D] views q, k, v (one set of strides, unit stride on D)
@@ -104,6 +100,6 @@ def forward_into(q, k, v, out, lse, plan, scale, scale_value, bias, mask, diagon
     constexprs = dict(D=D, SCALE_KIND=scale_kind(scale), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                       DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision)
     with on_device(q):
-        launch(attention_fwd_kernel, plan.fwd, lambda block_m: (triton.cdiv(N, block_m) * B * H,), q.device, args,
+        launch(attention_fwd_kernel, plan.fwd, lambda block_m: triton.cdiv(N, block_m) * B * H, q.device, args,
                constexprs)
 

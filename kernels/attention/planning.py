@@ -89,9 +89,11 @@ def every_config():
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The owned side of one candidate: BLOCK_M positions per program, warps, stages."""
+    """The owned side of one candidate: BLOCK_M positions per program, the TAIL_M-row tile of the
+    leftover ones (BLOCK_M without a split: every block masked), warps, stages."""
 
     block_m: int
+    tail_m: int
     num_warps: int
     num_stages: int
 
@@ -178,9 +180,8 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
         cover = max(16, triton.next_power_of_2(N))
         block_m, block_n = min(block_m, cover), min(block_n, cover)
         tail_n = (0 if N % block_n == 0 else 16) if split else block_n  # split: 16-wide tail steps
-        configs = [Config(block_m, warps, stages)]
-        if more:
-            configs.append(Config(*more))
+        configs = [(block_m, warps, stages)] + ([more] if more else [])
+        configs = [Config(m, tail_width(N % m, m) if split else m, w, s) for m, w, s in configs]
         return KernelPlan(block_n, tail_n, split, tuple(dict.fromkeys(configs)))
 
     fwd_stages, dkdv_stages = split_stages or (stages, stages)
@@ -197,8 +198,8 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
     s_block_m, s_block_n, s_warps, s_stages = TILES[shared_precision][D]
     s_stages = 1 if shared_precision == "tf32" else min(split_stages[0] if split else s_stages, 2)
     shared = kernel("shared", s_block_m, s_block_n, s_warps, s_stages)
-    if shared.split and not shared.tail_n:  # never taken (BLOCK_N divides N), but compiled
-        shared = dataclasses.replace(shared, tail_n=shared.block_n)
+    if shared.split:  # its leftover columns are one tile (not streamed): as wide as they need
+        shared = dataclasses.replace(shared, tail_n=tail_width(N % shared.block_n, shared.block_n))
     return Plan(precision, fwd, dq, dkdv, shared)
 
 
@@ -222,12 +223,12 @@ _TUNED: Dict[Tuple[int, Tuple[Config, ...]], Callable] = {}
 
 
 def _tuned(kernel, configs: Tuple[Config, ...], key):
-    """`triton.autotune` over `configs` around `kernel` (a `triton.heuristics` object), one per list."""
+    """`triton.autotune` over `configs` around `kernel`, one per list."""
     ident = (id(kernel), configs)
     if ident not in _TUNED:
         _TUNED[ident] = triton.autotune(
-            [triton.Config({"BLOCK_M": c.block_m}, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
-            key=list(key), cache_results=True,
+            [triton.Config({"BLOCK_M": c.block_m, "TAIL_M": c.tail_m}, num_warps=c.num_warps, num_stages=c.num_stages)
+             for c in configs], key=list(key), cache_results=True,
         )(kernel)
     return _TUNED[ident]
 
@@ -236,16 +237,17 @@ def _tuned(kernel, configs: Tuple[Config, ...], key):
 TUNING_KEY = ("N", "D", "SCALE_KIND", "HAS_BIAS", "HAS_MASK", "DIAGONAL_MASK", "PRECISION", "BLOCK_N", "TAIL_N", "SPLIT")
 
 
-def launch(kernel, kernel_plan: KernelPlan, grid: Callable, device: torch.device, args, constexprs: dict,
+def launch(kernel, kernel_plan: KernelPlan, programs: Callable, device: torch.device, args, constexprs: dict,
            more_key: Tuple[str, ...] = ()) -> None:
-    """Launches `kernel` (a `triton.heuristics` object computing TAIL_M) with the plan's streamed
-    side and the owned side chosen as the module docstring says. `grid(BLOCK_M)` gives the grid;
-    `more_key` names the kernel's own flags the choice also depends on (see TUNING_KEY)."""
+    """Launches `kernel` over `programs(BLOCK_M)` programs with the plan's streamed side and the
+    owned side chosen as the module docstring says. `more_key` names the kernel's own flags the
+    choice also depends on (see TUNING_KEY)."""
     configs = kernel_plan.configs
+    streamed = dict(BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n, SPLIT=kernel_plan.split)
     if len(configs) > 1 and tunes(device):
-        _tuned(kernel, configs, TUNING_KEY + more_key)[lambda meta: grid(meta["BLOCK_M"])](
-            *args, BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n, SPLIT=kernel_plan.split, **constexprs)
+        _tuned(kernel, configs, TUNING_KEY + more_key)[lambda meta: (programs(meta["BLOCK_M"]),)](
+            *args, **streamed, **constexprs)
         return
     for c in configs if _every_config.get() else configs[:1]:
-        kernel[grid(c.block_m)](*args, BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n, SPLIT=kernel_plan.split,
-                                BLOCK_M=c.block_m, num_warps=c.num_warps, num_stages=c.num_stages, **constexprs)
+        kernel[(programs(c.block_m),)](*args, **streamed, BLOCK_M=c.block_m, TAIL_M=c.tail_m, num_warps=c.num_warps,
+                                       num_stages=c.num_stages, **constexprs)

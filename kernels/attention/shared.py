@@ -16,12 +16,12 @@ from .. import on_device
 from . import common
 from .common import head_scale, load_rows, load_vec, map_strides, map_tile, mm, scale_kind, scores
 from .gmm import gmm_gaussian, gmm_sq_dist
-from .planning import launch, shared_grad_groups, tail_width
+from .planning import launch, shared_grad_groups
 
 
 @triton.jit
-def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, start_m, start_n, H, N,
-                 stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
+def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g,
+                 GROUP, R, RH, start_m, start_n, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
                  D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr,
                  MASK_COLS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                  DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
@@ -88,7 +88,6 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS
                 tl.store(ptrs, acc)
 
 
-@triton.heuristics({"TAIL_M": lambda args: tail_width(args["N"] % args["BLOCK_M"], args["BLOCK_M"])})
 @triton.jit
 def attention_bwd_shared_kernel(
     Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, scale_value,
@@ -103,7 +102,7 @@ def attention_bwd_shared_kernel(
     The slice (sl_b, sl_h) indexes the gradient's own [B|1, H|1] dims (SH slices over h); its R
     contributors r map to b = sl_b + r // RH, h = sl_h + r % RH. With SPLIT full tiles run
     unmasked, the leftover rows in a TAIL_M-row tile, the leftover columns in a TAIL_N-wide one;
-    without, every tile masked."""
+    without, every tile masked (TAIL_M = BLOCK_M, TAIL_N = BLOCK_N)."""
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(N, BLOCK_M) * tiles_n
     pid = tl.program_id(0).to(tl.int64)
@@ -112,30 +111,32 @@ def attention_bwd_shared_kernel(
     sl = pid // (tiles * GROUPS)
     mi = t // tiles_n
     ni = t % tiles_n
-    if not SPLIT:  # every tile masked
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni * BLOCK_N,
-                     H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M, BLOCK_N, True, True, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
-    elif mi < N // BLOCK_M:  # full rows, else the leftover rows in a TAIL_M-row tile
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M, False, BLOCK_M,
-                     BLOCK_N, TAIL_N, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+    if SPLIT and mi < N // BLOCK_M:
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n,
+                     stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT,
+                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
     else:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, TAIL_M, True, BLOCK_M,
-                     BLOCK_N, TAIL_N, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n,
+                     stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT,
+                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
 
 
 @triton.jit
-def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D: tl.constexpr,
-                 ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TAIL_N: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni, H, N, stride_b, stride_h,
+                 stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D: tl.constexpr, ROWS: tl.constexpr,
+                 MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, SPLIT: tl.constexpr,
+                 SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                  DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
                  ATOMIC: tl.constexpr, GMM_KERNELS: tl.constexpr):
-    """A full block of columns, else the leftover columns in a TAIL_N-wide tile."""
-    if ni < N // BLOCK_N:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
-                     stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, ROWS, BLOCK_N, MASK_ROWS, False, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+    """A full block of columns, unmasked, else the leftover columns in a TAIL_N-wide tile."""
+    if SPLIT and ni < N // BLOCK_N:
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h,
+                     stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, ROWS, BLOCK_N, MASK_ROWS, False,
+                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
     else:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni * BLOCK_N, H, N,
-                     stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, ROWS, TAIL_N, MASK_ROWS, True, SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h,
+                     stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, ROWS, TAIL_N, MASK_ROWS, True,
+                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
 
 
 def shared_grad(target, dout, q, k, v, out, lse, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
@@ -175,7 +176,7 @@ def shared_grad(target, dout, q, k, v, out, lse, delta, plan, scale, scale_value
                       DIAGONAL_MASK=diagonal_mask, PRECISION=precision, GRAD_OF_MASK=of_mask, ATOMIC=atomic,
                       GMM_KERNELS=kernels)
     with on_device(q):
-        launch(attention_bwd_shared_kernel, kernel_plan, lambda block_m: (programs_per_group * groups,), q.device,
+        launch(attention_bwd_shared_kernel, kernel_plan, lambda block_m: programs_per_group * groups, q.device,
                args, constexprs)
     if gmm is not None:  # [2, slices_h = H, groups · tiles, K] summed over the programs of a head
         return grad.view(2, slices_h, groups * tile_programs, kernels).sum(dim=2)
