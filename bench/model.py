@@ -28,8 +28,8 @@ How each figure is obtained, for ours (the Triton kernels) and for each peer:
   not read it).
 - **SDPA**: FlashAttention-2's kernels as PyTorch's flash backend launches them, from their
   tile sizes (see `FLASH`), plus the layout copies timm's Attention makes around the call,
-  counted by the dispatch mode on a stand-in with the flash kernel's output layouts. The LSA,
-  bias and gmm variants cannot use the flash kernel (it takes no mask or bias); they are modeled
+  counted by the dispatch mode on a stand-in with the flash kernel's output layouts. The LSA
+  and bias variants cannot use the flash kernel (it takes no mask or bias); they are modeled
   as the memory-efficient kernel (see `MEM_EFFICIENT`).
 """
 from __future__ import annotations
@@ -422,14 +422,6 @@ def _rand(*shape, dtype=torch.float32, device="cpu", grad=False, real=True):
     return t.requires_grad_(grad)
 
 
-def _gmm_bias(N: int, H: int, new: Callable):
-    """The "gmm" variant's bias: a learnable Gaussian mixture of 2 kernels per head (FusedAttention's
-    default) over the N − 1 patches."""
-    from mgit_fast.reference import GaussianMixture
-
-    return GaussianMixture(new(H, 2), new(H, 2), math.isqrt(N - 1))
-
-
 def attention_part(B: int, N: int, H: int, D: int, variant: str, *, real: bool = True, dtype=torch.bfloat16):
     """Our attention, forward and backward, bf16, packed qkv as a ViT block calls it. The reduced
     runs take fp16: the same bytes and tiles, and the interpreter multiplies it as it is (bf16
@@ -439,8 +431,6 @@ def attention_part(B: int, N: int, H: int, D: int, variant: str, *, real: bool =
     qkv = _rand(B, N, 3 * H * D, dtype=dtype, grad=True, real=real)
     scale = torch.full((H,), D**-0.5, requires_grad=True) if variant == "lsa" else None
     bias = (0.1 * torch.randn(H, N, N) if real else torch.empty(H, N, N)).requires_grad_() if variant == "bias" else None
-    if variant == "gmm":
-        bias = _gmm_bias(N, H, lambda *shape: _rand(*shape, dtype=torch.float32, grad=True, real=real))
     dout = _rand(B, N, H * D, dtype=dtype, real=real)
 
     def run(counter: OpCounter):
@@ -598,8 +588,6 @@ def eager_attention(B: int, N: int, H: int, D: int, variant: str) -> List[Op]:
     qkv = _meta(B, N, 3 * H * D, grad=True)
     scale = _meta(H, dtype=torch.float32, grad=True) if variant == "lsa" else None
     bias = _meta(H, N, N, dtype=torch.float32, grad=True) if variant == "bias" else None
-    if variant == "gmm":
-        bias = _gmm_bias(N, H, lambda *shape: _meta(*shape, dtype=torch.float32, grad=True))
     counter = OpCounter()
     with counter:
         out = reference.attention_qkvpacked(qkv, H, scale=scale, bias=bias, diagonal_mask=variant == "lsa")
@@ -631,18 +619,15 @@ def sdpa_layout_ops(B: int, N: int, H: int, D: int, variant: str) -> List[Op]:
     qkv_out = _meta(B, N, 3 * H * D, grad=True)
     scale = _meta(H, dtype=torch.float32, grad=True) if variant == "lsa" else None
     bias = _meta(H, N, N, dtype=torch.float32, grad=True) if variant == "bias" else None
-    gmm = _gmm_bias(N, H, lambda *shape: _meta(*shape, dtype=torch.float32, grad=True)) if variant == "gmm" else None
     counter = OpCounter()
     with counter:
-        if gmm is not None:  # the module builds the dense bias with torch ops (and backpropagates through them)
-            bias = gmm.dense()
         qkv = qkv_out.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         mask = None
         if variant == "lsa":  # a learnable per-head scale folded into q; the diagonal mask as a bias
             q = q * (scale * D**0.5).to(q.dtype).view(1, H, 1, 1)
             mask = torch.zeros(N, N, dtype=q.dtype, device=q.device).expand(B, H, N, N)
-        elif variant in ("bias", "gmm"):
+        elif variant == "bias":
             mask = bias.to(q.dtype).unsqueeze(0).expand(B, H, N, N)
         x = _FlashStandIn.apply(q, k, v, mask)
         x = x.transpose(1, 2).reshape(B, N, H * D)
@@ -667,8 +652,8 @@ def sdpa_kernel_ops(B: int, N: int, H: int, D: int, variant: str, size: int = 2)
     lse = B * H * math.ceil(N / 128) * 128 * 4
     accum = B * math.ceil(N / 128) * 128 * H * D * 4  # fp32 dQ accumulator
     # the additive mask, broadcast: [H, N, N] for the bias, [N, N] for LSA's diagonal; read once
-    bias = {"bias": H * N * N * size, "gmm": H * N * N * size, "lsa": N * N * size}.get(variant, 0)
-    dbias = B * H * N * N * size if variant in ("bias", "gmm") else 0
+    bias = {"bias": H * N * N * size, "lsa": N * N * size}.get(variant, 0)
+    dbias = B * H * N * N * size if variant == "bias" else 0
     ops = [Op("sdpa fwd", 1, 3 * bhnd + bias, bhnd + lse, 2 * executed("fwd"), 0, "bf16"),
            Op("sdpa bwd dot(dO, O)", 1, 2 * bhnd, lse + accum),
            Op("sdpa bwd main", 1, 4 * bhnd + 2 * lse + bias + accum, 2 * bhnd + accum + dbias,
@@ -843,7 +828,7 @@ def compiled_facts(target: insp.Target, jobs: int, cache_dir: Optional[str], ker
 def bench_parts(quick: bool = False):
     """(part, shape, arguments) for the bench shapes (`quick`: one of each, for tests)."""
     attention = [(label, B, N, dim // H, H) for label, B, N, dim, H in insp.BENCH_ATTENTION]
-    variants = ("plain", "lsa", "bias", "gmm")
+    variants = ("plain", "lsa", "bias")
     loss = list(insp.LOSS_GRID)
     update = list(insp.UPDATE_PAIRS.items())
     if quick:
@@ -965,10 +950,7 @@ NOTES = """## Assumptions (all figures modeled)
   dQ accumulator cleared, the main kernel with 5 matmuls per tile and dQ by fp32 atomics, the dQ
   conversion). LSA folds the learnable scale into q (an elementwise op) and passes the diagonal
   as an additive [N, N] mask; the bias variant passes the bias cast to bf16, and the
-  memory-efficient kernel's [B, H, N, N] bias gradient is summed over B by autograd. The gmm
-  variant (a Gaussian mixture of 2 kernels per head) builds its dense bias with the module's
-  torch ops for SDPA and the eager peer (and backpropagates through them); ours builds it in one
-  launch and reduces its gradient against the Gaussians in the shared-gradient pass.
+  memory-efficient kernel's [B, H, N, N] bias gradient is summed over B by autograd.
 - Torch update: `_fused_adamw_` reads p, g, m, v and writes p, m, v (its grads are written only
   when it unscales by a grad_scale); foreach and fused ops launch as PyTorch's
   multi_tensor_apply chunks them (65,536 elements per block, 320 blocks and 110/64/48/36/30

@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from . import _checks, functional
-from .reference import GaussianMixture, gaussian_mixture_bias, patch_sq_dist
+from .reference import gaussian_mixture_bias, patch_sq_dist
 
 ATTENTION_VARIANTS = ("standard", "lsa", "gmm", "ibit")
 
@@ -51,11 +51,6 @@ class GaussianMixtureBias(nn.Module):
     def forward(self) -> Tensor:
         """The ``[H, N, N]`` bias."""
         return gaussian_mixture_bias(self.weight, self.log_sigma, self.sq_dist)
-
-    def mixture(self) -> GaussianMixture:
-        """The bias by its parameters, for ``bias=`` of the attention functions: the Triton path
-        then reduces its gradient against the Gaussians in-kernel (no ``[H, N, N]`` gradient)."""
-        return GaussianMixture(self.weight, self.log_sigma, self.grid_size, self.sq_dist)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, grid_size={self.grid_size}, num_kernels={self.num_kernels}"
@@ -249,13 +244,9 @@ class FusedAttention(nn.Module):
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x has dtype {x.dtype} but the module's weights are {weight.dtype} "
                             "(cast one to the other, or run under torch.autocast)")
-        bias = None
-        if attn_mask is not None:
-            bias = _additive(attn_mask)
-            if self.gmm is not None:
-                bias = self.gmm() + bias
-        elif self.gmm is not None:
-            bias = self.gmm.mixture()
+        bias = None if attn_mask is None else _additive(attn_mask)
+        if self.gmm is not None:
+            bias = self.gmm() if bias is None else self.gmm() + bias
         out = functional.attention_qkvpacked(
             self.qkv(x),
             self.num_heads,

@@ -38,11 +38,9 @@ def _attention_kernel():
     return attention
 
 
-def _kernel_bias(bias):
-    """(bias, gmm) for the kernels: a ``GaussianMixture`` goes by its parameters."""
-    if isinstance(bias, GaussianMixture):
-        return None, (bias.weight, bias.log_sigma, bias.grid_size)
-    return bias, None
+def _dense(bias):
+    """A ``GaussianMixture`` as its dense ``[H, N, N]`` bias (PyTorch ops, differentiable)."""
+    return bias.dense() if isinstance(bias, GaussianMixture) else bias
 
 
 def attention(
@@ -56,13 +54,11 @@ def attention(
     mask: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """``(softmax(q·kᵀ·scale + bias) ⊙ mask)·v``; see ``mgit_fast.reference.attention``. ``bias``
-    may be a ``GaussianMixture``: the Triton path then reduces its gradient in-kernel."""
+    """``(softmax(q·kᵀ·scale + bias) ⊙ mask)·v``; see ``mgit_fast.reference.attention``."""
     if resolve_backend(backend, q.device.type) == "triton":
         _checks.attention_inputs(q, k, v, scale, bias, diagonal_mask, mask)
         _checks.kernel_inputs("q", q, head_dim=q.shape[-1], head_dims=_attention_kernel().HEAD_DIMS)
-        bias, gmm = _kernel_bias(bias)
-        return _attention_kernel().attention(q, k, v, scale, bias, diagonal_mask, mask, gmm)
+        return _attention_kernel().attention(q, k, v, scale, _dense(bias), diagonal_mask, mask)
     return reference.attention(q, k, v, scale=scale, bias=bias, diagonal_mask=diagonal_mask, mask=mask)
 
 
@@ -83,8 +79,7 @@ def attention_qkvpacked(
         B, N, _ = qkv.shape
         _checks.attention_options(scale, bias, diagonal_mask, B=B, H=num_heads, N=N, ref=qkv, mask=mask)
         _checks.kernel_inputs("qkv", qkv, head_dim=head_dim, head_dims=_attention_kernel().HEAD_DIMS)
-        bias, gmm = _kernel_bias(bias)
-        return _attention_kernel().attention_qkvpacked(qkv, num_heads, scale, bias, diagonal_mask, mask, gmm)
+        return _attention_kernel().attention_qkvpacked(qkv, num_heads, scale, _dense(bias), diagonal_mask, mask)
     return reference.attention_qkvpacked(
         qkv, num_heads, scale=scale, bias=bias, diagonal_mask=diagonal_mask, mask=mask
     )

@@ -202,14 +202,14 @@ UPDATE_PAIRS = {"vit_s": (384, 12, 6), "vit_b": (768, 12, 12)}
 # tf32 and fp16 share their tiles and code paths with bf16 but for the operand type, so a few
 # variants cover them
 GATE_ATTENTION = [
-    (torch.bfloat16, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")),
+    (torch.bfloat16, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")),
     (torch.float16, False, ("plain", "bias", "lsa_mask")),
-    (torch.float32, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")),
+    (torch.float32, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")),
     (torch.float32, True, ("plain", "bias", "lsa_mask")),
 ]
 # N = 64 + 1: the last key / query (a lone class token's worth) in a 16-wide masked tail tile
 GATE_ATTENTION_N65 = [
-    (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")
+    (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")
 ] + [
     (torch.float16, False, "plain"), (torch.float32, False, "lsa"), (torch.float32, False, "bias"),
     (torch.float32, False, "lsa_mask"), (torch.float32, True, "plain"),
@@ -217,7 +217,7 @@ GATE_ATTENTION_N65 = [
 # N = 1 + 12²: 17 leftover keys (two 16-wide tail steps) and a 32-row query tail where the split
 # geometry runs (fp16/bf16, D = 32, 64)
 GATE_ATTENTION_N145 = [
-    (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch", "gmm")
+    (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")
 ] + [(torch.float16, False, "plain")]
 META = torch.device("meta")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -252,9 +252,8 @@ def attention_launches(
     diagonal mask), bias (a learnable [H, N, N] bias, its gradient summed over the batch by the
     shared-gradient pass), bias_batch ([B, H, N, N], its gradient written by the dq kernel),
     lsa_mask (LSA with a learnable multiplicative [H, N, N] mask, its gradient from the
-    shared-gradient pass), lsa_mask_batch (LSA with a [B, H, N, N] mask) or gmm (a Gaussian
-    mixture of 2 kernels, N = 1 + grid², its dense bias built by one launch and its gradient
-    reduced against the Gaussians by the shared-gradient pass). With `every_config`, each kernel
+    shared-gradient pass) or lsa_mask_batch (LSA with a [B, H, N, N] mask; a Gaussian-mixture
+    bias runs as bias, built in PyTorch). With `every_config`, each kernel
     is launched once per candidate config (`planning.every_config`), else with the first."""
     from mgit_fast.kernels.attention import op, planning
 
@@ -271,15 +270,12 @@ def attention_launches(
             "bias_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
     mask = {"lsa_mask": lambda: new(H, N, N, dt=torch.float32),
             "lsa_mask_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
-    gmm = (new(H, 2, dt=torch.float32), new(H, 2, dt=torch.float32), math.isqrt(N - 1)) if variant == "gmm" else None
     every = planning.every_config() if every_config else contextlib.nullcontext()
     with tf32(allow_tf32), every, capture(target) as launches:
-        if gmm is not None:
-            bias = op.gaussian_mixture_bias(*gmm)
         lse = op.forward(q, k, v, out, scale, D**-0.5, bias, mask, lsa)
         if backward:
             op.backward(out, q, k, v, out, lse, dq, dk, dv, scale, D**-0.5, bias, mask, lsa,
-                        scale is not None, bias is not None, mask is not None, gmm)
+                        scale is not None, bias is not None, mask is not None)
     precision = _precision_name(dtype, allow_tf32)
     size = torch.finfo(dtype).bits // 8
     # a score map (bias or mask) is read by each kernel; its gradient is written by the dq kernel
@@ -297,13 +293,7 @@ def attention_launches(
             mm, nbytes = 4, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes
         elif launch.kernel == "attention_bwd_shared_kernel":  # one write (or atomic) per element per group
             target = map_bytes["mask" if launch.args["GRAD_OF_MASK"] else "bias"]
-            if launch.args["GMM_KERNELS"]:  # 2K partial sums per program instead
-                target = 0
             mm, nbytes = 2, 4 * B * H * N * D * size + 8 * B * H * N + bias_bytes + target * launch.args["GROUPS"]
-        elif launch.kernel == "attention_gmm_bias_kernel":  # writes the dense bias; no matmul
-            launch.label = f"{label} {_DTYPE_NAMES[dtype] if precision != 'tf32' else 'tf32'} {variant}"
-            launch.work = dict(bytes=map_bytes["bias"], flops=0, precision="fp32")
-            continue
         else:
             continue
         tiles = attention_tile_area(N, launch.constants)
@@ -393,13 +383,13 @@ def update_launches(name: str, dim: int, depth: int, heads: int, target: Target 
 
 
 def shape_set(name: str, target: Target = TARGETS["sm_90a"]) -> List[Launch]:
-    """`bench`: the benchmark shapes (bf16 attention, LSA, bias, masked LSA and GMM variants; the loss
+    """`bench`: the benchmark shapes (bf16 attention, LSA, bias and masked LSA variants; the loss
     grid; the update of a ViT-S and a ViT-B pair). `gate`: every specialisation the supported shape table
     produces (head dims 16–128, fp32 with and without TF32, fp16, bf16, every variant)."""
     launches: List[Launch] = []
     if name == "bench":
         for label, B, N, dim, H in BENCH_ATTENTION:
-            for variant in ("plain", "lsa", "bias", "lsa_mask", "gmm"):
+            for variant in ("plain", "lsa", "bias", "lsa_mask"):
                 launches += attention_launches(label, B, N, H, dim // H, torch.bfloat16, variant, target=target)
         for B, C in LOSS_GRID:
             launches += loss_launches(B, C, target=target)

@@ -48,10 +48,10 @@ class GaussianMixture(NamedTuple):
     attention functions: ``weight`` and ``log_sigma`` ``[H, K]``, ``grid_size`` patches per side,
     for ``N = 1 + grid_size²`` tokens (a class token, then the patches in row-major order);
     ``bias[h, i, j] = Σ_k weight[h, k] · exp(−‖pos_i − pos_j‖² / (2σ[h, k]²))``,
-    ``σ = exp(log_sigma)``, 0 in token 0's row and column (``dense()``). The Triton path sums the
-    bias gradient against the K Gaussians inside the kernel, so gradients reach ``weight`` and
-    ``log_sigma`` with no ``[H, N, N]`` gradient ever formed. ``sq_dist``: the grid's
-    ``patch_sq_dist``, if the caller keeps one (``dense()`` builds it otherwise)."""
+    ``σ = exp(log_sigma)``, 0 in token 0's row and column (``dense()``, built in PyTorch on
+    either path, its gradient reaching ``weight`` and ``log_sigma`` through autograd).
+    ``sq_dist``: the grid's ``patch_sq_dist``, if the caller keeps one (``dense()`` builds it
+    otherwise)."""
 
     weight: Tensor
     log_sigma: Tensor

@@ -23,14 +23,6 @@ def test_attention_op_registrations():
     torch.library.opcheck(attention_kernel.attention_fwd, (qkv, None, None, H, None, D**-0.5, None, None, False))
     torch.library.opcheck(attention_kernel.attention_fwd,
                           (qkv, None, None, H, None, D**-0.5, None, torch.rand(H, N, N, requires_grad=True), False))
-    # a Gaussian-mixture bias: its dense bias (no autograd), and its parameters through attention
-    G, K = 2, 3
-    weight, log_sigma = torch.randn(H, K, requires_grad=True), torch.randn(H, K, requires_grad=True)
-    torch.library.opcheck(attention_kernel.gaussian_mixture_bias_op, (weight.detach(), log_sigma.detach(), G))
-    dense = attention_kernel.gaussian_mixture_bias_op(weight.detach(), log_sigma.detach(), G)
-    qkv = torch.randn(B, 1 + G * G, 3 * H * D, requires_grad=True)
-    torch.library.opcheck(attention_kernel.attention_fwd,
-                          (qkv, None, None, H, None, D**-0.5, dense, None, False, weight, log_sigma, G))
 
 
 def test_loss_op_registrations():

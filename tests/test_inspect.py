@@ -179,12 +179,6 @@ def test_fp32_attention_without_tensor_cores_is_not_a_gate_failure():
     assert ins.gate_failures([_row(label="D=64 N=197 fp32 plain", tensor_core={"HGMMA": 0, "HMMA": 0})]) == []
 
 
-def test_a_launch_without_tile_matmuls_needs_no_tensor_cores():
-    """The GMM's dense-bias kernel runs beside bf16 attention but multiplies no tiles."""
-    row = _row(kernel="attention_gmm_bias", label="D=64 N=197 bf16 gmm", tensor_core={"HGMMA": 0, "HMMA": 0})
-    assert ins.gate_failures([row]) == []
-
-
 def test_occupancy_limits():
     blocks, limit = ins.occupancy({"num_warps": 4, "registers": 255, "shared": 40_000}, TARGET)
     assert (blocks, limit) == (2, "registers")

@@ -17,18 +17,17 @@ Layouts: q, k, v, out are [B, H, N, D] views with unit stride on D, so a packed 
 are [H, N, N] or [B, H, N, N] (1 broadcasts over B and H), any float dtype (read as fp32).
 
 Files by role: `forward.py`, `backward.py` (dq and dk/dv kernels), `shared.py` (the gradient of
-a bias or mask shared over the batch), `gmm.py` (Gaussian-mixture bias), `planning.py` (`plan()`, the one
+a bias or mask shared over the batch), `planning.py` (`plan()`, the one
 place that picks tiles and paths), `op.py` (entry points, autograd, custom ops), `common.py`.
 """
 from .backward import backward_into
 from .common import new_buffer
 from .forward import forward_into
-from .gmm import gaussian_mixture_bias
-from .op import attention, attention_bwd, attention_fwd, attention_qkvpacked, gaussian_mixture_bias_op, heads
+from .op import attention, attention_bwd, attention_fwd, attention_qkvpacked, heads
 from .planning import HEAD_DIMS, plan, tf32_allowed
 from .shared import shared_grad
 
 __all__ = [
-    "HEAD_DIMS", "attention", "attention_bwd", "attention_fwd", "attention_qkvpacked", "backward_into", "forward_into", "gaussian_mixture_bias", "gaussian_mixture_bias_op",
+    "HEAD_DIMS", "attention", "attention_bwd", "attention_fwd", "attention_qkvpacked", "backward_into", "forward_into",
     "heads", "new_buffer", "plan", "shared_grad", "tf32_allowed",
 ]

@@ -17,7 +17,6 @@ from torch import Tensor
 from . import common
 from .backward import backward_into
 from .forward import forward_into
-from .gmm import gaussian_mixture_bias
 from .planning import plan
 from .shared import shared_grad
 
@@ -53,12 +52,11 @@ def forward(q, k, v, out, scale, scale_value, bias, mask, diagonal_mask) -> Tens
 
 
 def backward(dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, mask, diagonal_mask,
-              need_dscale: bool, need_dbias: bool, need_dmask: bool, gmm=None):
-    """Writes dq, dk, dv; returns (dscale, dbias, dmask), each when asked. With `gmm` (the bias is
-    that Gaussian mixture) dbias is [2, H, K]: the gradients of its weight and log_sigma."""
+             need_dscale: bool, need_dbias: bool, need_dmask: bool):
+    """Writes dq, dk, dv; returns (dscale, dbias, dmask), each when asked."""
     B, H, N, D = q.shape
     bias, mask = _map(bias), _map(mask)
-    per_batch_dbias = need_dbias and gmm is None and not _shared(bias)
+    per_batch_dbias = need_dbias and not _shared(bias)
     per_batch_dmask = need_dmask and not _shared(mask)
     p = plan(q.shape, q.dtype, q.device, mask=mask is not None, stores_map_grad=per_batch_dbias or per_batch_dmask)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -74,16 +72,14 @@ def backward(dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, mask
         dscale = dscale.to(scale.dtype)
     shared = (dout, q, k, v, out, lse, delta, p, scale, scale_value, bias, mask, diagonal_mask)
     if need_dbias:
-        dbias = shared_grad(bias, *shared, False, gmm) if dbias is None else dbias.to(bias.dtype)
+        dbias = shared_grad(bias, *shared, False) if dbias is None else dbias.to(bias.dtype)
     if need_dmask:
         dmask = shared_grad(mask, *shared, True) if dmask is None else dmask.to(mask.dtype)
     return dscale, dbias, dmask
 
 
-def _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_weight, gmm_log_sigma,
-                 grid_size):
-    """(out, lse, the bias the kernels read: a Gaussian mixture's built here in eager mode): q, k, v
-    [B, H, N, D], or q a packed qkv [B, N, 3·H·D] when num_heads > 0 (k, v None)."""
+def _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask):
+    """(out, lse): q, k, v [B, H, N, D], or q a packed qkv [B, N, 3·H·D] when num_heads > 0 (k, v None)."""
     if num_heads:
         B, N, width = q.shape
         out = common.new_buffer((B, N, width // 3), device=q.device, dtype=q.dtype)
@@ -92,13 +88,11 @@ def _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_ma
     else:
         out = out_h = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
         q, k, v = _qkv(q, k, v)
-    if gmm_weight is not None and bias is None:  # eager: the dense bias is built here
-        bias = gaussian_mixture_bias(gmm_weight.detach(), gmm_log_sigma.detach(), grid_size)
-    return out, forward(q, k, v, out_h, scale, scale_value, bias, mask, diagonal_mask), bias
+    return out, forward(q, k, v, out_h, scale, scale_value, bias, mask, diagonal_mask)
 
 
 def _run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale,
-                  need_dbias, mask, need_dmask, gmm_weight, gmm_log_sigma, grid_size):
+                  need_dbias, mask, need_dmask):
     """(dq, dk, dv, dscale, dbias, dmask); packed (num_heads > 0): (dqkv, None, None, ...)."""
     dout = _like(dout, out)
     if num_heads:
@@ -108,41 +102,35 @@ def _run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, 
     else:
         q, k, v = _qkv(q, k, v)
         grads = dq, dk, dv = tuple(common.new_buffer(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-    gmm = None if gmm_weight is None else (gmm_weight, gmm_log_sigma, grid_size)
     return (*grads, *backward(dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, mask, diagonal_mask,
-                              need_dscale, need_dbias, need_dmask, gmm))
+                              need_dscale, need_dbias, need_dmask))
 
 
 # the inputs of both paths, in order
-SCALE, BIAS, MASK, GMM_WEIGHT, GMM_LOG_SIGMA = 4, 6, 7, 9, 10
+SCALE, BIAS, MASK = 4, 6, 7
 
 
 def _save(ctx, inputs, output):
-    q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_weight, gmm_log_sigma, grid_size = inputs
-    out, lse, dense_bias = output
-    ctx.save_for_backward(q, k, v, out, lse, scale, dense_bias, mask, gmm_weight, gmm_log_sigma)
-    ctx.num_heads, ctx.scale_value, ctx.diagonal_mask, ctx.grid_size = num_heads, scale_value, diagonal_mask, grid_size
+    q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, scale, bias, mask)
+    ctx.num_heads, ctx.scale_value, ctx.diagonal_mask = num_heads, scale_value, diagonal_mask
     ctx.set_materialize_grads(False)
 
 
 def _grads(ctx, dout, run_backward):
     """The inputs' gradients (None where not asked) from `run_backward` (direct or the custom op)."""
-    q, k, v, out, lse, scale, bias, mask, gmm_weight, gmm_log_sigma = ctx.saved_tensors
+    q, k, v, out, lse, scale, bias, mask = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gmm = gmm_weight is not None
     need_dscale = scale is not None and need[SCALE]
-    need_dbias = (need[GMM_WEIGHT] or need[GMM_LOG_SIGMA]) if gmm else (bias is not None and need[BIAS])
+    need_dbias = bias is not None and need[BIAS]
     need_dmask = mask is not None and need[MASK]
     dout = torch.zeros_like(out) if dout is None else dout
     dq, dk, dv, dscale, dbias, dmask = run_backward(
         dout, q, k, v, out, lse, ctx.num_heads, scale, ctx.scale_value, bias, ctx.diagonal_mask, need_dscale,
-        need_dbias, mask, need_dmask, gmm_weight, gmm_log_sigma, ctx.grid_size)
-    dweight = dlog_sigma = None
-    if gmm and need_dbias:  # [2, H, K]
-        dweight, dlog_sigma = dbias[0].to(gmm_weight.dtype), dbias[1].to(gmm_log_sigma.dtype)
-    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, dscale if need_dscale else None, None,
-            dbias if need_dbias and not gmm else None, dmask if need_dmask else None, None, dweight, dlog_sigma,
-            None)
+        need_dbias, mask, need_dmask)
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None,
+            dscale if need_dscale else None, None, dbias if need_dbias else None, dmask if need_dmask else None, None)
 
 
 class _Attention(torch.autograd.Function):
@@ -150,8 +138,8 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse, dense_bias = _run_forward(*inputs)
-        _save(ctx, inputs, (out, lse, dense_bias))
+        out, lse = _run_forward(*inputs)
+        _save(ctx, inputs, (out, lse))
         return out
 
     @staticmethod
@@ -162,18 +150,14 @@ class _Attention(torch.autograd.Function):
 @torch.library.custom_op("mgit_fast::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor, k: Optional[Tensor], v: Optional[Tensor], num_heads: int, scale: Optional[Tensor], scale_value: float,
-    bias: Optional[Tensor], mask: Optional[Tensor], diagonal_mask: bool, gmm_weight: Optional[Tensor] = None,
-    gmm_log_sigma: Optional[Tensor] = None, grid_size: int = 0,
+    bias: Optional[Tensor], mask: Optional[Tensor], diagonal_mask: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """Under torch.compile; a Gaussian mixture's dense `bias` comes built (gaussian_mixture_bias_op)."""
-    out, lse, _ = _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_weight,
-                               gmm_log_sigma, grid_size)
-    return out, lse
+    """Under torch.compile."""
+    return _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_weight=None, gmm_log_sigma=None,
-      grid_size=0):
+def _(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask):
     if num_heads:
         B, N, width = q.shape
         return q.new_empty((B, N, width // 3)), q.new_empty((B, num_heads, N), dtype=torch.float32)
@@ -185,46 +169,23 @@ def _(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, gmm_wei
 def attention_bwd(
     dout: Tensor, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], out: Tensor, lse: Tensor, num_heads: int,
     scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool,
-    need_dbias: bool, mask: Optional[Tensor], need_dmask: bool, gmm_weight: Optional[Tensor],
-    gmm_log_sigma: Optional[Tensor], grid_size: int,
+    need_dbias: bool, mask: Optional[Tensor], need_dmask: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale,
-                          need_dbias, mask, need_dmask, gmm_weight, gmm_log_sigma, grid_size)
+                          need_dbias, mask, need_dmask)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias, mask,
-      need_dmask, gmm_weight, gmm_log_sigma, grid_size):
+      need_dmask):
     like = lambda t, needed: torch.empty_like(t) if needed else q.new_empty(0)  # noqa: E731
     dqkv = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v) if t is not None]
-    if gmm_weight is not None:
-        dbias = gmm_weight.new_empty((2, *gmm_weight.shape), dtype=torch.float32) if need_dbias else q.new_empty(0)
-    else:
-        dbias = like(bias, need_dbias)
-    return (*dqkv, *[q.new_empty(0)] * (3 - len(dqkv)), like(scale, need_dscale), dbias, like(mask, need_dmask))
+    return (*dqkv, *[q.new_empty(0)] * (3 - len(dqkv)), like(scale, need_dscale), like(bias, need_dbias),
+            like(mask, need_dmask))
 
 
-def _op_backward(ctx, dout, _dlse):
-    return _grads(ctx, dout, attention_bwd)
-
-
-def _op_save(ctx, inputs, output):
-    _save(ctx, inputs, (*output, inputs[BIAS]))
-
-
-attention_fwd.register_autograd(_op_backward, setup_context=_op_save)
-
-
-@torch.library.custom_op("mgit_fast::gaussian_mixture_bias", mutates_args=())
-def gaussian_mixture_bias_op(weight: Tensor, log_sigma: Tensor, grid_size: int) -> Tensor:
-    return gaussian_mixture_bias(weight, log_sigma, grid_size)
-
-
-@gaussian_mixture_bias_op.register_fake
-def _(weight, log_sigma, grid_size):
-    N = 1 + grid_size * grid_size
-    return weight.new_empty((weight.shape[0], N, N), dtype=torch.float32)
+attention_fwd.register_autograd(lambda ctx, dout, _dlse: _grads(ctx, dout, attention_bwd), setup_context=_save)
 
 
 def _qkv(q, k, v):
@@ -237,7 +198,7 @@ def _qkv(q, k, v):
 # --------------------------------------------------------------------------------------------
 # entry points (arguments already checked by mgit_fast.functional)
 # --------------------------------------------------------------------------------------------
-def _apply(q, k, v, num_heads, scale, bias, mask, diagonal_mask, gmm) -> Tensor:
+def _apply(q, k, v, num_heads, scale, bias, mask, diagonal_mask) -> Tensor:
     head_dim = q.shape[-1] // (3 * num_heads) if num_heads else q.shape[-1]
     if scale is None:
         scale, scale_value = None, head_dim**-0.5
@@ -245,28 +206,23 @@ def _apply(q, k, v, num_heads, scale, bias, mask, diagonal_mask, gmm) -> Tensor:
         scale, scale_value = (scale if scale.is_contiguous() else scale.contiguous()), 1.0
     else:
         scale, scale_value = None, float(scale)
-    gmm_args = (None, None, 0) if gmm is None else gmm
     if torch.compiler.is_compiling():
-        if gmm is not None:
-            bias = gaussian_mixture_bias_op(gmm[0].detach(), gmm[1].detach(), gmm[2])
-        return attention_fwd(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, *gmm_args)[0]
-    return _Attention.apply(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask, *gmm_args)
+        return attention_fwd(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask)[0]
+    return _Attention.apply(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask)
 
 
-def attention(q, k, v, scale=None, bias=None, diagonal_mask=False, mask=None, gmm=None) -> Tensor:
+def attention(q, k, v, scale=None, bias=None, diagonal_mask=False, mask=None) -> Tensor:
     """``(softmax(q·kᵀ·scale + bias) ⊙ mask)·v`` for q, k, v ``[B, H, N, D]``.
 
     ``scale``: None (``D**-0.5``), a float, or a learnable tensor ``[]`` / ``[H]``; ``bias`` and
     ``mask`` (IBiT's multiplicative mask, applied to the probabilities with no renormalisation):
-    ``[H, N, N]`` or ``[B, H, N, N]`` (1 broadcasts over B and H), learnable; ``gmm``, instead of
-    ``bias``: ``(weight, log_sigma, grid_size)`` of a Gaussian-mixture bias (``weight`` and
-    ``log_sigma`` learnable ``[H, K]``, N = 1 + grid_size²); ``diagonal_mask``: a token does not
-    attend to itself. Gradients reach q, k, v, scale, bias (or weight and log_sigma) and mask."""
-    return _apply(q, k, v, 0, scale, bias, mask, diagonal_mask, gmm)
+    ``[H, N, N]`` or ``[B, H, N, N]`` (1 broadcasts over B and H), learnable; ``diagonal_mask``: a
+    token does not attend to itself. Gradients reach q, k, v, scale, bias and mask."""
+    return _apply(q, k, v, 0, scale, bias, mask, diagonal_mask)
 
 
-def attention_qkvpacked(qkv, num_heads, scale=None, bias=None, diagonal_mask=False, mask=None, gmm=None) -> Tensor:
+def attention_qkvpacked(qkv, num_heads, scale=None, bias=None, diagonal_mask=False, mask=None) -> Tensor:
     """Attention from a packed ``qkv [B, N, 3·H·D]`` (read in place) to ``[B, N, H·D]``; the
     options as in `attention`."""
     return _apply(qkv if qkv.is_contiguous() else qkv.contiguous(), None, None, num_heads, scale, bias, mask,
-                  diagonal_mask, gmm)
+                  diagonal_mask)

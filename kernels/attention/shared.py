@@ -2,9 +2,7 @@
 gradient: one program per (tile, group of contributing (b, h) pairs, gradient slice) recomputes
 p and dp of each pair in its group (2 matmuls), sums ds (a bias) or p ⊙ dp (a mask) in registers
 and adds the sum with one relaxed fp32 atomic per element (a plain store with one group, the
-deterministic choice). A Gaussian-mixture bias has each program reduce its tile of the summed
-ds against the K Gaussians instead: 2K partial sums per program, summed after in a fixed order
-(Σ ds·G for the weight, w/σ² · Σ ds·G·d² for log σ), no atomics."""
+deterministic choice)."""
 from __future__ import annotations
 
 import torch
@@ -15,21 +13,19 @@ from torch import Tensor
 from .. import on_device
 from . import common
 from .common import head_scale, load_rows, load_vec, map_strides, map_tile, mm, scale_kind, scores
-from .gmm import gmm_gaussian, gmm_sq_dist
 from .planning import launch, shared_grad_groups
 
 
 @triton.jit
-def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g,
+def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g,
                  GROUP, R, RH, start_m, start_n, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
                  D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr,
                  MASK_COLS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                  DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
-                 ATOMIC: tl.constexpr, GMM_KERNELS: tl.constexpr):
+                 ATOMIC: tl.constexpr):
     """Σ over the pairs of group g (GROUP of the slice's R contributors) of the [rows, cols] tile
     of ds or p ⊙ dp, then one store or atomic per element into slice sl of GRAD [B|1, H|1, N, N]
-    (SH slices over h); with GMM_KERNELS its sums against the Gaussians, in row `pid` of GRAD's
-    two [programs, K] halves."""
+    (SH slices over h)."""
     sl_b = sl // SH
     sl_h = sl % SH
     r_start = g * GROUP
@@ -66,37 +62,27 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS
             if HAS_MASK:
                 dp = dp * map_tile(MASK, b, h, rows[:, None], cols[None, :], N, smb, smh, MASK_ROWS, MASK_COLS)
             acc += p * (dp - delta[:, None])
-    if GMM_KERNELS > 0:  # dweight = Σ ds·G, dlog σ = weight / σ² · Σ ds·G·d² for each Gaussian G
-        d2, patches = gmm_sq_dist(rows, cols, grid)
-        acc = tl.where(patches & tile_ok, acc, 0.0)
-        for kk in tl.static_range(GMM_KERNELS):
-            w, inv_var, gauss = gmm_gaussian(GMM_W, GMM_LS, sl_h, kk, d2, GMM_KERNELS)
-            gauss = acc * gauss
-            tl.store(GRAD + pid * GMM_KERNELS + kk, tl.sum(gauss))
-            tl.store(GRAD + (tl.num_programs(0) + pid) * GMM_KERNELS + kk, w * inv_var * tl.sum(gauss * d2))
-    else:
-        ptrs = GRAD + (sl_b * SH + sl_h) * N * N + rows[:, None] * N + cols[None, :]
-        if ATOMIC:
-            if MASK_ROWS or MASK_COLS:
-                tl.atomic_add(ptrs, acc, mask=tile_ok, sem="relaxed")
-            else:
-                tl.atomic_add(ptrs, acc, sem="relaxed")
+    ptrs = GRAD + (sl_b * SH + sl_h) * N * N + rows[:, None] * N + cols[None, :]
+    if ATOMIC:
+        if MASK_ROWS or MASK_COLS:
+            tl.atomic_add(ptrs, acc, mask=tile_ok, sem="relaxed")
         else:
-            if MASK_ROWS or MASK_COLS:
-                tl.store(ptrs, acc, mask=tile_ok)
-            else:
-                tl.store(ptrs, acc)
+            tl.atomic_add(ptrs, acc, sem="relaxed")
+    else:
+        if MASK_ROWS or MASK_COLS:
+            tl.store(ptrs, acc, mask=tile_ok)
+        else:
+            tl.store(ptrs, acc)
 
 
 @triton.jit
 def attention_bwd_shared_kernel(
-    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, scale_value,
+    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value,
     stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
     H, N, SH, RH, R, GROUP, GROUPS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
     SPLIT: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr,
-    GMM_KERNELS: tl.constexpr,
 ):
     """One program per (tile, group of GROUP contributing pairs, gradient slice), tiles fastest.
     The slice (sl_b, sl_h) indexes the gradient's own [B|1, H|1] dims (SH slices over h); its R
@@ -112,72 +98,57 @@ def attention_bwd_shared_kernel(
     mi = t // tiles_n
     ni = t % tiles_n
     if SPLIT and mi < N // BLOCK_M:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n,
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n,
                      stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT,
-                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
     else:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n,
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n,
                      stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT,
-                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
 
 
 @triton.jit
-def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni, H, N, stride_b, stride_h,
+def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni, H, N, stride_b, stride_h,
                  stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D: tl.constexpr, ROWS: tl.constexpr,
                  MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, SPLIT: tl.constexpr,
                  SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                  DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
-                 ATOMIC: tl.constexpr, GMM_KERNELS: tl.constexpr):
+                 ATOMIC: tl.constexpr):
     """A full block of columns, unmasked, else the leftover columns in a TAIL_N-wide tile."""
     if SPLIT and ni < N // BLOCK_N:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h,
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h,
                      stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, ROWS, BLOCK_N, MASK_ROWS, False,
-                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
     else:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, GMM_W, GMM_LS, grid, pid, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h,
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h,
                      stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, ROWS, TAIL_N, MASK_ROWS, True,
-                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC, GMM_KERNELS)
+                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
 
 
 def shared_grad(target, dout, q, k, v, out, lse, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
-                of_mask, gmm=None) -> Tensor:
+                of_mask) -> Tensor:
     """The gradient of `target` (the bias, or the mask when `of_mask`), a score map shared over the
     batch and/or heads, summed over the (b, h) pairs that read each slice. Reads the forward's lse
-    and the dq kernel's δ. With `gmm` = (weight, log_sigma, grid_size) the bias is that mixture and
-    the result is [2, H, K] fp32, the gradients of weight and log_sigma."""
+    and the dq kernel's δ."""
     B, H, N, D = q.shape
     kernel_plan = plan.shared
     config = kernel_plan.configs[0]
     full = target.shape if target.dim() == 4 else (1, *target.shape)
     slices_b, slices_h = full[0], full[1]
     per_b, per_h = B // slices_b, H // slices_h  # contributors per slice along b and h
-    tile_programs = triton.cdiv(N, config.block_m) * triton.cdiv(N, kernel_plan.block_n)
-    programs_per_group = tile_programs * slices_b * slices_h
-    # partial sums are deterministic: the GMM path takes groups with no atomics either way
-    deterministic = torch.are_deterministic_algorithms_enabled() and gmm is None
+    programs_per_group = triton.cdiv(N, config.block_m) * triton.cdiv(N, kernel_plan.block_n) * slices_b * slices_h
+    deterministic = torch.are_deterministic_algorithms_enabled()
     group, groups = shared_grad_groups(per_b * per_h, programs_per_group, deterministic)
-    atomic = groups > 1 and gmm is None
-    gmm_w = gmm_ls = None
-    grid_size = kernels = 0
-    if gmm is not None:
-        gmm_w, gmm_ls, grid_size = gmm[0].contiguous(), gmm[1].contiguous(), gmm[2]
-        kernels = gmm_w.shape[1]
-        grad = common.new_buffer((2, programs_per_group * groups, kernels), device=q.device, dtype=torch.float32)
-    elif atomic:
-        grad = torch.zeros((slices_b, slices_h, N, N), device=q.device, dtype=torch.float32)
-    else:
-        grad = common.new_buffer((slices_b, slices_h, N, N), device=q.device, dtype=torch.float32)
+    atomic = groups > 1
+    alloc = torch.zeros if atomic else common.new_buffer
+    grad = alloc((slices_b, slices_h, N, N), device=q.device, dtype=torch.float32)
     # its own precision: tf32 at D = 128 runs FMA fp32 (see plan)
     precision = "ieee" if (plan.precision == "tf32" and D == 128) else plan.precision
-    args = (q, k, v, dout, lse, delta, scale, bias, mask, grad, gmm_w, gmm_ls, grid_size, scale_value,
-            *q.stride()[:3], *out.stride()[:3], *map_strides(bias), *map_strides(mask),
-            H, N, slices_h, per_h, per_b * per_h, group, groups)
+    args = (q, k, v, dout, lse, delta, scale, bias, mask, grad, scale_value, *q.stride()[:3], *out.stride()[:3],
+            *map_strides(bias), *map_strides(mask), H, N, slices_h, per_h, per_b * per_h, group, groups)
     constexprs = dict(D=D, SCALE_KIND=scale_kind(scale), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-                      DIAGONAL_MASK=diagonal_mask, PRECISION=precision, GRAD_OF_MASK=of_mask, ATOMIC=atomic,
-                      GMM_KERNELS=kernels)
+                      DIAGONAL_MASK=diagonal_mask, PRECISION=precision, GRAD_OF_MASK=of_mask, ATOMIC=atomic)
     with on_device(q):
         launch(attention_bwd_shared_kernel, kernel_plan, lambda block_m: programs_per_group * groups, q.device,
                args, constexprs)
-    if gmm is not None:  # [2, slices_h = H, groups · tiles, K] summed over the programs of a head
-        return grad.view(2, slices_h, groups * tile_programs, kernels).sum(dim=2)
     return grad.reshape(target.shape).to(target.dtype)
