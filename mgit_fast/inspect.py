@@ -255,15 +255,15 @@ def attention_launches(
     shared-gradient pass) or lsa_mask_batch (LSA with a [B, H, N, N] mask; a Gaussian-mixture
     bias runs as bias, built in PyTorch). With `every_config`, each kernel
     is launched once per candidate config (`planning.every_config`), else with the first."""
-    from mgit_fast.kernels.attention import op, planning
+    from mgit_fast.kernels.attention import common, op, planning
 
     new = lambda *shape, dt=dtype: torch.empty(shape, device=META, dtype=dt)  # noqa: E731
     if packed:
-        q, k, v = op.heads(new(B, N, 3 * H * D), H, 3)
-        (out,) = op.heads(new(B, N, H * D), H, 1)
-        dq, dk, dv = op.heads(new(B, N, 3 * H * D), H, 3)
+        qkv, dqkv = (common.packed(new(B, N, 3 * H * D), H, 3) for _ in range(2))
+        out = common.packed(new(B, N, H * D), H, 1)
     else:
-        q, k, v, out, dq, dk, dv = (new(B, H, N, D) for _ in range(7))
+        qkv, dqkv = (common.unpacked(*(new(B, H, N, D) for _ in range(3))) for _ in range(2))
+        out = common.unpacked(new(B, H, N, D))
     lsa = variant.startswith("lsa")
     scale = new(H, dt=torch.float32) if lsa else None
     bias = {"bias": lambda: new(H, N, N, dt=torch.float32),
@@ -272,9 +272,10 @@ def attention_launches(
             "lsa_mask_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
     every = planning.every_config() if every_config else contextlib.nullcontext()
     with tf32(allow_tf32), every, capture(target) as launches:
-        lse = op.forward(q, k, v, out, scale, D**-0.5, bias, mask, lsa)
+        lse = op.forward(qkv, out, scale, D**-0.5, bias, mask, lsa)
         if backward:
-            op.backward(out, q, k, v, out, lse, dq, dk, dv, scale, D**-0.5, bias, mask, lsa,
+            outs = out._replace(tensors=out.tensors * 2)  # dout: out's twin
+            op.backward(qkv, outs, lse, dqkv, scale, D**-0.5, bias, mask, lsa,
                         scale is not None, bias is not None, mask is not None)
     precision = _precision_name(dtype, allow_tf32)
     size = torch.finfo(dtype).bits // 8
@@ -286,8 +287,8 @@ def attention_launches(
         if launch.kernel == "attention_fwd_kernel":
             mm, nbytes = 2, 4 * B * H * N * D * size + 4 * B * H * N + bias_bytes
         elif launch.kernel == "attention_bwd_dq_kernel":
-            written = (map_bytes["bias"] * bool(launch.args["STORE_DBIAS"])
-                       + map_bytes["mask"] * bool(launch.args["STORE_DMASK"]))
+            written = (map_bytes["bias"] * (launch.args["DBIAS"] is not None)
+                       + map_bytes["mask"] * (launch.args["DMASK"] is not None))
             mm, nbytes = 3, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes + written
         elif launch.kernel == "attention_bwd_dkdv_kernel":
             mm, nbytes = 4, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes
@@ -306,12 +307,14 @@ def attention_launches(
 def attention_tile_area(N: int, constants: Dict[str, Any]) -> int:
     """Per head and matmul, the (owned × streamed) positions the tiles cover, N² of them useful
     (`kernels.attention.planning`): full BLOCK_M blocks plus one TAIL_M-row tile on the owned
-    side; on the streamed side full BLOCK_N blocks plus one TAIL_N-wide tile with SPLIT, else
-    every block masked (TAIL_N = BLOCK_N)."""
+    side; on the streamed side full BLOCK_N blocks plus TAIL_N-wide steps with SPLIT (the
+    shared-gradient pass: one TAIL_N-wide tile, as wide as the rest), else every block masked
+    (TAIL_N = BLOCK_N)."""
     bm, bn = constants["BLOCK_M"], constants["BLOCK_N"]
     tail_m, tail_n = constants["TAIL_M"], constants["TAIL_N"]
     owned = (N // bm) * bm + (tail_m if N % bm else 0)
-    streamed = (N // bn) * bn + (tail_n if N % bn else 0) if constants["SPLIT"] else -(-N // bn) * bn
+    rest = N % bn
+    streamed = (N // bn) * bn + (-(-rest // tail_n) * tail_n if rest else 0) if constants["SPLIT"] else -(-N // bn) * bn
     return owned * streamed
 
 

@@ -567,10 +567,10 @@ def test_shared_grad_pass_with_a_multiplicative_mask(monkeypatch, of_mask, shape
     scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * D**-0.5 + bias.detach()
     lse = (torch.logsumexp(scores, dim=-1) / torch.log(torch.tensor(2.0))).float()
     delta = (dout * out.detach()).sum(-1).float()
-    f = [t.float().contiguous() for t in (dout, q, k, v)]
+    dout, q, k, v = (t.float().contiguous() for t in (dout, q, k, v))
     plan = kernel.plan(q.shape, torch.float32, mask=True)
-    grad = kernel.shared_grad(mask if of_mask else bias, *f, f[0], lse, delta, plan, None, D**-0.5,
-                              bias.detach().float(), mask.detach().float(), False, of_mask)
+    grad = kernel.shared_grad(mask if of_mask else bias, kernel.unpacked(q, k, v), kernel.unpacked(dout, dout), lse,
+                              delta, plan, None, D**-0.5, bias.detach().float(), mask.detach().float(), False, of_mask)
     assert grad.shape == ref.shape
     assert_rel_close(grad, ref, 1e-5, "dmask" if of_mask else "dbias")
 

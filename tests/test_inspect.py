@@ -56,18 +56,18 @@ def test_capture_records_the_jit_specialisation():
     kernel_plan = planning.plan((4, 3, 65, 64), torch.bfloat16).fwd
     config = kernel_plan.configs[0]
     assert fwd.constants == {"D": 64, "BLOCK_M": config.block_m, "BLOCK_N": kernel_plan.block_n, "TAIL_M": 16,
-                             "TAIL_N": 16, "SPLIT": True, "SCALE_KIND": 0, "HAS_BIAS": False, "HAS_MASK": False,
-                             "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None, "BIAS": None, "MASK": None}
+                             "TAIL_N": 16, "SPLIT": True, "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None,
+                             "BIAS": None, "MASK": None}
     assert (fwd.options["num_warps"], fwd.options["num_stages"]) == (config.num_warps, config.num_stages)
     names = list(fwd.args)
     aligned = {names[path[0]] for path, value in fwd.attrs.items() if ["tt.divisibility", 16] in value}
     assert {"Q", "K", "V", "O", "LSE"} <= aligned  # k, v views start H·D·2 = 384 bytes in
     # a v view starting 2 bytes off a 16-byte boundary loses its alignment attribute
     flat = torch.empty(1 + 2 * 17 * 96, device="meta", dtype=torch.bfloat16)
-    q, k, v = op.heads(flat[1:].view(2, 17, 96), 2, 3)
-    out = torch.empty(2, 2, 17, 16, device="meta", dtype=torch.bfloat16)
+    qkv = common.packed(flat[1:].view(2, 17, 96), 2, 3)
+    out = common.unpacked(torch.empty(2, 2, 17, 16, device="meta", dtype=torch.bfloat16))
     with ins.capture(TARGET) as captured:
-        op.forward(q, k, v, out, None, 0.25, None, None, False)
+        op.forward(qkv, out, None, 0.25, None, None, False)
     names = list(captured[0].args)
     aligned = {names[path[0]] for path, value in captured[0].attrs.items() if ["tt.divisibility", 16] in value}
     assert "Q" not in aligned and "O" in aligned
@@ -83,12 +83,12 @@ def test_large_dbias_and_packed_offsets_are_int64_safe():
     assert 4732 * 197 * 3 * 768 > 2**31
     launches = ins.attention_launches("dbias", 512, 577, 16, 64, torch.bfloat16, "bias_batch")
     dq = next(launch for launch in launches if launch.kernel == "attention_bwd_dq_kernel")
-    assert dq.constants["STORE_DBIAS"] and not dq.constants["STORE_DMASK"]  # a per-batch bias: stored by dq
+    assert dq.args["DBIAS"] is not None and dq.args["DMASK"] is None  # a per-batch bias: stored by dq
     assert dq.args["sbb"] == 16 * 577 * 577 and 512 * dq.args["sbb"] * 4 > 2**31
     assert "to(tl.int64)" in inspect.getsource(common.program.fn)
     launches = ins.attention_launches("dmask", 512, 577, 16, 64, torch.bfloat16, "lsa_mask_batch")
     dq = next(launch for launch in launches if launch.kernel == "attention_bwd_dq_kernel")
-    assert dq.constants["STORE_DMASK"]  # a per-batch mask: plain stores from the dq kernel
+    assert dq.args["DMASK"] is not None  # a per-batch mask: plain stores from the dq kernel
     assert dq.args["smb"] == 16 * 577 * 577
     assert "attention_bwd_shared_kernel" not in {launch.kernel for launch in launches}
 

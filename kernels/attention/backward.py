@@ -16,9 +16,10 @@ import triton
 import triton.language as tl
 
 from .. import on_device
-from .common import (head_scale, load_rows, load_vec, map_strides, map_tile, mm, program, scale_kind, scores,
+from .common import (head_scale, load_rows, load_vec, map_strides, map_tile, mm, program, scale_stride, scores,
                      store_rows)
 from .planning import launch
+
 
 @triton.jit
 def _store_map(ptrs, x, ok, MASKED: tl.constexpr):
@@ -29,12 +30,10 @@ def _store_map(ptrs, x, ok, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _dq_block(q, do, lse, delta, dq, dscale, K_bh, V_bh, BIAS, MASK, DBIAS, DMASK, rows, row_ok, start_n,
-              scale_log2, b, h, bh, N, stride_n, sbb, sbh, smb, smh,
-              D: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr,
-              HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
-              PRECISION: tl.constexpr, NEED_DSCALE: tl.constexpr, STORE_DBIAS: tl.constexpr,
-              STORE_DMASK: tl.constexpr):
+def _dq_block(q, do, lse, delta, dq, dscale, K_bh, V_bh, BIAS, MASK, DSCALE, DBIAS, DMASK, rows, row_ok, start_n,
+              scale_log2, b, h, bh, N, stride_n, sbb, sbh, smb, smh, D: tl.constexpr, COLS: tl.constexpr,
+              MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
+              PRECISION: tl.constexpr):
     """dq, dscale and the stored map gradients of the keys start_n + [0, COLS)."""
     cols = start_n + tl.arange(0, COLS)
     offs_d = tl.arange(0, D)
@@ -42,24 +41,24 @@ def _dq_block(q, do, lse, delta, dq, dscale, K_bh, V_bh, BIAS, MASK, DBIAS, DMAS
     k = load_rows(K_bh + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
     v = load_rows(V_bh + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
     qk = mm(q, tl.trans(k), PRECISION)
-    s = scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS, sbb, sbh, HAS_BIAS, DIAGONAL_MASK,
-               MASK_ROWS, MASK_COLS)
+    s = scores(qk, rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS, sbb, sbh, DIAGONAL_MASK, MASK_ROWS,
+               MASK_COLS)
     p = tl.math.exp2(s - lse[:, None])
     if MASK_ROWS:
         p = tl.where(row_ok[:, None], p, 0.0)
     dp = mm(do, tl.trans(v), PRECISION)
-    if HAS_MASK:
+    if MASK is not None:
         ds = p * (map_tile(MASK, b, h, rows[:, None], cols[None, :], N, smb, smh, MASK_ROWS, MASK_COLS) * dp
                   - delta[:, None])
     else:
         ds = p * (dp - delta[:, None])
     dq += mm(ds.to(k.dtype), k, PRECISION)
-    if NEED_DSCALE:
+    if DSCALE is not None:
         dscale += tl.sum(tl.where(ds != 0.0, ds * qk, 0.0), 1)
     ok = row_ok[:, None] & col_ok[None, :]  # per-batch gradients: contiguous [B, H, N, N]
-    if STORE_DBIAS:
+    if DBIAS is not None:
         _store_map(DBIAS + bh * N * N + rows[:, None] * N + cols[None, :], ds, ok, MASK_ROWS or MASK_COLS)
-    if STORE_DMASK:
+    if DMASK is not None:
         _store_map(DMASK + bh * N * N + rows[:, None] * N + cols[None, :], p * dp, ok, MASK_ROWS or MASK_COLS)
     return dq, dscale
 
@@ -68,9 +67,8 @@ def _dq_block(q, do, lse, delta, dq, dscale, K_bh, V_bh, BIAS, MASK, DBIAS, DMAS
 def _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b, h, bh, start_m, scale,
              stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
              sbb, sbh, smb, smh, N, D: tl.constexpr, ROWS: tl.constexpr, MASK_ROWS: tl.constexpr,
-             BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-             HAS_MASK: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
-             NEED_DSCALE: tl.constexpr, STORE_DBIAS: tl.constexpr, STORE_DMASK: tl.constexpr):
+             BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, SPLIT: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
+             PRECISION: tl.constexpr):
     """δ, dq, the stored map gradients and the dscale row sums of the queries start_m + [0, ROWS)."""
     rows = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
@@ -88,23 +86,21 @@ def _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b
         tl.store(DELTA + bh * N + rows, delta)
     scale_log2 = scale * 1.4426950408889634
     dq = tl.zeros([ROWS, D], dtype=tl.float32)
-    if NEED_DSCALE:
+    if DSCALE is not None:
         dscale = tl.zeros([ROWS], dtype=tl.float32)
     else:  # a constant through the loop, not a vector
         dscale = 0.0
     full_n = (N // BLOCK_N) * BLOCK_N if SPLIT else 0
     for start_n in range(0, full_n, BLOCK_N):
-        dq, dscale = _dq_block(q, do, lse, delta, dq, dscale, K + base, V + base, BIAS, MASK, DBIAS, DMASK, rows,
-                               row_ok, start_n, scale_log2, b, h, bh, N, stride_n, sbb, sbh, smb, smh, D, BLOCK_N,
-                               MASK_ROWS, False, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, NEED_DSCALE,
-                               STORE_DBIAS, STORE_DMASK)
-    if TAIL_N > 0:  # split: the last N mod BLOCK_N keys in one narrow tile; else every block, masked
+        dq, dscale = _dq_block(q, do, lse, delta, dq, dscale, K + base, V + base, BIAS, MASK, DSCALE, DBIAS, DMASK,
+                               rows, row_ok, start_n, scale_log2, b, h, bh, N, stride_n, sbb, sbh, smb, smh, D,
+                               BLOCK_N, MASK_ROWS, False, DIAGONAL_MASK, PRECISION)
+    if TAIL_N > 0:  # split: the last N mod BLOCK_N keys in narrow steps; else every block, masked
         for start_n in range(full_n, N, TAIL_N):
-            dq, dscale = _dq_block(q, do, lse, delta, dq, dscale, K + base, V + base, BIAS, MASK, DBIAS, DMASK,
-                                   rows, row_ok, start_n, scale_log2, b, h, bh, N, stride_n, sbb, sbh, smb, smh,
-                                   D, TAIL_N, MASK_ROWS, True, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION,
-                                   NEED_DSCALE, STORE_DBIAS, STORE_DMASK)
-    if NEED_DSCALE:  # per row, summed afterwards in a fixed order
+            dq, dscale = _dq_block(q, do, lse, delta, dq, dscale, K + base, V + base, BIAS, MASK, DSCALE, DBIAS,
+                                   DMASK, rows, row_ok, start_n, scale_log2, b, h, bh, N, stride_n, sbb, sbh, smb,
+                                   smh, D, TAIL_N, MASK_ROWS, True, DIAGONAL_MASK, PRECISION)
+    if DSCALE is not None:  # per row, summed afterwards in a fixed order
         if MASK_ROWS:
             tl.store(DSCALE + bh * N + rows, dscale, mask=row_ok)
         else:
@@ -115,35 +111,30 @@ def _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, SCALE, BIAS, MASK, scale_value,
+    Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, SCALE, BIAS, MASK, scale_value, scale_stride,
     stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
     sbb, sbh, smb, smh, H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-    SPLIT: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, NEED_DSCALE: tl.constexpr, STORE_DBIAS: tl.constexpr,
-    STORE_DMASK: tl.constexpr,
+    SPLIT: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per block of BLOCK_M queries, streaming the keys (blocks as in the forward)."""
     pid_m, bh, b, h = program(N, H, BLOCK_M)
-    scale = head_scale(SCALE, scale_value, h, SCALE_KIND)
+    scale = head_scale(SCALE, scale_value, scale_stride, h)
     if SPLIT and pid_m < N // BLOCK_M:
         _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale,
                  stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
-                 sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
-                 DIAGONAL_MASK, PRECISION, NEED_DSCALE, STORE_DBIAS, STORE_DMASK)
+                 sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT, DIAGONAL_MASK, PRECISION)
     else:
         _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale,
                  stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
-                 sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
-                 DIAGONAL_MASK, PRECISION, NEED_DSCALE, STORE_DBIAS, STORE_DMASK)
+                 sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT, DIAGONAL_MASK, PRECISION)
 
 
 @triton.jit
 def _dkdv_block(k, v, dk, dv, Q_bh, DO_bh, LSE, DELTA, BIAS, MASK, keys, start_m, scale_log2, b, h, bh, N,
                 stride_n, stride_on, sbb, sbh, smb, smh, D: tl.constexpr, QUERIES: tl.constexpr,
                 MASK_KEYS: tl.constexpr, MASK_QUERIES: tl.constexpr, TRANSPOSED: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
-                PRECISION: tl.constexpr):
+                DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
     """dk, dv of the owned keys from the queries start_m + [0, QUERIES): TRANSPOSED in the
     [keys, queries] form (sᵀ = k·qᵀ), else in the [queries, keys] form."""
     qs = start_m + tl.arange(0, QUERIES)
@@ -155,11 +146,11 @@ def _dkdv_block(k, v, dk, dv, Q_bh, DO_bh, LSE, DELTA, BIAS, MASK, keys, start_m
     delta = load_vec(DELTA + bh * N + qs, q_ok, MASK_QUERIES)
     if TRANSPOSED:
         st = scores(mm(k, tl.trans(q), PRECISION), qs[None, :], keys[:, None], scale_log2, b, h, N, BIAS, sbb, sbh,
-                    HAS_BIAS, DIAGONAL_MASK, MASK_QUERIES, MASK_KEYS)
+                    DIAGONAL_MASK, MASK_QUERIES, MASK_KEYS)
         pt = tl.math.exp2(st - lse[None, :])
         if MASK_QUERIES:
             pt = tl.where(q_ok[None, :], pt, 0.0)
-        if HAS_MASK:  # dv = (pᵀ ⊙ Mᵀ)·dout; dsᵀ = pᵀ ⊙ (Mᵀ ⊙ dpᵀ − δ), Mᵀ loaded by index
+        if MASK is not None:  # dv = (pᵀ ⊙ Mᵀ)·dout; dsᵀ = pᵀ ⊙ (Mᵀ ⊙ dpᵀ − δ), Mᵀ loaded by index
             mkt = map_tile(MASK, b, h, qs[None, :], keys[:, None], N, smb, smh, MASK_QUERIES, MASK_KEYS)
             dv += mm((pt * mkt).to(do.dtype), do, PRECISION)
             dst = pt * (mkt * mm(v, tl.trans(do), PRECISION) - delta[None, :])
@@ -169,11 +160,11 @@ def _dkdv_block(k, v, dk, dv, Q_bh, DO_bh, LSE, DELTA, BIAS, MASK, keys, start_m
         dk += mm(dst.to(q.dtype), q, PRECISION)
     else:
         s = scores(mm(q, tl.trans(k), PRECISION), qs[:, None], keys[None, :], scale_log2, b, h, N, BIAS, sbb, sbh,
-                   HAS_BIAS, DIAGONAL_MASK, MASK_QUERIES, MASK_KEYS)
+                   DIAGONAL_MASK, MASK_QUERIES, MASK_KEYS)
         p = tl.math.exp2(s - lse[:, None])
         if MASK_QUERIES:
             p = tl.where(q_ok[:, None], p, 0.0)
-        if HAS_MASK:
+        if MASK is not None:
             mk = map_tile(MASK, b, h, qs[:, None], keys[None, :], N, smb, smh, MASK_QUERIES, MASK_KEYS)
             dv += mm(tl.trans((p * mk).to(do.dtype)), do, PRECISION)
             ds = p * (mk * mm(do, tl.trans(v), PRECISION) - delta[:, None])
@@ -188,8 +179,8 @@ def _dkdv_block(k, v, dk, dv, Q_bh, DO_bh, LSE, DELTA, BIAS, MASK, keys, start_m
 def _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, start_n, scale,
                stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
                sbb, sbh, smb, smh, N, D: tl.constexpr, KEYS: tl.constexpr, MASK_KEYS: tl.constexpr,
-               BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_MASK: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, SPLIT: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
+               PRECISION: tl.constexpr):
     """dk, dv of the keys start_n + [0, KEYS) of head (b, h)."""
     keys = start_n + tl.arange(0, KEYS)
     offs_d = tl.arange(0, D)
@@ -206,12 +197,12 @@ def _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, start_n, s
     for start_m in range(0, full_m, BLOCK_N):
         dk, dv = _dkdv_block(k, v, dk, dv, Q_bh, DO_bh, LSE, DELTA, BIAS, MASK, keys, start_m, scale_log2, b, h, bh,
                              N, stride_n, stride_on, sbb, sbh, smb, smh, D, BLOCK_N, MASK_KEYS, False, True,
-                             HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
-    if TAIL_N > 0:  # split: the last N mod BLOCK_N queries in one narrow tile; else every block, masked
+                             DIAGONAL_MASK, PRECISION)
+    if TAIL_N > 0:  # split: the last N mod BLOCK_N queries in narrow steps; else every block, masked
         for start_m in range(full_m, N, TAIL_N):
             dk, dv = _dkdv_block(k, v, dk, dv, Q_bh, DO_bh, LSE, DELTA, BIAS, MASK, keys, start_m, scale_log2, b, h,
                                  bh, N, stride_n, stride_on, sbb, sbh, smb, smh, D, TAIL_N, MASK_KEYS, True, SPLIT,
-                                 HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
+                                 DIAGONAL_MASK, PRECISION)
     g_base = b * stride_gb + h * stride_gh
     store_rows(DK + g_base + keys[:, None] * stride_gn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), key_ok,
                MASK_KEYS)
@@ -220,43 +211,39 @@ def _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, start_n, s
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SCALE, BIAS, MASK, scale_value,
+    Q, K, V, DO, LSE, DELTA, DK, DV, SCALE, BIAS, MASK, scale_value, scale_stride,
     stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
     sbb, sbh, smb, smh, H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-    SPLIT: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per block of BLOCK_M keys, streaming the queries."""
     pid_n, bh, b, h = program(N, H, BLOCK_M)
-    scale = head_scale(SCALE, scale_value, h, SCALE_KIND)
+    scale = head_scale(SCALE, scale_value, scale_stride, h)
     if SPLIT and pid_n < N // BLOCK_M:
         _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
                    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
-                   sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
-                   DIAGONAL_MASK, PRECISION)
+                   sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT, DIAGONAL_MASK, PRECISION)
     else:
         _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, b, h, bh, pid_n * BLOCK_M, scale,
                    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
-                   sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT, HAS_BIAS, HAS_MASK,
-                   DIAGONAL_MASK, PRECISION)
+                   sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT, DIAGONAL_MASK, PRECISION)
 
 
-def backward_into(dout, q, k, v, out, lse, dq, dk, dv, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
-                  dscale=None, dbias=None, dmask=None):
-    """Writes dq, dk, dv ([B, H, N, D] views sharing one set of strides) and δ into `delta`
-    [B, H, N] fp32; when given, dscale's row sums into `dscale` [B, H, N] fp32 and the per-batch
-    gradients into `dbias` / `dmask` (contiguous fp32 [B, H, N, N]). q, k, v share one set of
-    strides and dout shares out's; scale, bias and mask as in `forward_into`."""
-    B, H, N, D = q.shape
+def backward_into(qkv, outs, lse, grads, delta, plan, scale, scale_value, bias, mask, diagonal_mask, dscale=None,
+                  dbias=None, dmask=None):
+    """Writes the gradients `grads` (`common.Heads` of dq, dk, dv) of `qkv` (`Heads` of q, k, v)
+    from `outs` (`Heads` of out and dout) and δ into `delta` [B, H, N] fp32; when given, dscale's
+    row sums into `dscale` [B, H, N] fp32 and the per-batch gradients into `dbias` / `dmask`
+    (contiguous fp32 [B, H, N, N]). scale, bias and mask as in `forward_into`."""
+    B, H, N, D = qkv.shape
     programs = lambda block_m: triton.cdiv(N, block_m) * B * H  # noqa: E731
-    strides = (*q.stride()[:3], *out.stride()[:3], *dq.stride()[:3], *map_strides(bias), *map_strides(mask), H, N)
-    constexprs = dict(D=D, SCALE_KIND=scale_kind(scale), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-                      DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision)
-    with on_device(q):
-        launch(attention_bwd_dq_kernel, plan.dq, programs, q.device,
-               (q, k, v, out, dout, lse, delta, dq, dscale, dbias, dmask, scale, bias, mask, scale_value, *strides),
-               dict(constexprs, NEED_DSCALE=dscale is not None, STORE_DBIAS=dbias is not None,
-                    STORE_DMASK=dmask is not None), ("NEED_DSCALE", "STORE_DBIAS", "STORE_DMASK"))
-        launch(attention_bwd_dkdv_kernel, plan.dkdv, programs, q.device,
-               (q, k, v, dout, lse, delta, dk, dv, scale, bias, mask, scale_value, *strides), constexprs)
+    rest = (scale_value, scale_stride(scale), *qkv.strides, *outs.strides, *grads.strides, *map_strides(bias),
+            *map_strides(mask), H, N)
+    constexprs = dict(D=D, DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision)
+    (dq, dk, dv), (_, dout) = grads.tensors, outs.tensors
+    with on_device(lse):
+        launch(attention_bwd_dq_kernel, plan.dq, programs, lse.device,
+               (*qkv.tensors, *outs.tensors, lse, delta, dq, dscale, dbias, dmask, scale, bias, mask, *rest), constexprs)
+        launch(attention_bwd_dkdv_kernel, plan.dkdv, programs, lse.device,
+               (*qkv.tensors, dout, lse, delta, dk, dv, scale, bias, mask, *rest), constexprs)

@@ -2,6 +2,8 @@
 and the buffer allocator (one place, so tests can poison every output)."""
 from __future__ import annotations
 
+from typing import NamedTuple, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -12,16 +14,40 @@ def new_buffer(shape, *, device, dtype) -> Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def scale_kind(scale) -> int:
-    """SCALE_KIND of a scale tensor (contiguous) or None: 0 a float, 1 a tensor [], 2 a tensor [H]."""
-    return 0 if scale is None else (2 if scale.dim() == 1 else 1)
+class Heads(NamedTuple):
+    """[B, H, N, D] operands as the kernels take them: one tensor per operand whose data pointer
+    starts it, and the (b, h, n) strides they share (unit stride on D). No views are built."""
+
+    tensors: Tuple[Tensor, ...]
+    shape: Tuple[int, int, int, int]
+    strides: Tuple[int, int, int]
+
+
+def packed(t: Tensor, num_heads: int, parts: int) -> Heads:
+    """The `parts` operands side by side in a contiguous [B, N, parts·H·D] tensor (a qkv: 3, an
+    output: 1)."""
+    B, N, width = t.shape
+    w = width // parts
+    return Heads(tuple(t[..., i * w:] if i else t for i in range(parts)), (B, num_heads, N, w // num_heads),
+                 (t.stride(0), w // num_heads, t.stride(1)))
+
+
+def unpacked(*tensors: Tensor) -> Heads:
+    """[B, H, N, D] tensors sharing strides."""
+    return Heads(tensors, tuple(tensors[0].shape), tensors[0].stride()[:3])
+
+
+def scale_stride(scale) -> int:
+    """The stride over heads of a scale tensor (contiguous): 0 for [], 1 for [H]; −1 for None."""
+    return -1 if scale is None else (1 if scale.dim() == 1 else 0)
 
 
 def map_strides(t) -> tuple:
     """(stride over b, stride over h) of a bias or mask [H, N, N] / [B, H, N, N] whose [N, N]
-    slices are contiguous, 0 over a broadcast dim; (0, 0) for None."""
+    slices are contiguous, 0 over a broadcast dim; (−1, −1) for None (the tuning key tells an
+    absent map from a broadcast one)."""
     if t is None:
-        return 0, 0
+        return -1, -1
     full = t if t.dim() == 4 else t.unsqueeze(0)
     return (0 if full.shape[0] == 1 else full.stride(0)), (0 if full.shape[1] == 1 else full.stride(1))
 
@@ -49,14 +75,12 @@ def program(N, H, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def head_scale(SCALE, scale_value, h, SCALE_KIND: tl.constexpr):
-    """The softmax scale of head h: 0 a float, 1 a tensor [], 2 a tensor [H]."""
-    if SCALE_KIND == 0:
+def head_scale(SCALE, scale_value, scale_stride, h):
+    """The softmax scale of head h: `scale_value`, or a tensor [] / [H] (stride 0 / 1 over heads)."""
+    if SCALE is None:
         return scale_value
-    elif SCALE_KIND == 1:
-        return tl.load(SCALE).to(tl.float32)
     else:
-        return tl.load(SCALE + h).to(tl.float32)
+        return tl.load(SCALE + h * scale_stride).to(tl.float32)
 
 
 @triton.jit
@@ -99,12 +123,12 @@ def map_tile(MAP, b, h, qi, ki, N, stride_b, stride_h, MASK_Q: tl.constexpr, MAS
 
 @triton.jit
 def scores(qk, qi, ki, scale_log2, b, h, N, BIAS, sbb, sbh,
-           HAS_BIAS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr):
+           DIAGONAL_MASK: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr):
     """s = scale·q·k + bias in log2 units for query / key indices qi, ki (broadcastable to qk):
     −∞ for keys past the sequence (MASK_K) and on the masked diagonal. MASK_Q / MASK_K: whether
     qi / ki may run past the sequence (a tail tile); full tiles skip every mask."""
     s = qk * scale_log2
-    if HAS_BIAS:
+    if BIAS is not None:
         s += map_tile(BIAS, b, h, qi, ki, N, sbb, sbh, MASK_Q, MASK_K) * 1.4426950408889634
     if MASK_K:
         s = tl.where(ki < N, s, float("-inf"))

@@ -7,15 +7,14 @@ import triton
 import triton.language as tl
 
 from .. import on_device
-from .common import head_scale, load_rows, map_strides, map_tile, mm, program, scale_kind, scores, store_rows
+from .common import head_scale, load_rows, map_strides, map_tile, mm, program, scale_stride, scores, store_rows
 from .planning import launch
 
 
 @triton.jit
 def _fwd_block(q, m_i, l_i, acc, K_bh, V_bh, BIAS, MASK, rows, start_n, scale_log2, b, h, N, stride_n,
                sbb, sbh, smb, smh, D: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr,
-               MASK_COLS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-               DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
+               MASK_COLS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax step over the keys start_n + [0, COLS)."""
     cols = start_n + tl.arange(0, COLS)
     offs_d = tl.arange(0, D)
@@ -23,13 +22,13 @@ def _fwd_block(q, m_i, l_i, acc, K_bh, V_bh, BIAS, MASK, rows, start_n, scale_lo
     k = load_rows(K_bh + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
     v = load_rows(V_bh + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
     s = scores(mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS, sbb, sbh,
-               HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, MASK_COLS)
+               DIAGONAL_MASK, MASK_ROWS, MASK_COLS)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if HAS_MASK:
+    if MASK is not None:
         p = p * map_tile(MASK, b, h, rows[:, None], cols[None, :], N, smb, smh, MASK_ROWS, MASK_COLS)
     acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, PRECISION)
     return m_new, l_i, acc
@@ -39,8 +38,7 @@ def _fwd_block(q, m_i, l_i, acc, K_bh, V_bh, BIAS, MASK, rows, start_n, scale_lo
 def _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, start_m, scale_log2, stride_b, stride_h, stride_n,
               stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, N,
               D: tl.constexpr, ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-              TAIL_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-              DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
+              TAIL_N: tl.constexpr, SPLIT: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
     """Forward of the query rows start_m + [0, ROWS) of head (b, h)."""
     rows = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, D)
@@ -54,12 +52,12 @@ def _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, start_m, scale_log2, stride
     for start_n in range(0, full_n, BLOCK_N):
         m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, K + base, V + base, BIAS, MASK, rows, start_n, scale_log2,
                                    b, h, N, stride_n, sbb, sbh, smb, smh, D, BLOCK_N, MASK_ROWS, False,
-                                   HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
-    if TAIL_N > 0:  # split: the last N mod BLOCK_N keys in one narrow tile; else every block, masked
+                                   DIAGONAL_MASK, PRECISION)
+    if TAIL_N > 0:  # split: the last N mod BLOCK_N keys in narrow steps; else every block, masked
         for start_n in range(full_n, N, TAIL_N):
             m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, K + base, V + base, BIAS, MASK, rows, start_n,
                                        scale_log2, b, h, N, stride_n, sbb, sbh, smb, smh, D, TAIL_N, MASK_ROWS,
-                                       True, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
+                                       True, DIAGONAL_MASK, PRECISION)
     out_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
     store_rows(out_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), row_ok, MASK_ROWS)
     lse = m_i + tl.math.log2(l_i)  # log2 units
@@ -71,35 +69,31 @@ def _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, start_m, scale_log2, stride
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, O, LSE, SCALE, BIAS, MASK, scale_value, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on,
-    sbb, sbh, smb, smh, H, N,
+    Q, K, V, O, LSE, SCALE, BIAS, MASK, scale_value, scale_stride, stride_b, stride_h, stride_n, stride_ob,
+    stride_oh, stride_on, sbb, sbh, smb, smh, H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-    SPLIT: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, bh, b, h = program(N, H, BLOCK_M)
-    scale_log2 = head_scale(SCALE, scale_value, h, SCALE_KIND) * 1.4426950408889634
+    scale_log2 = head_scale(SCALE, scale_value, scale_stride, h) * 1.4426950408889634
     if SPLIT and pid_m < N // BLOCK_M:  # a full block of queries, unmasked
         _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2, stride_b, stride_h, stride_n,
                   stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N,
-                  SPLIT, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
+                  SPLIT, DIAGONAL_MASK, PRECISION)
     else:  # the leftover queries in a TAIL_M-row tile; without SPLIT every block, masked (TAIL_M = BLOCK_M)
         _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2, stride_b, stride_h, stride_n,
                   stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N,
-                  SPLIT, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION)
+                  SPLIT, DIAGONAL_MASK, PRECISION)
 
 
-def forward_into(q, k, v, out, lse, plan, scale, scale_value, bias, mask, diagonal_mask):
-    """Writes attention of the [B, H, N, D] views q, k, v (one set of strides, unit stride on D)
-    into the view `out` and the log-sum-exp (fp32, log2 units, the unmasked softmax's) into `lse`
-    [B, H, N]. `scale`: None or a contiguous tensor [] / [H]; bias, mask: None or [B|1, H|1, N, N]
-    with contiguous [N, N] slices (see `common.map_strides`)."""
-    B, H, N, D = q.shape
-    args = (q, k, v, out, lse, scale, bias, mask, scale_value, *q.stride()[:3], *out.stride()[:3],
-            *map_strides(bias), *map_strides(mask), H, N)
-    constexprs = dict(D=D, SCALE_KIND=scale_kind(scale), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-                      DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision)
-    with on_device(q):
-        launch(attention_fwd_kernel, plan.fwd, lambda block_m: triton.cdiv(N, block_m) * B * H, q.device, args,
-               constexprs)
-
+def forward_into(qkv, out, lse, plan, scale, scale_value, bias, mask, diagonal_mask):
+    """Writes attention of `qkv` (`common.Heads` of q, k, v) into `out` (`Heads` of one) and the
+    log-sum-exp (fp32, log2 units, the unmasked softmax's) into `lse` [B, H, N]. `scale`: None or
+    a contiguous tensor [] / [H]; bias, mask: None or [B|1, H|1, N, N] with contiguous [N, N]
+    slices (see `common.map_strides`)."""
+    B, H, N, D = qkv.shape
+    args = (*qkv.tensors, *out.tensors, lse, scale, bias, mask, scale_value, scale_stride(scale), *qkv.strides,
+            *out.strides, *map_strides(bias), *map_strides(mask), H, N)
+    with on_device(lse):
+        launch(attention_fwd_kernel, plan.fwd, lambda block_m: triton.cdiv(N, block_m) * B * H, lse.device, args,
+               dict(D=D, DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision))

@@ -21,12 +21,6 @@ from .planning import plan
 from .shared import shared_grad
 
 
-def heads(t: Tensor, num_heads: int, parts: int):
-    """[B, N, parts·H·D] → `parts` [B, H, N, D] views sharing one set of strides."""
-    B, N, width = t.shape
-    return t.view(B, N, parts, num_heads, width // (parts * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def _map(t: Optional[Tensor]) -> Optional[Tensor]:
     if t is None or (t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]):
         return t
@@ -43,34 +37,38 @@ def _shared(t: Tensor) -> bool:
     return t.dim() == 3 or t.shape[0] == 1 or t.shape[1] == 1
 
 
-def forward(q, k, v, out, scale, scale_value, bias, mask, diagonal_mask) -> Tensor:
-    B, H, N, D = q.shape
+def forward(qkv: common.Heads, out: common.Heads, scale, scale_value, bias, mask, diagonal_mask) -> Tensor:
+    """Writes `out`; returns the log-sum-exp [B, H, N] (fp32, log2 units)."""
+    B, H, N, D = qkv.shape
+    q = qkv.tensors[0]
     lse = common.new_buffer((B, H, N), device=q.device, dtype=torch.float32)
-    forward_into(q, k, v, out, lse, plan(q.shape, q.dtype, q.device, mask=mask is not None), scale, scale_value,
+    forward_into(qkv, out, lse, plan(qkv.shape, q.dtype, q.device, mask=mask is not None), scale, scale_value,
                  _map(bias), _map(mask), diagonal_mask)
     return lse
 
 
-def backward(dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, mask, diagonal_mask,
-             need_dscale: bool, need_dbias: bool, need_dmask: bool):
-    """Writes dq, dk, dv; returns (dscale, dbias, dmask), each when asked."""
-    B, H, N, D = q.shape
+def backward(qkv: common.Heads, outs: common.Heads, lse, grads: common.Heads, scale, scale_value, bias, mask,
+             diagonal_mask, need_dscale: bool, need_dbias: bool, need_dmask: bool):
+    """Writes `grads` (dq, dk, dv) from `outs` (out, dout); returns (dscale, dbias, dmask), each
+    when asked."""
+    B, H, N, D = qkv.shape
+    q = qkv.tensors[0]
     bias, mask = _map(bias), _map(mask)
     per_batch_dbias = need_dbias and not _shared(bias)
     per_batch_dmask = need_dmask and not _shared(mask)
-    p = plan(q.shape, q.dtype, q.device, mask=mask is not None, stores_map_grad=per_batch_dbias or per_batch_dmask)
+    p = plan(qkv.shape, q.dtype, q.device, mask=mask is not None, stores_map_grad=per_batch_dbias or per_batch_dmask)
     f32 = dict(device=q.device, dtype=torch.float32)
     delta = common.new_buffer((B, H, N), **f32)
     dscale_rows = common.new_buffer((B, H, N), **f32) if need_dscale else None
     dbias = common.new_buffer(bias.shape, **f32) if per_batch_dbias else None
     dmask = common.new_buffer(mask.shape, **f32) if per_batch_dmask else None
-    backward_into(dout, q, k, v, out, lse, dq, dk, dv, delta, p, scale, scale_value, bias, mask, diagonal_mask,
-                  dscale_rows, dbias, dmask)
+    backward_into(qkv, outs, lse, grads, delta, p, scale, scale_value, bias, mask, diagonal_mask, dscale_rows, dbias,
+                  dmask)
     dscale = None
     if need_dscale:  # the row sums, summed in a fixed order
         dscale = dscale_rows.sum(dim=(0, 2)) if scale.dim() == 1 else dscale_rows.sum()
         dscale = dscale.to(scale.dtype)
-    shared = (dout, q, k, v, out, lse, delta, p, scale, scale_value, bias, mask, diagonal_mask)
+    shared = (qkv, outs, lse, delta, p, scale, scale_value, bias, mask, diagonal_mask)
     if need_dbias:
         dbias = shared_grad(bias, *shared, False) if dbias is None else dbias.to(bias.dtype)
     if need_dmask:
@@ -83,12 +81,11 @@ def _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_ma
     if num_heads:
         B, N, width = q.shape
         out = common.new_buffer((B, N, width // 3), device=q.device, dtype=q.dtype)
-        (out_h,) = heads(out, num_heads, 1)
-        q, k, v = heads(q, num_heads, 3)
+        qkv, outs = common.packed(q, num_heads, 3), common.packed(out, num_heads, 1)
     else:
-        out = out_h = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
-        q, k, v = _qkv(q, k, v)
-    return out, forward(q, k, v, out_h, scale, scale_value, bias, mask, diagonal_mask)
+        out = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
+        qkv, outs = common.unpacked(*_qkv(q, k, v)), common.unpacked(out)
+    return out, forward(qkv, outs, scale, scale_value, bias, mask, diagonal_mask)
 
 
 def _run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale,
@@ -97,13 +94,15 @@ def _run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, 
     dout = _like(dout, out)
     if num_heads:
         dqkv = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
-        grads, (q, k, v), (dq, dk, dv) = (dqkv, None, None), heads(q, num_heads, 3), heads(dqkv, num_heads, 3)
-        (out,), (dout,) = heads(out, num_heads, 1), heads(dout, num_heads, 1)
+        grads, qkv, outs = (dqkv, None, None), common.packed(q, num_heads, 3), common.packed(out, num_heads, 1)
+        grad_heads = common.packed(dqkv, num_heads, 3)
     else:
-        q, k, v = _qkv(q, k, v)
-        grads = dq, dk, dv = tuple(common.new_buffer(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-    return (*grads, *backward(dout, q, k, v, out, lse, dq, dk, dv, scale, scale_value, bias, mask, diagonal_mask,
-                              need_dscale, need_dbias, need_dmask))
+        qkv, outs = common.unpacked(*_qkv(q, k, v)), common.unpacked(out)
+        grads = tuple(common.new_buffer(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+        grad_heads = common.unpacked(*grads)
+    outs = outs._replace(tensors=(out, dout))  # dout shares out's strides
+    return (*grads, *backward(qkv, outs, lse, grad_heads, scale, scale_value, bias, mask, diagonal_mask, need_dscale,
+                              need_dbias, need_dmask))
 
 
 # the inputs of both paths, in order

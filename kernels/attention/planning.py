@@ -5,8 +5,10 @@ Launch geometry, every kernel: a 1-D grid of (block of BLOCK_M owned positions, 
 BLOCK_N blocks. With `split` (fp16/bf16 at D = 32, 64, N ≥ BLOCK_M) full blocks run unmasked on
 both sides: the last program takes the N mod BLOCK_M leftover positions in a TAIL_M-row tile (the
 smallest power of two ≥ 16 that holds them), and the N mod BLOCK_N last streamed positions go in
-masked 16-wide steps (TAIL_N = 16; 0 when BLOCK_N divides N). Without (fp32, tf32, D = 16 or 128,
-short sequences, where that code spilled), every block is masked (TAIL_N = BLOCK_N).
+masked 16-wide steps (TAIL_N = 16; 0 when BLOCK_N divides N; the shared-gradient pass, whose
+columns are tiles, takes them in one tile as wide as they need). Without (fp32, tf32, D = 16 or
+128, short sequences, where that code spilled), every block is masked (TAIL_M = BLOCK_M, TAIL_N =
+BLOCK_N).
 
 The streamed side fixes each sum's order, so it is planned here, never tuned. The owned side
 (BLOCK_M, warps, stages) comes from a short candidate list, today's measured-or-gated entry first:
@@ -234,18 +236,19 @@ def _tuned(kernel, configs: Tuple[Config, ...], key):
 
 
 # the arguments an autotuned choice depends on (besides the tensor dtypes, which Triton adds)
-TUNING_KEY = ("N", "D", "SCALE_KIND", "HAS_BIAS", "HAS_MASK", "DIAGONAL_MASK", "PRECISION", "BLOCK_N", "TAIL_N", "SPLIT")
+# (an absent scale, bias or mask passes stride −1); the dq kernel's choice does not depend on
+# which optional gradients it writes
+TUNING_KEY = ("N", "D", "DIAGONAL_MASK", "PRECISION", "BLOCK_N", "TAIL_N", "SPLIT", "scale_stride", "sbb", "sbh", "smb",
+              "smh")
 
 
-def launch(kernel, kernel_plan: KernelPlan, programs: Callable, device: torch.device, args, constexprs: dict,
-           more_key: Tuple[str, ...] = ()) -> None:
+def launch(kernel, kernel_plan: KernelPlan, programs: Callable, device: torch.device, args, constexprs: dict) -> None:
     """Launches `kernel` over `programs(BLOCK_M)` programs with the plan's streamed side and the
-    owned side chosen as the module docstring says. `more_key` names the kernel's own flags the
-    choice also depends on (see TUNING_KEY)."""
+    owned side chosen as the module docstring says."""
     configs = kernel_plan.configs
     streamed = dict(BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n, SPLIT=kernel_plan.split)
     if len(configs) > 1 and tunes(device):
-        _tuned(kernel, configs, TUNING_KEY + more_key)[lambda meta: (programs(meta["BLOCK_M"]),)](
+        _tuned(kernel, configs, TUNING_KEY)[lambda meta: (programs(meta["BLOCK_M"]),)](
             *args, **streamed, **constexprs)
         return
     for c in configs if _every_config.get() else configs[:1]:

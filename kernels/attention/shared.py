@@ -12,17 +12,15 @@ from torch import Tensor
 
 from .. import on_device
 from . import common
-from .common import head_scale, load_rows, load_vec, map_strides, map_tile, mm, scale_kind, scores
+from .common import head_scale, load_rows, load_vec, map_strides, map_tile, mm, scale_stride, scores
 from .planning import launch, shared_grad_groups
 
 
 @triton.jit
-def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g,
-                 GROUP, R, RH, start_m, start_n, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
-                 D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr,
-                 MASK_COLS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                 DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
-                 ATOMIC: tl.constexpr):
+def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, start_m, start_n,
+                 H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D: tl.constexpr, ROWS: tl.constexpr,
+                 COLS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
+                 PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr):
     """Σ over the pairs of group g (GROUP of the slice's R contributors) of the [rows, cols] tile
     of ds or p ⊙ dp, then one store or atomic per element into slice sl of GRAD [B|1, H|1, N, N]
     (SH slices over h)."""
@@ -41,7 +39,7 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, 
         b = sl_b + (r // RH).to(tl.int64)
         h = sl_h + (r % RH).to(tl.int64)
         bh = b * H + h
-        scale_log2 = head_scale(SCALE, scale_value, h, SCALE_KIND) * 1.4426950408889634
+        scale_log2 = head_scale(SCALE, scale_value, scale_stride, h) * 1.4426950408889634
         base = b * stride_b + h * stride_h
         o_base = b * stride_ob + h * stride_oh
         q = load_rows(Q + base + rows[:, None] * stride_n + offs_d[None, :], row_ok, MASK_ROWS)
@@ -50,7 +48,7 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, 
         v = load_rows(V + base + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
         lse = load_vec(LSE + bh * N + rows, row_ok, MASK_ROWS)
         s = scores(mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS, sbb, sbh,
-                   HAS_BIAS, DIAGONAL_MASK, MASK_ROWS, MASK_COLS)
+                   DIAGONAL_MASK, MASK_ROWS, MASK_COLS)
         p = tl.math.exp2(s - lse[:, None])
         if MASK_ROWS:
             p = tl.where(row_ok[:, None], p, 0.0)
@@ -59,7 +57,7 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, 
             acc += p * dp
         else:  # dbias = ds = p ⊙ (mask ⊙ dp − δ)
             delta = load_vec(DELTA + bh * N + rows, row_ok, MASK_ROWS)
-            if HAS_MASK:
+            if MASK is not None:
                 dp = dp * map_tile(MASK, b, h, rows[:, None], cols[None, :], N, smb, smh, MASK_ROWS, MASK_COLS)
             acc += p * (dp - delta[:, None])
     ptrs = GRAD + (sl_b * SH + sl_h) * N * N + rows[:, None] * N + cols[None, :]
@@ -77,12 +75,12 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, 
 
 @triton.jit
 def attention_bwd_shared_kernel(
-    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value,
+    Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride,
     stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
     H, N, SH, RH, R, GROUP, GROUPS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-    SPLIT: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr,
+    SPLIT: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
     """One program per (tile, group of GROUP contributing pairs, gradient slice), tiles fastest.
     The slice (sl_b, sl_h) indexes the gradient's own [B|1, H|1] dims (SH slices over h); its R
@@ -98,39 +96,34 @@ def attention_bwd_shared_kernel(
     mi = t // tiles_n
     ni = t % tiles_n
     if SPLIT and mi < N // BLOCK_M:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n,
-                     stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT,
-                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D,
+                     BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
     else:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n,
-                     stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, TAIL_M, True, BLOCK_N, TAIL_N, SPLIT,
-                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D,
+                     TAIL_M, True, BLOCK_N, TAIL_N, SPLIT, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
 
 
 @triton.jit
-def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni, H, N, stride_b, stride_h,
-                 stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D: tl.constexpr, ROWS: tl.constexpr,
+def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, start_m, ni,
+                 H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D: tl.constexpr, ROWS: tl.constexpr,
                  MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, SPLIT: tl.constexpr,
-                 SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                  DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
                  ATOMIC: tl.constexpr):
     """A full block of columns, unmasked, else the leftover columns in a TAIL_N-wide tile."""
     if SPLIT and ni < N // BLOCK_N:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h,
-                     stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, ROWS, BLOCK_N, MASK_ROWS, False,
-                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D,
+                     ROWS, BLOCK_N, MASK_ROWS, False, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
     else:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h,
-                     stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D, ROWS, TAIL_N, MASK_ROWS, True,
-                     SCALE_KIND, HAS_BIAS, HAS_MASK, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D,
+                     ROWS, TAIL_N, MASK_ROWS, True, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
 
 
-def shared_grad(target, dout, q, k, v, out, lse, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
+def shared_grad(target, qkv, outs, lse, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
                 of_mask) -> Tensor:
     """The gradient of `target` (the bias, or the mask when `of_mask`), a score map shared over the
-    batch and/or heads, summed over the (b, h) pairs that read each slice. Reads the forward's lse
-    and the dq kernel's δ."""
-    B, H, N, D = q.shape
+    batch and/or heads, summed over the (b, h) pairs that read each slice; `qkv` and `outs` (out,
+    dout) as in `backward_into`. Reads the forward's lse and the dq kernel's δ."""
+    B, H, N, D = qkv.shape
     kernel_plan = plan.shared
     config = kernel_plan.configs[0]
     full = target.shape if target.dim() == 4 else (1, *target.shape)
@@ -141,14 +134,14 @@ def shared_grad(target, dout, q, k, v, out, lse, delta, plan, scale, scale_value
     group, groups = shared_grad_groups(per_b * per_h, programs_per_group, deterministic)
     atomic = groups > 1
     alloc = torch.zeros if atomic else common.new_buffer
-    grad = alloc((slices_b, slices_h, N, N), device=q.device, dtype=torch.float32)
+    grad = alloc((slices_b, slices_h, N, N), device=lse.device, dtype=torch.float32)
     # its own precision: tf32 at D = 128 runs FMA fp32 (see plan)
     precision = "ieee" if (plan.precision == "tf32" and D == 128) else plan.precision
-    args = (q, k, v, dout, lse, delta, scale, bias, mask, grad, scale_value, *q.stride()[:3], *out.stride()[:3],
-            *map_strides(bias), *map_strides(mask), H, N, slices_h, per_h, per_b * per_h, group, groups)
-    constexprs = dict(D=D, SCALE_KIND=scale_kind(scale), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-                      DIAGONAL_MASK=diagonal_mask, PRECISION=precision, GRAD_OF_MASK=of_mask, ATOMIC=atomic)
-    with on_device(q):
-        launch(attention_bwd_shared_kernel, kernel_plan, lambda block_m: programs_per_group * groups, q.device,
+    args = (*qkv.tensors, outs.tensors[1], lse, delta, scale, bias, mask, grad, scale_value, scale_stride(scale),
+            *qkv.strides, *outs.strides, *map_strides(bias), *map_strides(mask), H, N, slices_h, per_h, per_b * per_h,
+            group, groups)
+    constexprs = dict(D=D, DIAGONAL_MASK=diagonal_mask, PRECISION=precision, GRAD_OF_MASK=of_mask, ATOMIC=atomic)
+    with on_device(lse):
+        launch(attention_bwd_shared_kernel, kernel_plan, lambda block_m: programs_per_group * groups, lse.device,
                args, constexprs)
     return grad.reshape(target.shape).to(target.dtype)
