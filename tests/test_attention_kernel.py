@@ -690,3 +690,9 @@ def test_autotuned_launch_picks_among_the_candidates(monkeypatch):
     ran.clear()  # the choice is kept per key: a second call times nothing
     functional.attention_qkvpacked(qkv.half(), H, scale=scale.float(), diagonal_mask=True, backend="triton")
     assert ran == []
+    # no map, and a bias or a mask broadcast over b and h or per head (the same candidates, the
+    # same dtypes): keys of their own, each timed once
+    variants = [{}] + [{name: torch.full(shape, 0.5)} for name in ("bias", "mask") for shape in ((1, 1, N, N), (H, N, N))]
+    for options in variants + variants[1:]:
+        functional.attention_qkvpacked(qkv.half(), H, **options, backend="triton")
+    assert sorted(ran) == [("attention_fwd_kernel", 32)] * 5 + [("attention_fwd_kernel", 64)] * 5
