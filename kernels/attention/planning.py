@@ -180,7 +180,9 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
         block_n = min(block_n, over.pop("max_block_n", block_n))
         warps, stages = over.get("num_warps", warps), over.get("num_stages", stages)
         cover = max(16, triton.next_power_of_2(N))
-        block_m, block_n = min(block_m, cover), min(block_n, cover)
+        if block_m > cover:  # a short sequence: fewer rows, and at most 4 warps for them
+            block_m, warps = cover, min(warps, 4)
+        block_n = min(block_n, cover)
         tail_n = (0 if N % block_n == 0 else 16) if split else block_n  # split: 16-wide tail steps
         configs = [(block_m, warps, stages)] + ([more] if more else [])
         configs = [Config(m, tail_width(N % m, m) if split else m, w, s) for m, w, s in configs]
