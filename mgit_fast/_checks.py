@@ -6,7 +6,7 @@ value or device) whose message starts with the argument's name, before any work 
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -226,8 +226,9 @@ def labels_in_range(target: Tensor, num_classes: int, ignore_index: int) -> None
         )
 
 
-def invalid_labels(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """The number of labels outside ``[0, num_classes)`` that are not ``ignore_index``, as a
-    0-dim device tensor (no synchronisation)."""
+def invalid_labels(target: Tensor, num_classes: int, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """(the number of labels outside ``[0, num_classes)`` that are not ``ignore_index``, as a
+    0-dim device tensor; ``target`` with those labels set to ``ignore_index``, so nothing indexes
+    outside the logits before whoever reads the count refuses the batch). No synchronisation."""
     valid = (target == ignore_index) | ((target >= 0) & (target < num_classes))
-    return (~valid).sum()
+    return (~valid).sum(), torch.where(valid, target, ignore_index)

@@ -141,13 +141,14 @@ def mgit_loss_checked(
             logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index
         )
         return MGiTLossOutput(*out), aux[1]
+    invalid = None
+    if torch.compiler.is_compiling():  # no host check inside a graph (labels_in_range skips it): a count
+        invalid, target = _checks.invalid_labels(target, logits_primary.shape[1], ignore_index)
     out = reference.mgit_loss(
         logits_primary, logits_auxiliary, target, label_smoothing=label_smoothing, temperature=temperature,
         js_weight=js_weight, ignore_index=ignore_index,
     )
-    if torch.compiler.is_compiling():  # no host check inside a graph (labels_in_range skips it)
-        return out, _checks.invalid_labels(target, logits_primary.shape[1], ignore_index)
-    return out, None
+    return out, invalid
 
 
 _loss_kernel_module = None

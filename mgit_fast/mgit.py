@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -302,10 +303,10 @@ class FusedMGiT(nn.Module):
         return torch.autocast(x.device.type, dtype=amp, cache_enabled=not self.graph)
 
     # ---------------------------------------------------------------- torch.compile
-    def _losses(self, x: Tensor, y: Tensor):
+    def _losses(self, x: Tensor, y: Tensor, models: Optional[Tuple[nn.Module, nn.Module]] = None):
         """What ``compile=True`` compiles: both models' forwards and the loss, with the count of
         invalid labels (checked outside) and the number of classes."""
-        primary, auxiliary = self._replicas or (self.primary, self.auxiliary)
+        primary, auxiliary = models or self._replicas or (self.primary, self.auxiliary)
         with self._autocast(x):
             logits_primary = _logits(primary(x))
             logits_auxiliary = _logits(auxiliary(x))
@@ -320,7 +321,11 @@ class FusedMGiT(nn.Module):
 
         self.criterion._raise_for_finished_check()
         if self._compiled is None:
-            self._compiled = torch.compile(self._losses, fullgraph=True, dynamic=False)
+            if self._replicas is None:
+                self._compiled = torch.compile(self._losses, fullgraph=True, dynamic=False)
+            else:  # DistributedDataParallel's forward runs eagerly around each model's compiled forward
+                models = tuple(torch.compile(m, dynamic=False) for m in self._replicas)
+                self._compiled = functools.partial(self._losses, models=models)
         graphs = counters["stats"]["unique_graphs"]
         stance = torch.compiler.set_stance("eager_on_recompile") if self._compiled_once else contextlib.nullcontext()
         with stance, self._reading(hyperparameters):
