@@ -97,6 +97,13 @@ class FusedMGiT(nn.Module):
     hyperparameter re-captures. Call ``reset_graph()`` after replacing parameters by hand.
     ``overlap=True`` (CUDA) runs the auxiliary's forward and backward on a second CUDA stream,
     concurrently with the primary's (the results are those of ``overlap=False``).
+    ``compile=True``: both models' forwards and the loss run as one ``torch.compile`` graph
+    (fullgraph, static shapes, Inductor's default mode; the kernels are custom ops in it),
+    compiled by the first ``training_step`` (``compile_seconds``: that step's forward and
+    backward; ``compiles``: graphs built). Later, a call that would compile again (another batch
+    shape, eval mode, a changed structural setting) runs eagerly. Under ``torch.distributed``
+    each DDP-wrapped model is compiled on its own. With ``graph=True`` the compiled step is
+    captured like the eager one. Not with ``overlap=True``.
 
     Under ``torch.distributed`` (e.g. ``torchrun``; initialise the process group first), both
     models are wrapped in ``DistributedDataParallel``: each rank passes its share of the batch,
