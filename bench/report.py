@@ -17,6 +17,9 @@ NOTES = {  # extra_info key: how the notes column shows it
     "mfu": lambda v: f"MFU {100 * v:.1f} %",
     "memory_vs_eager": lambda v: f"memory ×{v:.2f} of eager",
     "compiled_mode": lambda v: f"compiled: {v}",
+    "mgit_compiled_over_single_compiled": lambda v: f"MGiT compiled / single compiled ×{v:.2f} (goal ≤ 1)",
+    "eager_over_mgit_compiled": lambda v: f"eager MGiT / MGiT compiled ×{v:.2f} (goal ≥ 4)",
+    "mgit_compiled_compile_s": lambda v: f"MGiT compile {v:.1f} s",
     "kernels_per_call": lambda v: f"{v:g} kernels/call",
 }
 

@@ -6,7 +6,7 @@ value or device) whose message starts with the argument's name, before any work 
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -213,10 +213,22 @@ def number(name: str, value, *, low=None, high=None, low_open: bool = False) -> 
 
 
 def labels_in_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Host-side label check (synchronises on CUDA; the reference path only)."""
+    """Host-side label check (synchronises on CUDA; the reference path only). Inside
+    ``torch.compile`` it checks nothing (it would break the graph): ``invalid_labels`` counts them
+    there, for the caller to check outside the compiled region."""
+    if torch.compiler.is_compiling():
+        return
     valid = (target == ignore_index) | ((target >= 0) & (target < num_classes))
     if not bool(valid.all()):
         bad = target[~valid][0].item()
         raise ValueError(
             f"target holds label {bad}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
         )
+
+
+def invalid_labels(target: Tensor, num_classes: int, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """(the number of labels outside ``[0, num_classes)`` that are not ``ignore_index``, as a
+    0-dim device tensor; ``target`` with those labels set to ``ignore_index``, so nothing indexes
+    outside the logits before whoever reads the count refuses the batch). No synchronisation."""
+    valid = (target == ignore_index) | ((target >= 0) & (target < num_classes))
+    return (~valid).sum(), torch.where(valid, target, ignore_index)

@@ -129,17 +129,21 @@ def mgit_loss_checked(
     backend: Optional[str],
 ) -> Tuple[MGiTLossOutput, Optional[Tensor]]:
     """``mgit_loss`` plus, on the Triton path, a device tensor counting the invalid labels
-    (None on the torch path, which raises at once)."""
+    (None on the torch path, which raises at once; inside ``torch.compile`` the torch path
+    counts them too, without raising)."""
     if resolve_backend(backend, logits_primary.device.type) == "triton":
         out, aux = _mgit_loss_triton(
             logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index
         )
         return MGiTLossOutput(*out), aux[1]
+    invalid = None
+    if torch.compiler.is_compiling():  # no host check inside a graph (labels_in_range skips it): a count
+        invalid, target = _checks.invalid_labels(target, logits_primary.shape[1], ignore_index)
     out = reference.mgit_loss(
         logits_primary, logits_auxiliary, target, label_smoothing=label_smoothing, temperature=temperature,
         js_weight=js_weight, ignore_index=ignore_index,
     )
-    return out, None
+    return out, invalid
 
 
 _loss_kernel_module = None
@@ -156,11 +160,15 @@ def _mgit_loss_triton(logits_primary, logits_auxiliary, target, label_smoothing,
         label_smoothing=label_smoothing, temperature=temperature, js_weight=js_weight,
     )
     _checks.kernel_inputs("logits_primary", logits_primary)
-    if _loss_kernel_module is None:
+    if torch.compiler.is_compiling():  # a graph must not depend on the cache below (a recompile once it is set)
+        from .kernels import mgit_loss as kernel
+    elif _loss_kernel_module is None:
         from .kernels import mgit_loss as kernel  # imports Triton on first use only
 
         _loss_kernel_module = kernel
-    return _loss_kernel_module.mgit_loss(
+    else:
+        kernel = _loss_kernel_module
+    return kernel.mgit_loss(
         logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index
     )
 

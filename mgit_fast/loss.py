@@ -50,7 +50,17 @@ class MGiTLoss(nn.Module):
         compiling = torch.compiler.is_compiling()
         if not compiling:
             self._raise_for_finished_check()
-        out, invalid = functional.mgit_loss_checked(
+        out, invalid = self.counted(logits_primary, logits_auxiliary, target)
+        if invalid is not None and not compiling:  # compiled: NaN outputs are the only signal
+            self.report(invalid, logits_primary.shape[1])
+        return out
+
+    def counted(self, logits_primary: Tensor, logits_auxiliary: Tensor, target: Tensor):
+        """``(outputs, invalid)``: the outputs without the label check, and the device count of
+        labels outside ``[0, C)`` (None where the torch path has raised for them already, i.e.
+        outside ``torch.compile``). Graph-safe: a compiled region returns the count and its
+        caller hands it to ``report`` outside (as ``FusedMGiT(compile=True)`` does)."""
+        return functional.mgit_loss_checked(
             logits_primary,
             logits_auxiliary,
             target,
@@ -60,13 +70,14 @@ class MGiTLoss(nn.Module):
             ignore_index=self.ignore_index,
             backend=self.backend,
         )
-        if invalid is not None and not compiling:  # compiled: NaN outputs are the only signal
-            if invalid.is_cuda and torch.cuda.is_current_stream_capturing():
-                # inside a CUDA graph capture: whoever replays the graph starts the check
-                self.captured_check = (invalid, logits_primary.shape[1])
-            else:
-                self.start_check(invalid, logits_primary.shape[1])
-        return out
+
+    def report(self, invalid: Tensor, num_classes: int) -> None:
+        """Starts the label check of a count from ``counted`` (inside a CUDA graph capture, it
+        leaves the check for whoever replays the graph, in ``captured_check``)."""
+        if invalid.is_cuda and torch.cuda.is_current_stream_capturing():
+            self.captured_check = (invalid, num_classes)
+        else:
+            self.start_check(invalid, num_classes)
 
     # Labels outside [0, C) on the Triton path: the kernel counts them on the device and makes
     # that batch's outputs NaN (so the update skips). Each count travels to the host without

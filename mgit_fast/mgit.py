@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -95,6 +97,13 @@ class FusedMGiT(nn.Module):
     hyperparameter re-captures. Call ``reset_graph()`` after replacing parameters by hand.
     ``overlap=True`` (CUDA) runs the auxiliary's forward and backward on a second CUDA stream,
     concurrently with the primary's (the results are those of ``overlap=False``).
+    ``compile=True``: both models' forwards and the loss run as one ``torch.compile`` graph
+    (fullgraph, static shapes, Inductor's default mode; the kernels are custom ops in it),
+    compiled by the first ``training_step`` (``compile_seconds``: that step's forward and
+    backward; ``compiles``: graphs built). Later, a call that would compile again (another batch
+    shape, eval mode, a changed structural setting) runs eagerly. Under ``torch.distributed``
+    each DDP-wrapped model is compiled on its own. With ``graph=True`` the compiled step is
+    captured like the eager one. Not with ``overlap=True``.
 
     Under ``torch.distributed`` (e.g. ``torchrun``; initialise the process group first), both
     models are wrapped in ``DistributedDataParallel``: each rank passes its share of the batch,
@@ -128,6 +137,7 @@ class FusedMGiT(nn.Module):
         graph_warmup: int = 3,
         overlap: bool = False,
         fuse_attention: bool = True,
+        compile: bool = False,
     ):
         super().__init__()
         if not isinstance(primary, nn.Module):
@@ -176,6 +186,16 @@ class FusedMGiT(nn.Module):
         if graph and _world_size() > 1:
             raise ValueError("graph=True is not supported under torch.distributed (DDP's hooks are not captured)")
         self.graph, self.graph_warmup, self.overlap = graph, graph_warmup, overlap
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        if compile and overlap:
+            raise ValueError("compile=True cannot be combined with overlap=True: the compiled graph runs both models "
+                             "on one stream")
+        self.use_compile = compile
+        self.compile_seconds: Optional[float] = None  # the first compiled step's forward + backward
+        self.compiles = 0  # graphs torch.compile built for this module's steps
+        self._compiled: Optional[Callable] = None
+        self._compiled_once = False
         self._captured: Optional[_CapturedStep] = None
         self._warming: Tuple[Any, int] = (None, 0)
         self._side_stream = None
@@ -231,28 +251,34 @@ class FusedMGiT(nn.Module):
         # every replay writes them again at the captured addresses
         self.optimizer.zero_grad(set_to_none=True)
         amp = autocast_dtype(self.amp_dtype, x.device.type)
-        if amp is None:
-            autocast = contextlib.nullcontext()
-        else:  # no cast cache: the cached copies would outlive a graph capture
-            autocast = torch.autocast(x.device.type, dtype=amp, cache_enabled=not self.graph)
-        primary, auxiliary = self._replicas or (self.primary, self.auxiliary)
-        streams = self._fork(x)  # overlap: before the primary's forward, so both models run at once
-        with autocast:
-            logits_primary = _logits(primary(x))
-        if streams is None:
+        streams = None
+        started = time.perf_counter() if self.use_compile and not self._compiled_once else None
+        if self.use_compile:
+            if hyperparameters is None:  # the graph reads them from device tensors: a schedule does not recompile
+                hyperparameters = self._hyperparameter_tensors()
+            out = self._compiled_losses(x, y, hyperparameters)
+        else:
+            primary, auxiliary = self._replicas or (self.primary, self.auxiliary)
+            streams = self._fork(x)  # overlap: before the primary's forward, so both models run at once
+            autocast = self._autocast(x)
             with autocast:
-                logits_auxiliary = _logits(auxiliary(x))
-        else:  # the auxiliary on the side stream; autograd runs its backward there too
-            current, side = streams
-            with torch.cuda.stream(side), autocast:
-                logits_auxiliary = _logits(auxiliary(x))
-            current.wait_stream(side)  # the loss reads both logits
-            logits_auxiliary.record_stream(current)
-        with self._reading(hyperparameters):
-            out = self.criterion(logits_primary, logits_auxiliary, y)
+                logits_primary = _logits(primary(x))
+            if streams is None:
+                with autocast:
+                    logits_auxiliary = _logits(auxiliary(x))
+            else:  # the auxiliary on the side stream; autograd runs its backward there too
+                current, side = streams
+                with torch.cuda.stream(side), autocast:
+                    logits_auxiliary = _logits(auxiliary(x))
+                current.wait_stream(side)  # the loss reads both logits
+                logits_auxiliary.record_stream(current)
+            with self._reading(hyperparameters):
+                out = self.criterion(logits_primary, logits_auxiliary, y)
         scale = self.loss_scale.scale if amp == torch.float16 else None
         backward, optimizer_step, reduce = trainer or (Tensor.backward, self.optimizer.step, self._replicas is not None)
         backward(out.loss if scale is None else out.loss * scale)
+        if started is not None and self._compiled_once:  # the first compiled forward and backward (both compile)
+            self.compile_seconds = time.perf_counter() - started
         if streams is not None:
             current.wait_stream(side)  # the auxiliary's gradients are complete before the update
         stats = torch.stack([o.detach() for o in out])  # loss, ce_primary, ce_auxiliary, js
@@ -275,6 +301,49 @@ class FusedMGiT(nn.Module):
             "mix": mix,
             "skipped": update.skipped,
         }
+
+    def _autocast(self, x: Tensor):
+        amp = autocast_dtype(self.amp_dtype, x.device.type)
+        if amp is None:
+            return contextlib.nullcontext()
+        # no cast cache: the cached copies would outlive a graph capture
+        return torch.autocast(x.device.type, dtype=amp, cache_enabled=not self.graph)
+
+    # ---------------------------------------------------------------- torch.compile
+    def _losses(self, x: Tensor, y: Tensor, models: Optional[Tuple[nn.Module, nn.Module]] = None):
+        """What ``compile=True`` compiles: both models' forwards and the loss, with the count of
+        invalid labels (checked outside) and the number of classes."""
+        primary, auxiliary = models or self._replicas or (self.primary, self.auxiliary)
+        with self._autocast(x):
+            logits_primary = _logits(primary(x))
+            logits_auxiliary = _logits(auxiliary(x))
+        out, invalid = self.criterion.counted(logits_primary, logits_auxiliary, y)
+        return out, invalid, logits_primary.shape[1]
+
+    def _compiled_losses(self, x: Tensor, y: Tensor, hyperparameters: Dict[Tuple[str, str], Tensor]):
+        """``_losses`` through ``torch.compile`` (fullgraph, static shapes), compiled on the first
+        call. Later, a call that would compile again (a batch of another shape, such as a short
+        last batch; the models in eval mode; a changed structural setting) runs eagerly instead."""
+        from torch._dynamo.utils import counters
+
+        self.criterion._raise_for_finished_check()
+        if self._compiled is None:
+            if self._replicas is None:
+                self._compiled = torch.compile(self._losses, fullgraph=True, dynamic=False)
+            else:  # DistributedDataParallel's forward runs eagerly around each model's compiled forward
+                models = tuple(torch.compile(m, dynamic=False) for m in self._replicas)
+                self._compiled = functools.partial(self._losses, models=models)
+        graphs = counters["stats"]["unique_graphs"]
+        stance = torch.compiler.set_stance("eager_on_recompile") if self._compiled_once else contextlib.nullcontext()
+        with stance, self._reading(hyperparameters):
+            out, invalid, num_classes = self._compiled(x, y)
+        self._compiled_once = True
+        self.compiles += counters["stats"]["unique_graphs"] - graphs
+        if invalid is not None:  # the label check, outside the graph
+            self.criterion.report(invalid, num_classes)
+            if functional.resolve_backend(self.criterion.backend, x.device.type) == "torch":
+                self.criterion.check_labels()  # the torch path raises at once, before the backward
+        return out
 
     def _fork(self, x: Tensor) -> Optional[Tuple[Any, Any]]:
         """With ``overlap`` on CUDA: (current stream, side stream), the side stream ordered after
@@ -387,7 +456,8 @@ class FusedMGiT(nn.Module):
 
     def __getstate__(self) -> Dict[str, Any]:  # copy.deepcopy, pickling: without the graph
         state = dict(self.__dict__)
-        state.update(_captured=None, _warming=(None, 0), _side_stream=None, _hyperparameters={})
+        state.update(_captured=None, _warming=(None, 0), _side_stream=None, _hyperparameters={}, _compiled=None,
+                     _compiled_once=False)
         return state
 
     # the optimizer is state too: it travels in the module's state_dict and follows .to()
@@ -408,6 +478,7 @@ class FusedMGiT(nn.Module):
         if hasattr(self, "_captured"):  # the graph holds the old tensors' addresses
             self.reset_graph()
             self._hyperparameters = {}
+            self._compiled_once = False  # on another device or dtype, compiling again is allowed
         super()._apply(fn, *args, **kwargs)
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None:

@@ -78,6 +78,7 @@ class TrainConfig:
     baseline: bool = True
     device: str = "auto"
     graph: bool = False  # CUDA graphs for the MGiT arm (FusedMGiT(graph=True))
+    compile: bool = False  # torch.compile for the MGiT arm (FusedMGiT(compile=True))
 
 
 def _device(name: str) -> torch.device:
@@ -305,7 +306,7 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
     full = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
     results = {
         "baseline": {"test_accuracy": [], "history": []},
-        "mgit": {"test_accuracy": [], "aux_test_accuracy": [], "history": []},
+        "mgit": {"test_accuracy": [], "aux_test_accuracy": [], "history": [], "compile_seconds": [], "compiles": []},
     }
     arms = 2 if cfg.baseline else 1
     saved = {}  # (arm, seed): what models/<arm>_seed<seed>.pt holds (CPU copies)
@@ -351,6 +352,7 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
                 average=cfg.average,
                 max_grad_norm=cfg.max_grad_norm,
                 graph=cfg.graph,
+                compile=cfg.compile,
             )
             history = _run_arm(
                 mgit, {"test_accuracy": primary, "aux_test_accuracy": auxiliary}, data, cfg, seed, ranks, bar
@@ -358,6 +360,8 @@ def _train(cfg: TrainConfig, out_dir, show_progress: bool, ranks: _Ranks) -> dic
             results["mgit"]["test_accuracy"].append(history["test_accuracy"][-1])
             results["mgit"]["aux_test_accuracy"].append(history["aux_test_accuracy"][-1])
             results["mgit"]["history"].append(history)
+            results["mgit"]["compile_seconds"].append(mgit.compile_seconds)  # None without compile
+            results["mgit"]["compiles"].append(mgit.compiles)
             save("mgit", seed, primary, mgit)
 
     for arm in results.values():

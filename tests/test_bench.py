@@ -104,6 +104,8 @@ def test_gpu_session_dry_run(tmp_path):
     assert all(r["extra_info"]["wall_ms"] > 0 for r in results)
     assert any("speedup_vs_stock_pytorch" in r["extra_info"] for r in results)  # the update's peer pairs heads
     assert any(r["extra_info"].get("flex_graphs") for r in results)  # FlexAttention compiled
+    steps = [r["extra_info"] for r in results if "test_step" in r["name"]]
+    assert steps and all(s["mgit_compiled_ms"] > 0 and s["mgit_compiled_graphs"] == 1 for s in steps)  # MGiT compiled
     summary = (out / "99_summary.md").read_text()
     for section in ("## Correctness against float64: ", "## Timings", "## cuda tests", "## Sanitizer"):
         assert section in summary

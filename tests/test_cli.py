@@ -370,3 +370,23 @@ def test_mnist5k_images_are_28_pixels_for_the_mask_rank_check(capsys):
     """7×7 patches of 4 pixels: --mask-rank up to 49 (the check once assumed 32-pixel images)."""
     assert main(["train", "--dataset", "mnist5k", "--attention", "ibit", "--mask-rank", "50"]) == 2
     assert "--mask-rank must be in [1, 49]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_compile_end_to_end(tmp_path, capsys):
+    """--compile: the MGiT arm's two forwards and loss compiled once per process (the second
+    seed reuses the first's graph; the last, short batch of each epoch runs eagerly), the same
+    training statistics as without it, and the compile time reported."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    args = ["train", "--dataset", "synthetic", "--epochs", "2", "--seeds", "2", "--depth", "2", "--embed-dim", "32",
+            "--num-heads", "2", "--batch-size", "48", "--no-baseline", "--device", "cpu", "--no-progress"]
+    assert main(args + ["--compile", "--out", str(tmp_path / "compiled")]) == 0
+    assert "torch.compile: first MGiT step" in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "eager")]) == 0
+    compiled, eager = (json.loads((tmp_path / run / "metrics.json").read_text())["mgit"] for run in ("compiled", "eager"))
+    assert compiled["compiles"] == [1, 0] and eager["compiles"] == [0, 0]
+    assert compiled["compile_seconds"][0] > 0 and eager["compile_seconds"] == [None, None]
+    for key in ("loss", "ce_primary", "ce_auxiliary", "js", "mix"):
+        assert compiled["history"][1][key] == pytest.approx(eager["history"][1][key], rel=1e-4), key

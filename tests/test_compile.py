@@ -58,3 +58,97 @@ def test_vit_and_loss_compile_without_graph_breaks(attention):
         assert_rel_close(a, b, 1e-5, name)
     for g, e in zip(grads, eager_grads):
         assert_rel_close(g, e, 1e-4, "gradient")
+
+
+# ------------------------------------------------------------------ FusedMGiT(compile=True)
+def _mgit(backend, compile, **kwargs):
+    from mgit_fast import FusedMGiT
+
+    torch.manual_seed(0)
+    primary = ViT(img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2, num_heads=2,
+                  attention="lsa")
+    return FusedMGiT(primary, aux_seed=1, backend=backend, js_weight=0.3, max_grad_norm=1.0, pairing="all",
+                     compile=compile, **kwargs)
+
+
+def _epochs(sizes=(6, 6, 3), epochs=3):
+    """Batches of three epochs, each ending with a short batch."""
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g))
+            for _ in range(epochs) for n in sizes]
+
+
+def test_compile_option_is_checked():
+    with pytest.raises(TypeError, match="compile"):
+        _mgit("torch", "yes")
+    with pytest.raises(ValueError, match="overlap"):
+        _mgit("torch", True, overlap=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_steps_equal_eager_steps_and_compile_once(backend):
+    """Same losses and parameters as compile=False over three epochs; only the first batch's
+    shape compiles (the short last batch of each epoch runs eagerly); a schedule on the learning
+    rate and λ recompiles nothing."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    eager, compiled = _mgit(backend, False), _mgit(backend, True)
+    graphs = counters["stats"]["unique_graphs"]
+    for step, (x, y) in enumerate(_epochs()):
+        for mgit in (eager, compiled):
+            mgit.criterion.js_weight = 0.3 / (1 + step)
+            for group in mgit.optimizer.param_groups:
+                group["lr"] = 1e-3 / (1 + step)
+        a, b = eager.training_step(x, y), compiled.training_step(x, y)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"step {step} {key}")
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+    assert compiled.compiles == 1 and counters["stats"]["unique_graphs"] - graphs == 1
+    assert compiled.compile_seconds > 0 and eager.compile_seconds is None and eager.compiles == 0
+
+
+@pytest.mark.slow
+def test_compiled_step_checks_labels_and_saves_like_the_eager_one(tmp_path):
+    import copy
+    import pickle
+
+    torch._dynamo.reset()
+    mgit = _mgit("torch", True)
+    (x, y), _, _ = _epochs(epochs=1)
+    mgit.training_step(x, y)
+    before = [p.detach().clone() for p in mgit.parameters()]
+    with pytest.raises(ValueError, match="outside"):  # outside the graph, before the backward
+        mgit.training_step(x, torch.full_like(y, 7))
+    for p, q in zip(mgit.parameters(), before):
+        assert torch.equal(p, q)
+    assert mgit.compiles == 1
+    plain = _mgit("torch", False)
+    assert mgit.state_dict().keys() == plain.state_dict().keys()
+    torch.save(mgit.state_dict(), tmp_path / "mgit.pt")
+    plain.load_state_dict(torch.load(tmp_path / "mgit.pt"))
+    twin = copy.deepcopy(mgit)
+    assert twin._compiled is None and pickle.loads(pickle.dumps(mgit))._compiled is None
+    a, b, c = plain.training_step(x, y), mgit.training_step(x, y), twin.training_step(x, y)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(c[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_graph_break_in_a_model_raises():
+    """fullgraph=True: a model whose forward breaks the graph fails its first step, loudly."""
+    from mgit_fast import FusedMGiT
+
+    class Breaking(ViT):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: a graph break
+                x = x * 1.0
+            return super().forward(x)
+
+    torch._dynamo.reset()
+    cfg = dict(img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, num_heads=2)
+    mgit = FusedMGiT(Breaking(depth=1, **cfg), ViT(depth=1, **cfg), backend="torch", compile=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        mgit.training_step(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))

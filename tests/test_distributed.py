@@ -14,13 +14,14 @@ from mgit_fast import FusedMGiT, ViT
 STEPS, BATCH = 3, 8
 
 
-def build():
+def build(compile=False):
     """No qkv bias: the key bias has an exactly-zero gradient, whose rounding noise (which
     differs between one all-reduced sum and one big batch) Adam would turn into lr-sized steps."""
     torch.manual_seed(0)
     primary = ViT(img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2, num_heads=2,
                   attention="lsa", qkv_bias=False)
-    return FusedMGiT(primary, aux_seed=1, backend="torch", js_weight=0.3, max_grad_norm=1.0, pairing="all")
+    return FusedMGiT(primary, aux_seed=1, backend="torch", js_weight=0.3, max_grad_norm=1.0, pairing="all",
+                     compile=compile)
 
 
 def batches():
@@ -28,28 +29,32 @@ def batches():
     return [(torch.randn(BATCH, 1, 8, 8, generator=g), torch.randint(0, 5, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def worker(rank, world, init_file, out_file):
+def worker(rank, world, init_file, out_file, compile=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         with pytest.raises(ValueError, match="graph=True"):
             FusedMGiT(ViT(img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=1, num_heads=2),
                       graph=True)
-        mgit = build()
+        mgit = build(compile)
         share = BATCH // world
         for x, y in batches():
             stats = mgit.training_step(x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])
         if rank == 0:
-            torch.save({"params": [p.detach() for p in mgit.parameters()], "stats": stats}, out_file)
+            torch.save({"params": [p.detach() for p in mgit.parameters()], "stats": stats, "compiles": mgit.compiles},
+                       out_file)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_on_the_full_batch(tmp_path):
+@pytest.mark.parametrize("compile", [False, True])
+def test_two_ranks_equal_one_process_on_the_full_batch(tmp_path, compile):
+    """compile=True: each DDP-wrapped model compiles as one graph (no break inside a model)."""
     out_file = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out_file), compile), nprocs=2, join=True)
     ranks = torch.load(out_file)
+    assert ranks["compiles"] == (2 if compile else 0)
 
     single = build()
     for x, y in batches():
