@@ -552,8 +552,8 @@ def backward(grads: Sequence[Optional[Tensor]], aux, gz, gw, z, w, target, label
 @torch.library.custom_op("mgit_fast::mgit_loss_fwd", mutates_args=())
 def mgit_loss_fwd(
     logits_primary: Tensor, logits_auxiliary: Tensor, target: Tensor, label_smoothing: float, temperature: float,
-    js_weight: float, ignore_index: int, needs_grad: bool = False, temperature_tensor: Optional[Tensor] = None,
-    js_weight_tensor: Optional[Tensor] = None,
+    js_weight: float, ignore_index: int, needs_grad: bool, temperature_tensor: Optional[Tensor],
+    js_weight_tensor: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, ce_primary, ce_auxiliary, js: 0-dim; aux [4]; unscaled gradients, row statistics
     or empties). A given *_tensor (0-dim float32, read on the device) replaces the float beside
@@ -567,7 +567,7 @@ def mgit_loss_fwd(
 
 @mgit_loss_fwd.register_fake
 def _(logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index,
-      needs_grad=False, temperature_tensor=None, js_weight_tensor=None):
+      needs_grad, temperature_tensor, js_weight_tensor):
     f32 = dict(dtype=torch.float32)
     B, C = logits_primary.shape
     outputs = tuple(logits_primary.new_empty((), **f32) for _ in range(4)) + (logits_primary.new_empty((4,), **f32),)
