@@ -6,6 +6,8 @@ mask) and bias (a learnable [H, N, N] bias, as the Gaussian-mixture mask produce
 with each of its GPU backends (flash, cuDNN, memory-efficient; with the bias as a float mask,
 memory-efficient only), around the layout copies a timm block makes. FlexAttention is
 compiled once per test (the dynamo cache starts empty) and any recompile while timing fails.
+``extra_info["tuned"]``: the candidate Triton's autotuner kept for each tuned kernel at this N
+(on a GPU; empty where the first candidate runs).
 """
 import contextlib
 
@@ -18,6 +20,19 @@ from mgit_fast import functional, reference
 
 SDPA_BACKENDS = pick({"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"},
                      {"math": "MATH"})
+
+
+def tuned_choices(N):
+    """{kernel: the owned-side configs the autotuner kept for sequences of N tokens}."""
+    from mgit_fast.kernels.attention import planning
+
+    choices = {}
+    for tuner in planning._TUNED.values():
+        kept = {f"BLOCK_M={c.kwargs['BLOCK_M']} warps={c.num_warps} stages={c.num_stages}"
+                for key, c in tuner.cache.items() if key and key[0] == N}
+        if kept:
+            choices.setdefault(tuner.base_fn.__name__, []).extend(sorted(kept))
+    return choices
 
 
 def make_inputs(B, N, dim, H, variant, grad):
@@ -106,3 +121,4 @@ def test_attention(benchmark, gpu, name, B, N, dim, H, variant, pass_):
             flops=flops, nbytes=nbytes, shape=name, variant=variant, pass_=pass_, batch=B, tokens=N,
             flex_graphs=flex_graphs,
         )
+    benchmark.extra_info["tuned"] = tuned_choices(N)
