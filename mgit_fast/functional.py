@@ -146,28 +146,18 @@ def mgit_loss_checked(
     return out, invalid
 
 
-_loss_kernel_module = None
-
-
 def _mgit_loss_triton(logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight,
                       ignore_index):
     """The Triton path: checks the arguments (no allocation, no synchronisation), then launches.
     Returns ((loss, ce_primary, ce_auxiliary, js), aux [4], aux[1] counting invalid labels):
     four separate tensors, so no unbind and no zeros or stack in a backward."""
-    global _loss_kernel_module
     _checks.loss_inputs(
         logits_primary, logits_auxiliary, target,
         label_smoothing=label_smoothing, temperature=temperature, js_weight=js_weight,
     )
     _checks.kernel_inputs("logits_primary", logits_primary)
-    if torch.compiler.is_compiling():  # a graph must not depend on the cache below (a recompile once it is set)
-        from .kernels import mgit_loss as kernel
-    elif _loss_kernel_module is None:
-        from .kernels import mgit_loss as kernel  # imports Triton on first use only
+    from .kernels import mgit_loss as kernel  # imports Triton on first use only
 
-        _loss_kernel_module = kernel
-    else:
-        kernel = _loss_kernel_module
     return kernel.mgit_loss(
         logits_primary, logits_auxiliary, target, label_smoothing, temperature, js_weight, ignore_index
     )
