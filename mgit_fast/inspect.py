@@ -198,9 +198,9 @@ BENCH_ATTENTION = [(f"vit_{m}/4@32", 256, 65, *VITS[m]) for m in VITS] + [
 LOSS_GRID = [(B, C) for B in (256, 4096) for C in (10, 100, 1000, 21843)]
 UPDATE_PAIRS = {"vit_s": (384, 12, 6), "vit_b": (768, 12, 12)}
 # the supported attention table, by (dtype, TF32 allowed, variants); each at N = 197 for every
-# head dim, plus bf16 at N = 17 (the short-sequence tile) and GATE_ATTENTION_N65 at N = 65;
-# tf32 and fp16 share their tiles and code paths with bf16 but for the operand type, so a few
-# variants cover them
+# head dim, plus bf16 at N = 17 (the short-sequence tile) and N = 64 (no leftover), and
+# GATE_ATTENTION_N65 at N = 65; tf32 and fp16 share their tiles and code paths with bf16 but for
+# the operand type, so a few variants cover them
 GATE_ATTENTION = [
     (torch.bfloat16, False, ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")),
     (torch.float16, False, ("plain", "bias", "lsa_mask")),
@@ -214,8 +214,8 @@ GATE_ATTENTION_N65 = [
     (torch.float16, False, "plain"), (torch.float32, False, "lsa"), (torch.float32, False, "bias"),
     (torch.float32, False, "lsa_mask"), (torch.float32, True, "plain"),
 ]
-# N = 1 + 12²: 17 leftover keys (two 16-wide tail steps) and a 32-row query tail where the split
-# geometry runs (fp16/bf16, D = 32, 64)
+# N = 1 + 12²: 17 leftover keys (two 16-wide tail steps) and a 32-row query tail (fp16/bf16 at
+# D = 32, 64, the ViT head dims)
 GATE_ATTENTION_N145 = [
     (torch.bfloat16, False, v) for v in ("plain", "lsa", "bias", "bias_batch", "lsa_mask", "lsa_mask_batch")
 ] + [(torch.float16, False, "plain")]
@@ -307,14 +307,13 @@ def attention_launches(
 def attention_tile_area(N: int, constants: Dict[str, Any]) -> int:
     """Per head and matmul, the (owned × streamed) positions the tiles cover, N² of them useful
     (`kernels.attention.planning`): full BLOCK_M blocks plus one TAIL_M-row tile on the owned
-    side; on the streamed side full BLOCK_N blocks plus TAIL_N-wide steps with SPLIT (the
-    shared-gradient pass: one TAIL_N-wide tile, as wide as the rest), else every block masked
-    (TAIL_N = BLOCK_N)."""
+    side; on the streamed side full BLOCK_N blocks plus TAIL_N-wide steps (the shared-gradient
+    pass: one TAIL_N-wide tile, as wide as the rest)."""
     bm, bn = constants["BLOCK_M"], constants["BLOCK_N"]
     tail_m, tail_n = constants["TAIL_M"], constants["TAIL_N"]
     owned = (N // bm) * bm + (tail_m if N % bm else 0)
     rest = N % bn
-    streamed = (N // bn) * bn + (-(-rest // tail_n) * tail_n if rest else 0) if constants["SPLIT"] else -(-N // bn) * bn
+    streamed = (N // bn) * bn + (-(-rest // tail_n) * tail_n if rest else 0)
     return owned * streamed
 
 
@@ -405,7 +404,8 @@ def shape_set(name: str, target: Target = TARGETS["sm_90a"]) -> List[Launch]:
                 for variant in variants:
                     launches += attention_launches(f"D={D} N=197", 8, 197, 4, D, dtype, variant, allow_tf32=allow,
                                                    **every)
-            launches += attention_launches(f"D={D} N=17", 8, 17, 4, D, torch.bfloat16, "plain", **every)
+            for N in (17, 64):  # a sequence shorter than a block; one that blocks divide (no tail)
+                launches += attention_launches(f"D={D} N={N}", 8, N, 4, D, torch.bfloat16, "plain", **every)
             for dtype, allow, variant in GATE_ATTENTION_N65:  # a 16-wide tail tile for the last key / query
                 launches += attention_launches(f"D={D} N=65", 8, 65, 4, D, dtype, variant, allow_tf32=allow, **every)
             for dtype, allow, variant in GATE_ATTENTION_N145 if D in (32, 64) else ():

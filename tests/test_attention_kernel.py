@@ -235,32 +235,30 @@ def test_cuda_more_programs_than_two_waves(variant):
     check(out, grads, ref, ref_grads, names, torch.bfloat16)
 
 
-@pytest.mark.parametrize("N, tail_m, tail_n, split", [(17, 32, 32, False), (64, 64, 0, True), (65, 16, 16, True),
-                                                     (90, 32, 16, True), (197, 16, 16, True), (577, 16, 16, True)])
-def test_plan_covers_the_sequence(N, tail_m, tail_n, split):
+@pytest.mark.parametrize("N, tail_m, tail_n, candidates", [(17, 32, 32, 1), (64, 64, 0, 2), (65, 16, 16, 2),
+                                                          (90, 32, 16, 2), (197, 16, 16, 2), (577, 16, 16, 2)])
+def test_plan_covers_the_sequence(N, tail_m, tail_n, candidates):
     """Full blocks plus one tail tile on the owned side, and full blocks plus TAIL_N-wide steps on
     the streamed side, cover exactly N positions (the shared-gradient pass, whose columns are
     tiles, not steps: one TAIL_N-wide tile); the first candidate is the tile table's entry; every
     candidate shares the streamed side (so the sums' order)."""
     p = kernel.plan((2, 3, N, 64), torch.float16)
     first = p.fwd.configs[0]
-    assert (first.tail_m, p.fwd.tail_n, p.fwd.split) == (tail_m, tail_n, split)
+    assert (first.tail_m, p.fwd.tail_n) == (tail_m, tail_n)
     assert (first.block_m, p.fwd.block_n, first.num_warps) == ((32, 32, 4) if N < 64 else (64, 32, 4))
 
-    def covered(block, tail, split, steps):
-        if not split:
-            return -(-N // block) * block
+    def covered(block, tail, steps):
         rest = N % block
         return N - rest + (0 if rest == 0 else (-(-rest // tail) * tail if steps else tail))
 
     for kernel_plan in (p.fwd, p.dq, p.dkdv, p.shared):
         for c in kernel_plan.configs:
-            assert N <= covered(c.block_m, c.tail_m, kernel_plan.split, False) < N + c.block_m
-        streamed = covered(kernel_plan.block_n, kernel_plan.tail_n, kernel_plan.split, kernel_plan is not p.shared)
+            assert N <= covered(c.block_m, c.tail_m, False) < N + c.block_m
+        streamed = covered(kernel_plan.block_n, kernel_plan.tail_n, kernel_plan is not p.shared)
         assert N <= streamed < N + kernel_plan.block_n
-    assert len(p.fwd.configs) == (2 if split else 1) and len(p.dkdv.configs) == len(p.shared.configs) == 1
+    assert len(p.fwd.configs) == candidates and len(p.dkdv.configs) == len(p.shared.configs) == 1
     # a mask narrows the streamed keys of the dq kernel
-    assert kernel.plan((2, 3, N, 64), torch.float16, mask=True).dq.block_n == (16 if split else 32)
+    assert kernel.plan((2, 3, N, 64), torch.float16, mask=True).dq.block_n == 16
 
 
 def test_non_contiguous_views():
@@ -383,23 +381,23 @@ MASK_VARIANTS = ["shared_mask", "batch_mask", "broadcast_mask", "head_broadcast_
 @pytest.mark.parametrize("variant", MASK_VARIANTS)
 def test_mask_every_variant_fp32(variant):
     """Every mask shape ([H, N, N], [B, H, N, N], broadcast over B or H) alone, with a bias and
-    a float scale, and with LSA (learnable [H] scale, diagonal mask): the masked-loop geometry."""
+    a float scale, and with LSA (learnable [H] scale, diagonal mask): FMA fp32 tiles."""
     run_mask_case((2, 3, 17, 16), torch.float32, variant)
 
 
 @pytest.mark.parametrize(
     "N, dtype, variant",
     [
-        (65, torch.float16, "lsa_mask"),  # split: full blocks, a 16-row tail, a 16-wide tail for the last key / query
-        (197, torch.float16, "mask_everything"),  # split: 16-wide masked tails on both sides
-        (17, torch.bfloat16, "lsa_batch_mask"),  # N < BLOCK_M: every streamed block masked
+        (65, torch.float16, "lsa_mask"),  # full blocks, a 16-row tail, a 16-wide tail for the last key / query
+        (197, torch.float16, "mask_everything"),  # 16-wide masked tails on both sides
+        (17, torch.bfloat16, "lsa_batch_mask"),  # N < BLOCK_M: one masked tile on each side
         (65, torch.bfloat16, "mask_bias"),  # bf16 multiplies in fp32 here ("upcast"), on the same tiles
-        (40, torch.float32, "lsa_batch_mask"),  # FMA fp32: 16 × 16 tiles, every streamed block masked
+        (40, torch.float32, "lsa_batch_mask"),  # FMA fp32: 16 × 16 tiles, two full blocks + a masked step
     ],
 )
 def test_mask_full_blocks_and_tails(N, dtype, variant):
     """D = 64 around the tile sizes: the mask tile on full blocks, on masked tails, and transposed
-    (maskᵀ by index) in the dk/dv kernel's split form."""
+    (maskᵀ by index) in the dk/dv kernel's transposed form."""
     run_mask_case((2, 1 if N > 100 else 2, N, 64), dtype, variant)
 
 
@@ -411,8 +409,8 @@ def test_mask_packed(N, dtype, variant):
 
 def test_deterministic_dmask_equals_atomic(monkeypatch):
     """A mask shared over the batch or heads: relaxed atomics, or under deterministic algorithms
-    per-(b, h) gradients summed by torch; both equal the reference. N = 65, fp16, D = 32 takes
-    the split geometry and its narrow tails (both write dmask)."""
+    per-(b, h) gradients summed by torch; both equal the reference. N = 65, fp16, D = 32: full
+    blocks and narrow tails (both write dmask)."""
     B, H, N, D, dtype = 2, 2, 65, 32, torch.float16
     qkv = torch.randn(B, N, 3 * H * D).to(dtype)
     upstream = torch.randn(B, N, H * D).to(dtype)
@@ -580,8 +578,8 @@ def test_shared_grad_pass_with_a_multiplicative_mask(monkeypatch, of_mask, shape
 def test_gaussian_mixture_bias(monkeypatch, grid_size, dtype, programs):
     """A GaussianMixture bias: built dense in PyTorch, its gradient from the shared pass (one group
     of every pair, plain stores, bit-identical reruns; or many groups, atomics) and autograd:
-    out, dqkv, dweight and dlog_sigma against float64. N = 65 and 82 take the split geometry
-    (a lone last key; 18 leftover keys, past one 16-wide tail)."""
+    out, dqkv, dweight and dlog_sigma against float64. N = 65 and 82 end in narrow tails (a
+    lone last key; 18 leftover keys, past one 16-wide tail)."""
     monkeypatch.setattr(planning, "SHARED_GRAD_PROGRAMS", programs)
     calls = []
     monkeypatch.setattr(shared, "attention_bwd_shared_kernel", _Spy(shared.attention_bwd_shared_kernel, [], calls))
@@ -658,7 +656,7 @@ class _Spy:
 
 
 def test_autotuned_launch_picks_among_the_candidates(monkeypatch):
-    """The GPU's path, under the interpreter: `triton.autotune` around the heuristics runs every
+    """The GPU's path, under the interpreter: `triton.autotune` around the kernel runs every
     candidate of the forward and dq kernels (the timing faked to prefer the 32-row one), keys on
     the shape and variant, launches the winner, and the results match float64."""
     from triton.runtime.autotuner import Autotuner
@@ -690,9 +688,13 @@ def test_autotuned_launch_picks_among_the_candidates(monkeypatch):
     ran.clear()  # the choice is kept per key: a second call times nothing
     functional.attention_qkvpacked(qkv.half(), H, scale=scale.float(), diagonal_mask=True, backend="triton")
     assert ran == []
-    # no map, and a bias or a mask broadcast over b and h or per head (the same candidates, the
-    # same dtypes): keys of their own, each timed once
-    variants = [{}] + [{name: torch.full(shape, 0.5)} for name in ("bias", "mask") for shape in ((1, 1, N, N), (H, N, N))]
+    # no bias, and a bias broadcast over b and h or per head (the same candidates, the same
+    # dtypes): keys of their own, each timed once
+    variants = [{}] + [{"bias": torch.full(shape, 0.5)} for shape in ((1, 1, N, N), (H, N, N))]
     for options in variants + variants[1:]:
         functional.attention_qkvpacked(qkv.half(), H, **options, backend="triton")
-    assert sorted(ran) == [("attention_fwd_kernel", 32)] * 5 + [("attention_fwd_kernel", 64)] * 5
+    assert sorted(ran) == [("attention_fwd_kernel", 32)] * 3 + [("attention_fwd_kernel", 64)] * 3
+    ran.clear()  # a multiplicative mask has one candidate: it runs, nothing is timed
+    assert len(kernel.plan((B, H, N, D), torch.float16, mask=True).fwd.configs) == 1
+    functional.attention_qkvpacked(qkv.half(), H, mask=torch.full((H, N, N), 0.5), backend="triton")
+    assert ran == []

@@ -56,7 +56,7 @@ def test_capture_records_the_jit_specialisation():
     kernel_plan = planning.plan((4, 3, 65, 64), torch.bfloat16).fwd
     config = kernel_plan.configs[0]
     assert fwd.constants == {"D": 64, "BLOCK_M": config.block_m, "BLOCK_N": kernel_plan.block_n, "TAIL_M": 16,
-                             "TAIL_N": 16, "SPLIT": True, "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None,
+                             "TAIL_N": 16, "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None,
                              "BIAS": None, "MASK": None}
     assert (fwd.options["num_warps"], fwd.options["num_stages"]) == (config.num_warps, config.num_stages)
     names = list(fwd.args)
@@ -119,7 +119,7 @@ def test_gate_shape_set_captures_every_candidate_config():
         ["attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel"])
     n65 = [launch for launch in gate if " N=65 " in launch.label and launch.kernel == "attention_fwd_kernel"]
     assert {launch.label.split()[0] for launch in n65} == {"D=16", "D=32", "D=64", "D=128"}
-    assert any(launch.constants["SPLIT"] and launch.constants["TAIL_N"] == 16 for launch in n65)
+    assert any(launch.constants["TAIL_N"] == 16 for launch in n65)
 
 
 def test_tf32_setting_reaches_the_plan():

@@ -84,16 +84,14 @@ def head_scale(SCALE, scale_value, scale_stride, h):
 
 
 @triton.jit
-def load_rows(ptrs, ok, MASKED: tl.constexpr):
-    """A [rows, D] tile; rows past the sequence read 0 when MASKED."""
-    if MASKED:
-        return tl.load(ptrs, mask=ok[:, None], other=0.0)
-    else:
-        return tl.load(ptrs)
+def tile(P, idx, stride, D: tl.constexpr):
+    """Pointers of the [len(idx), D] rows idx of an operand with row stride `stride`."""
+    return P + idx[:, None] * stride + tl.arange(0, D)[None, :]
 
 
 @triton.jit
-def load_vec(ptrs, ok, MASKED: tl.constexpr):
+def load(ptrs, ok, MASKED: tl.constexpr):
+    """The values at ptrs; where `ok` (broadcast to ptrs) is false 0, when MASKED."""
     if MASKED:
         return tl.load(ptrs, mask=ok, other=0.0)
     else:
@@ -101,18 +99,18 @@ def load_vec(ptrs, ok, MASKED: tl.constexpr):
 
 
 @triton.jit
-def store_rows(ptrs, x, ok, MASKED: tl.constexpr):
+def store(ptrs, x, ok, MASKED: tl.constexpr):
     if MASKED:
-        tl.store(ptrs, x, mask=ok[:, None])
+        tl.store(ptrs, x, mask=ok)
     else:
         tl.store(ptrs, x)
 
 
 @triton.jit
-def map_tile(MAP, b, h, qi, ki, N, stride_b, stride_h, MASK_Q: tl.constexpr, MASK_K: tl.constexpr):
-    """MAP[b, h, qi, ki] in fp32 of a bias or mask whose last two dims are contiguous [N, N]
-    (stride 0 on a broadcast b or h), for broadcastable index tensors; 0 past the sequence."""
-    ptrs = MAP + b * stride_b + h * stride_h + qi * N + ki
+def map_tile(MAP, qi, ki, N, MASK_Q: tl.constexpr, MASK_K: tl.constexpr):
+    """MAP[qi, ki] in fp32 of one head's contiguous [N, N] slice of a bias or mask, for
+    broadcastable index tensors; 0 past the sequence."""
+    ptrs = MAP + qi * N + ki
     if MASK_Q:
         return tl.load(ptrs, mask=(qi < N) & (ki < N), other=0.0).to(tl.float32)
     elif MASK_K:
@@ -122,14 +120,14 @@ def map_tile(MAP, b, h, qi, ki, N, stride_b, stride_h, MASK_Q: tl.constexpr, MAS
 
 
 @triton.jit
-def scores(qk, qi, ki, scale_log2, b, h, N, BIAS, sbb, sbh,
-           DIAGONAL_MASK: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr):
-    """s = scale·q·k + bias in log2 units for query / key indices qi, ki (broadcastable to qk):
-    −∞ for keys past the sequence (MASK_K) and on the masked diagonal. MASK_Q / MASK_K: whether
-    qi / ki may run past the sequence (a tail tile); full tiles skip every mask."""
+def scores(qk, qi, ki, scale_log2, N, BIAS, DIAGONAL_MASK: tl.constexpr, MASK_Q: tl.constexpr, MASK_K: tl.constexpr):
+    """s = scale·q·k + bias in log2 units for query / key indices qi, ki (broadcastable to qk),
+    BIAS at the head's slice: −∞ for keys past the sequence (MASK_K) and on the masked diagonal.
+    MASK_Q / MASK_K: whether qi / ki may run past the sequence (a tail tile); full tiles skip
+    every mask."""
     s = qk * scale_log2
     if BIAS is not None:
-        s += map_tile(BIAS, b, h, qi, ki, N, sbb, sbh, MASK_Q, MASK_K) * 1.4426950408889634
+        s += map_tile(BIAS, qi, ki, N, MASK_Q, MASK_K) * 1.4426950408889634
     if MASK_K:
         s = tl.where(ki < N, s, float("-inf"))
     if DIAGONAL_MASK:

@@ -7,64 +7,52 @@ import triton
 import triton.language as tl
 
 from .. import on_device
-from .common import head_scale, load_rows, map_strides, map_tile, mm, program, scale_stride, scores, store_rows
+from .common import head_scale, load, map_strides, map_tile, mm, program, scale_stride, scores, store, tile
 from .planning import launch
 
 
 @triton.jit
-def _fwd_block(q, m_i, l_i, acc, K_bh, V_bh, BIAS, MASK, rows, start_n, scale_log2, b, h, N, stride_n,
-               sbb, sbh, smb, smh, D: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr,
-               MASK_COLS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_block(q, m_i, l_i, acc, K, V, BIAS, MASK, rows, start_n, scale_log2, N, stride_n, D: tl.constexpr,
+               COLS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
+               PRECISION: tl.constexpr):
     """One online-softmax step over the keys start_n + [0, COLS)."""
     cols = start_n + tl.arange(0, COLS)
-    offs_d = tl.arange(0, D)
-    col_ok = cols < N
-    k = load_rows(K_bh + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
-    v = load_rows(V_bh + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
-    s = scores(mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS, sbb, sbh,
-               DIAGONAL_MASK, MASK_ROWS, MASK_COLS)
+    k = load(tile(K, cols, stride_n, D), cols[:, None] < N, MASK_COLS)
+    v = load(tile(V, cols, stride_n, D), cols[:, None] < N, MASK_COLS)
+    s = scores(mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, N, BIAS, DIAGONAL_MASK,
+               MASK_ROWS, MASK_COLS)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASK is not None:
-        p = p * map_tile(MASK, b, h, rows[:, None], cols[None, :], N, smb, smh, MASK_ROWS, MASK_COLS)
+        p = p * map_tile(MASK, rows[:, None], cols[None, :], N, MASK_ROWS, MASK_COLS)
     acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, start_m, scale_log2, stride_b, stride_h, stride_n,
-              stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, N,
-              D: tl.constexpr, ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-              TAIL_N: tl.constexpr, SPLIT: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """Forward of the query rows start_m + [0, ROWS) of head (b, h)."""
+def _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, start_m, scale_log2, stride_n, stride_on, N, D: tl.constexpr,
+              ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+              DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Forward of the query rows start_m + [0, ROWS) of one head (every pointer at its slice)."""
     rows = start_m + tl.arange(0, ROWS)
-    offs_d = tl.arange(0, D)
     row_ok = rows < N
-    base = b * stride_b + h * stride_h
-    q = load_rows(Q + base + rows[:, None] * stride_n + offs_d[None, :], row_ok, MASK_ROWS)
+    q = load(tile(Q, rows, stride_n, D), row_ok[:, None], MASK_ROWS)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, D], dtype=tl.float32)
-    full_n = (N // BLOCK_N) * BLOCK_N if SPLIT else 0
+    full_n = (N // BLOCK_N) * BLOCK_N if TAIL_N < BLOCK_N else 0  # (else every block masked)
     for start_n in range(0, full_n, BLOCK_N):
-        m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, K + base, V + base, BIAS, MASK, rows, start_n, scale_log2,
-                                   b, h, N, stride_n, sbb, sbh, smb, smh, D, BLOCK_N, MASK_ROWS, False,
-                                   DIAGONAL_MASK, PRECISION)
-    if TAIL_N > 0:  # split: the last N mod BLOCK_N keys in narrow steps; else every block, masked
+        m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, K, V, BIAS, MASK, rows, start_n, scale_log2, N, stride_n, D,
+                                   BLOCK_N, MASK_ROWS, False, DIAGONAL_MASK, PRECISION)
+    if TAIL_N > 0:  # the last N mod BLOCK_N keys in masked steps
         for start_n in range(full_n, N, TAIL_N):
-            m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, K + base, V + base, BIAS, MASK, rows, start_n,
-                                       scale_log2, b, h, N, stride_n, sbb, sbh, smb, smh, D, TAIL_N, MASK_ROWS,
-                                       True, DIAGONAL_MASK, PRECISION)
-    out_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
-    store_rows(out_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), row_ok, MASK_ROWS)
-    lse = m_i + tl.math.log2(l_i)  # log2 units
-    if MASK_ROWS:
-        tl.store(LSE + bh * N + rows, lse, mask=row_ok)
-    else:
-        tl.store(LSE + bh * N + rows, lse)
+            m_i, l_i, acc = _fwd_block(q, m_i, l_i, acc, K, V, BIAS, MASK, rows, start_n, scale_log2, N, stride_n,
+                                       D, TAIL_N, MASK_ROWS, True, DIAGONAL_MASK, PRECISION)
+    store(tile(O, rows, stride_on, D), (acc / l_i[:, None]).to(O.dtype.element_ty), row_ok[:, None], MASK_ROWS)
+    store(LSE + rows, m_i + tl.math.log2(l_i), row_ok, MASK_ROWS)  # log2 units
 
 
 @triton.jit
@@ -72,18 +60,22 @@ def attention_fwd_kernel(
     Q, K, V, O, LSE, SCALE, BIAS, MASK, scale_value, scale_stride, stride_b, stride_h, stride_n, stride_ob,
     stride_oh, stride_on, sbb, sbh, smb, smh, H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-    SPLIT: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, bh, b, h = program(N, H, BLOCK_M)
     scale_log2 = head_scale(SCALE, scale_value, scale_stride, h) * 1.4426950408889634
-    if SPLIT and pid_m < N // BLOCK_M:  # a full block of queries, unmasked
-        _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2, stride_b, stride_h, stride_n,
-                  stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, N, D, BLOCK_M, False, BLOCK_N, TAIL_N,
-                  SPLIT, DIAGONAL_MASK, PRECISION)
-    else:  # the leftover queries in a TAIL_M-row tile; without SPLIT every block, masked (TAIL_M = BLOCK_M)
-        _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, b, h, bh, pid_m * BLOCK_M, scale_log2, stride_b, stride_h, stride_n,
-                  stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, N, D, TAIL_M, True, BLOCK_N, TAIL_N,
-                  SPLIT, DIAGONAL_MASK, PRECISION)
+    base = b * stride_b + h * stride_h
+    Q, K, V, O, LSE = Q + base, K + base, V + base, O + b * stride_ob + h * stride_oh, LSE + bh * N
+    if BIAS is not None:
+        BIAS += b * sbb + h * sbh
+    if MASK is not None:
+        MASK += b * smb + h * smh
+    if TAIL_M < BLOCK_M and pid_m < N // BLOCK_M:  # a full block of queries, unmasked
+        _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, pid_m * BLOCK_M, scale_log2, stride_n, stride_on, N, D, BLOCK_M, False,
+                  BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+    else:  # the leftover queries in a TAIL_M-row tile
+        _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, pid_m * BLOCK_M, scale_log2, stride_n, stride_on, N, D, TAIL_M, True,
+                  BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
 
 
 def forward_into(qkv, out, lse, plan, scale, scale_value, bias, mask, diagonal_mask):

@@ -2,13 +2,13 @@
 
 Launch geometry, every kernel: a 1-D grid of (block of BLOCK_M owned positions, b·h) programs
 (queries in the forward and dq kernels, keys in dk/dv); the other side streams through in
-BLOCK_N blocks. With `split` (fp16/bf16 at D = 32, 64, N ≥ BLOCK_M) full blocks run unmasked on
-both sides: the last program takes the N mod BLOCK_M leftover positions in a TAIL_M-row tile (the
-smallest power of two ≥ 16 that holds them), and the N mod BLOCK_N last streamed positions go in
-masked 16-wide steps (TAIL_N = 16; 0 when BLOCK_N divides N; the shared-gradient pass, whose
-columns are tiles, takes them in one tile as wide as they need). Without (fp32, tf32, D = 16 or
-128, short sequences, where that code spilled), every block is masked (TAIL_M = BLOCK_M, TAIL_N =
-BLOCK_N).
+BLOCK_N blocks. Full blocks run unmasked: the last program takes the N mod BLOCK_M leftover
+positions in a TAIL_M-row tile (the smallest power of two ≥ 16 that holds them), and the
+N mod BLOCK_N last streamed positions go in masked 16-wide steps (TAIL_N = 16; 0 when BLOCK_N
+divides N; the shared-gradient pass, whose columns are tiles, takes them in one tile as wide as
+they need). Where a tail is as wide as its block (the 16-wide FMA tiles; a sequence shorter than
+a block; a leftover that needs the whole block; no leftover rows), every block on that side
+takes the masked path: one copy of the code, the same tile work.
 
 The streamed side fixes each sum's order, so it is planned here, never tuned. The owned side
 (BLOCK_M, warps, stages) comes from a short candidate list, today's measured-or-gated entry first:
@@ -38,39 +38,47 @@ HEAD_DIMS = (16, 32, 64, 128)
 TILES = {
     "half": {16: (64, 64, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2)},
     "tf32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
-    "ieee": {16: (32, 32, 4, 1), 32: (16, 16, 4, 1), 64: (16, 16, 4, 1), 128: (16, 16, 8, 1)},
+    "ieee": {16: (16, 16, 4, 1), 32: (16, 16, 4, 1), 64: (16, 16, 4, 1), 128: (16, 16, 8, 1)},
 }
-# where the streamed side runs split (full blocks unmasked, a narrow masked tail): fp16/bf16 at
-# the ViT head dims; num_stages of the forward / dq kernels and of dk/dv
-SPLIT_STAGES = {("half", 32): (2, 2), ("half", 64): (3, 2)}
-# these specialisations spilled 8-24 B on sm_80 with the tiles above: amended launch options,
-# keyed (kernel, precision, D, split)
+# amended launch options, keyed (kernel, precision, D): the specialisations that spilled on sm_80
+# or sm_90a with the tiles above, and at half D = 64 the forward and dq kernels' measured stages
 TILE_FIXES = {
-    ("fwd", "tf32", 16, False): dict(num_warps=8),
-    ("fwd", "ieee", 64, False): dict(num_warps=2),
-    ("dq", "half", 16, False): dict(num_stages=1),
-    ("dq", "half", 128, False): dict(num_stages=1),
-    ("dkdv", "tf32", 32, False): dict(num_stages=1),
-    ("shared", "tf32", 32, False): dict(num_warps=8),
+    ("fwd", "half", 64): dict(num_stages=3),
+    ("fwd", "tf32", 16): dict(num_warps=8),
+    ("fwd", "tf32", 128): dict(num_stages=1),
+    ("fwd", "ieee", 64): dict(num_warps=2),
+    ("dq", "half", 16): dict(num_stages=1),
+    ("dq", "half", 64): dict(num_stages=3),
+    ("dq", "half", 128): dict(num_stages=1),
+    ("dq", "tf32", 16): dict(max_block_n=32),
+    ("dq", "tf32", 32): dict(max_block_n=32),
+    ("dkdv", "half", 128): dict(num_stages=1),
+    ("dkdv", "tf32", 16): dict(max_block_n=32, num_stages=1),
+    ("dkdv", "tf32", 32): dict(max_block_n=32, num_stages=1),
+    ("dkdv", "tf32", 64): dict(max_block_n=16),
+    ("dkdv", "ieee", 64): dict(num_warps=2),
+    ("shared", "tf32", 16): dict(num_stages=1),
+    ("shared", "tf32", 32): dict(num_warps=8, num_stages=1),
+    ("shared", "tf32", 64): dict(num_stages=1),
 }
 # with a multiplicative mask (its tile live beside p) these spilled too: amended as above
 MASK_TILES = {
-    ("fwd", "tf32", 64, False): dict(num_stages=1),
-    ("dq", "half", 64, True): dict(max_block_n=16),
-    ("dq", "tf32", 64, False): dict(max_block_n=16),
-    ("dq", "ieee", 64, False): dict(num_warps=2),
-    ("dq", "ieee", 16, False): dict(max_block_n=16, num_warps=8),
-    ("dq", "tf32", 128, False): dict(num_stages=1),
-    ("dkdv", "half", 64, True): dict(max_block_n=16),
-    ("dkdv", "half", 128, False): dict(num_stages=1),
-    ("dkdv", "tf32", 64, False): dict(max_block_n=32, num_stages=1),
-    ("shared", "ieee", 64, False): dict(num_warps=2),
-    ("shared", "half", 64, True): dict(num_stages=1),
+    ("fwd", "tf32", 64): dict(num_stages=1),
+    ("fwd", "ieee", 16): dict(num_warps=2),
+    ("dq", "half", 64): dict(max_block_n=16, num_stages=2),
+    ("dq", "half", 128): dict(max_block_n=16),
+    ("dq", "tf32", 64): dict(max_block_n=16),
+    ("dq", "tf32", 128): dict(num_stages=1),
+    ("dq", "ieee", 64): dict(num_warps=2),
+    ("dkdv", "half", 64): dict(max_block_n=16),
+    ("shared", "half", 64): dict(num_stages=1),
+    ("shared", "ieee", 64): dict(num_warps=2),
 }
-# a second candidate for the owned side of the forward and dq kernels (split only), timed against
-# the first by the autotuner: (BLOCK_M, warps, stages). Both stream the same blocks. Gated on
-# sm_80 and sm_90a, Triton 3.6 and 3.9: 128 rows, 8 warps, or one stage fewer at D = 64 and 32
-# rows at D = 32 spilled somewhere
+# a second candidate for the owned side of the forward and dq kernels, timed against the first by
+# the autotuner: (BLOCK_M, warps, stages). Both stream the same blocks. Gated on sm_80 and sm_90a,
+# Triton 3.6 and 3.9: 128 rows, 8 warps, or one stage fewer at D = 64 and 32 rows at D = 32
+# spilled somewhere, and so did this one with a multiplicative mask or a dq kernel storing a
+# [B, H, N, N] gradient, which therefore run the first only
 MORE_CANDIDATES = {("half", 32): (64, 4, 1), ("half", 64): (32, 4, 2)}
 # programs the shared-gradient pass aims for (about 8 per SM on an H100): enough to fill the GPU
 # while each program sums as many (b, h) pairs as it can before its one atomic per element
@@ -92,7 +100,7 @@ def every_config():
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The owned side of one candidate: BLOCK_M positions per program, the TAIL_M-row tile of the
-    leftover ones (BLOCK_M without a split: every block masked), warps, stages."""
+    leftover ones, warps, stages."""
 
     block_m: int
     tail_m: int
@@ -106,7 +114,6 @@ class KernelPlan:
 
     block_n: int
     tail_n: int
-    split: bool
     configs: Tuple[Config, ...]
 
 
@@ -169,41 +176,31 @@ def plan(shape, dtype: torch.dtype, device: torch.device = None, *, mask: bool =
 @functools.lru_cache(maxsize=None)
 def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> Plan:
     tile_precision = "half" if precision == "upcast" else precision  # same tiles; the interpreter's bf16
-    block_m, block_n, warps, stages = TILES[tile_precision][D]
-    split_stages = SPLIT_STAGES.get((tile_precision, D))
-    split = split_stages is not None and N >= block_m
-    more = MORE_CANDIDATES.get((tile_precision, D)) if split else None
+    cover = max(16, triton.next_power_of_2(N))
 
-    def kernel(name, block_m, block_n, warps, stages, more=None):
-        over = dict(TILE_FIXES.get((name, tile_precision, D, split), {}))
-        over.update(MASK_TILES.get((name, tile_precision, D, split), {}) if mask else {})
-        block_n = min(block_n, over.pop("max_block_n", block_n))
+    def kernel(name, tiles=tile_precision, block_n=None, more=None):
+        block_m, tile_n, warps, stages = TILES[tiles][D]
+        over = dict(TILE_FIXES.get((name, tiles, D), {}))
+        over.update(MASK_TILES.get((name, tiles, D), {}) if mask else {})
+        block_n = min(block_n or tile_n, over.pop("max_block_n", tile_n), cover)
         warps, stages = over.get("num_warps", warps), over.get("num_stages", stages)
-        cover = max(16, triton.next_power_of_2(N))
+        configs = [(block_m, warps, stages)] + ([more] if more and N >= block_m else [])
         if block_m > cover:  # a short sequence: fewer rows, and at most 4 warps for them
-            block_m, warps = cover, min(warps, 4)
-        block_n = min(block_n, cover)
-        tail_n = (0 if N % block_n == 0 else 16) if split else block_n  # split: 16-wide tail steps
-        configs = [(block_m, warps, stages)] + ([more] if more else [])
-        configs = [Config(m, tail_width(N % m, m) if split else m, w, s) for m, w, s in configs]
-        return KernelPlan(block_n, tail_n, split, tuple(dict.fromkeys(configs)))
+            configs = [(cover, min(warps, 4), stages)]
+        configs = [Config(m, tail_width(N % m, m), w, s) for m, w, s in configs]
+        tail_n = 0 if N % block_n == 0 else (16 if N > block_n else block_n)  # (no full block: one tail)
+        return KernelPlan(block_n, tail_n, tuple(dict.fromkeys(configs)))
 
-    fwd_stages, dkdv_stages = split_stages or (stages, stages)
-    fwd = kernel("fwd", block_m, block_n, warps, fwd_stages, more)
-    # ds (or p ⊙ dp) also goes to memory from dq: narrower key blocks
-    dq = kernel("dq", block_m, min(block_n, 32) if (stores_map_grad or mask) else block_n, warps, fwd_stages, more)
-    if split:  # keys owned, queries streamed, both as in the forward
-        dkdv = kernel("dkdv", block_m, block_n, warps, dkdv_stages)
-    else:  # the forward's key block per program (BLOCK_M keys spilled on the FMA and D = 128 paths)
-        dkdv = kernel("dkdv", min(block_n, max(16, triton.next_power_of_2(N))), block_m, warps, stages)
-    # it holds q, dout, k and v of a pair at once: at most 2 stages, 1 with tf32; tf32 at D = 128
-    # spilled 0.7-1.6 KB at every tile tried, so that pass runs FMA fp32
-    shared_precision = "ieee" if (tile_precision == "tf32" and D == 128) else tile_precision
-    s_block_m, s_block_n, s_warps, s_stages = TILES[shared_precision][D]
-    s_stages = 1 if shared_precision == "tf32" else min(split_stages[0] if split else s_stages, 2)
-    shared = kernel("shared", s_block_m, s_block_n, s_warps, s_stages)
-    if shared.split:  # its leftover columns are one tile (not streamed): as wide as they need
-        shared = dataclasses.replace(shared, tail_n=tail_width(N % shared.block_n, shared.block_n))
+    more = None if mask else MORE_CANDIDATES.get((tile_precision, D))
+    fwd = kernel("fwd", more=more)
+    # ds (or p ⊙ dp) also goes to memory from dq: narrower key blocks, one candidate
+    dq = kernel("dq", block_n=32 if (stores_map_grad or mask) else None, more=None if stores_map_grad else more)
+    dkdv = kernel("dkdv")  # keys owned, queries streamed, both as in the forward
+    # it holds q, dout, k and v of a pair at once (one stage with tf32); tf32 at D = 128 spilled
+    # 0.7-1.6 KB at every tile tried, so that pass runs FMA fp32; the columns are one tile (not
+    # streamed), the leftover ones as wide as they need
+    shared = kernel("shared", "ieee" if (tile_precision == "tf32" and D == 128) else tile_precision)
+    shared = dataclasses.replace(shared, tail_n=tail_width(N % shared.block_n, shared.block_n))
     return Plan(precision, fwd, dq, dkdv, shared)
 
 
@@ -240,15 +237,14 @@ def _tuned(kernel, configs: Tuple[Config, ...], key):
 # the arguments an autotuned choice depends on (besides the tensor dtypes, which Triton adds)
 # (an absent scale, bias or mask passes stride −1); the dq kernel's choice does not depend on
 # which optional gradients it writes
-TUNING_KEY = ("N", "D", "DIAGONAL_MASK", "PRECISION", "BLOCK_N", "TAIL_N", "SPLIT", "scale_stride", "sbb", "sbh", "smb",
-              "smh")
+TUNING_KEY = ("N", "D", "DIAGONAL_MASK", "PRECISION", "BLOCK_N", "TAIL_N", "scale_stride", "sbb", "sbh", "smb", "smh")
 
 
 def launch(kernel, kernel_plan: KernelPlan, programs: Callable, device: torch.device, args, constexprs: dict) -> None:
     """Launches `kernel` over `programs(BLOCK_M)` programs with the plan's streamed side and the
     owned side chosen as the module docstring says."""
     configs = kernel_plan.configs
-    streamed = dict(BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n, SPLIT=kernel_plan.split)
+    streamed = dict(BLOCK_N=kernel_plan.block_n, TAIL_N=kernel_plan.tail_n)
     if len(configs) > 1 and tunes(device):
         _tuned(kernel, configs, TUNING_KEY)[lambda meta: (programs(meta["BLOCK_M"]),)](
             *args, **streamed, **constexprs)

@@ -12,15 +12,16 @@ from torch import Tensor
 
 from .. import on_device
 from . import common
-from .common import head_scale, load_rows, load_vec, map_strides, map_tile, mm, scale_stride, scores
+from .common import head_scale, load, map_strides, map_tile, mm, scale_stride, scores, store, tile
 from .planning import launch, shared_grad_groups
 
 
 @triton.jit
-def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, start_m, start_n,
-                 H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D: tl.constexpr, ROWS: tl.constexpr,
-                 COLS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, DIAGONAL_MASK: tl.constexpr,
-                 PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr):
+def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
+                 RH, start_m, start_n, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh,
+                 smb, smh, D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr,
+                 MASK_COLS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                 GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr):
     """Σ over the pairs of group g (GROUP of the slice's R contributors) of the [rows, cols] tile
     of ds or p ⊙ dp, then one store or atomic per element into slice sl of GRAD [B|1, H|1, N, N]
     (SH slices over h)."""
@@ -30,10 +31,7 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, 
     r_end = tl.minimum(r_start + GROUP, R)
     rows = start_m + tl.arange(0, ROWS)
     cols = start_n + tl.arange(0, COLS)
-    offs_d = tl.arange(0, D)
     row_ok = rows < N
-    col_ok = cols < N
-    tile_ok = row_ok[:, None] & col_ok[None, :]
     acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
     for r in range(r_start, r_end):
         b = sl_b + (r // RH).to(tl.int64)
@@ -41,14 +39,16 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, 
         bh = b * H + h
         scale_log2 = head_scale(SCALE, scale_value, scale_stride, h) * 1.4426950408889634
         base = b * stride_b + h * stride_h
-        o_base = b * stride_ob + h * stride_oh
-        q = load_rows(Q + base + rows[:, None] * stride_n + offs_d[None, :], row_ok, MASK_ROWS)
-        do = load_rows(DO + o_base + rows[:, None] * stride_on + offs_d[None, :], row_ok, MASK_ROWS)
-        k = load_rows(K + base + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
-        v = load_rows(V + base + cols[:, None] * stride_n + offs_d[None, :], col_ok, MASK_COLS)
-        lse = load_vec(LSE + bh * N + rows, row_ok, MASK_ROWS)
-        s = scores(mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, b, h, N, BIAS, sbb, sbh,
-                   DIAGONAL_MASK, MASK_ROWS, MASK_COLS)
+        q = load(tile(Q + base, rows, stride_n, D), row_ok[:, None], MASK_ROWS)
+        do = load(tile(DO + b * stride_ob + h * stride_oh, rows, stride_on, D), row_ok[:, None], MASK_ROWS)
+        k = load(tile(K + base, cols, stride_n, D), cols[:, None] < N, MASK_COLS)
+        v = load(tile(V + base, cols, stride_n, D), cols[:, None] < N, MASK_COLS)
+        lse = load(LSE + bh * N + rows, row_ok, MASK_ROWS)
+        bias = BIAS
+        if BIAS is not None:
+            bias = BIAS + b * sbb + h * sbh
+        s = scores(mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, N, bias, DIAGONAL_MASK,
+                   MASK_ROWS, MASK_COLS)
         p = tl.math.exp2(s - lse[:, None])
         if MASK_ROWS:
             p = tl.where(row_ok[:, None], p, 0.0)
@@ -56,21 +56,19 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, 
         if GRAD_OF_MASK:  # dmask = p ⊙ dp
             acc += p * dp
         else:  # dbias = ds = p ⊙ (mask ⊙ dp − δ)
-            delta = load_vec(DELTA + bh * N + rows, row_ok, MASK_ROWS)
+            delta = load(DELTA + bh * N + rows, row_ok, MASK_ROWS)
             if MASK is not None:
-                dp = dp * map_tile(MASK, b, h, rows[:, None], cols[None, :], N, smb, smh, MASK_ROWS, MASK_COLS)
+                dp = dp * map_tile(MASK + b * smb + h * smh, rows[:, None], cols[None, :], N, MASK_ROWS, MASK_COLS)
             acc += p * (dp - delta[:, None])
     ptrs = GRAD + (sl_b * SH + sl_h) * N * N + rows[:, None] * N + cols[None, :]
+    tile_ok = row_ok[:, None] & (cols[None, :] < N)
     if ATOMIC:
         if MASK_ROWS or MASK_COLS:
             tl.atomic_add(ptrs, acc, mask=tile_ok, sem="relaxed")
         else:
             tl.atomic_add(ptrs, acc, sem="relaxed")
     else:
-        if MASK_ROWS or MASK_COLS:
-            tl.store(ptrs, acc, mask=tile_ok)
-        else:
-            tl.store(ptrs, acc)
+        store(ptrs, acc, tile_ok, MASK_ROWS or MASK_COLS)
 
 
 @triton.jit
@@ -79,14 +77,13 @@ def attention_bwd_shared_kernel(
     stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
     H, N, SH, RH, R, GROUP, GROUPS,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-    SPLIT: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
+    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
     """One program per (tile, group of GROUP contributing pairs, gradient slice), tiles fastest.
     The slice (sl_b, sl_h) indexes the gradient's own [B|1, H|1] dims (SH slices over h); its R
-    contributors r map to b = sl_b + r // RH, h = sl_h + r % RH. With SPLIT full tiles run
-    unmasked, the leftover rows in a TAIL_M-row tile, the leftover columns in a TAIL_N-wide one;
-    without, every tile masked (TAIL_M = BLOCK_M, TAIL_N = BLOCK_N)."""
+    contributors r map to b = sl_b + r // RH, h = sl_h + r % RH. Full tiles run unmasked, the
+    leftover rows in a TAIL_M-row tile, the leftover columns in a TAIL_N-wide one."""
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(N, BLOCK_M) * tiles_n
     pid = tl.program_id(0).to(tl.int64)
@@ -95,27 +92,33 @@ def attention_bwd_shared_kernel(
     sl = pid // (tiles * GROUPS)
     mi = t // tiles_n
     ni = t % tiles_n
-    if SPLIT and mi < N // BLOCK_M:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D,
-                     BLOCK_M, False, BLOCK_N, TAIL_N, SPLIT, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
+    if TAIL_M < BLOCK_M and mi < N // BLOCK_M:
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
+                     RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb,
+                     sbh, smb, smh, D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
     else:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D,
-                     TAIL_M, True, BLOCK_N, TAIL_N, SPLIT, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
+                     RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb,
+                     sbh, smb, smh, D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
 
 
 @triton.jit
-def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, start_m, ni,
-                 H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D: tl.constexpr, ROWS: tl.constexpr,
-                 MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, SPLIT: tl.constexpr,
-                 DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
-                 ATOMIC: tl.constexpr):
+def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
+                 RH, start_m, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb,
+                 smh, D: tl.constexpr, ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TAIL_N: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                 GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr):
     """A full block of columns, unmasked, else the leftover columns in a TAIL_N-wide tile."""
-    if SPLIT and ni < N // BLOCK_N:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D,
-                     ROWS, BLOCK_N, MASK_ROWS, False, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
+    if TAIL_N < BLOCK_N and ni < N // BLOCK_N:
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
+                     RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on,
+                     sbb, sbh, smb, smh, D, ROWS, BLOCK_N, MASK_ROWS, False, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
+                     ATOMIC)
     else:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R, RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh, D,
-                     ROWS, TAIL_N, MASK_ROWS, True, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
+                     RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on,
+                     sbb, sbh, smb, smh, D, ROWS, TAIL_N, MASK_ROWS, True, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
+                     ATOMIC)
 
 
 def shared_grad(target, qkv, outs, lse, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
