@@ -39,8 +39,9 @@ def stub_launches(point: str = "grid") -> None:
     the kernels are defined). `point` "grid": ``GridExecutor.__call__`` (the interpreter still
     builds a GridExecutor per launch, normalising every annotated kernel argument: interpreter
     work a GPU's cached JIT launch does not repeat); "launch": ``InterpretedFunction.run``, all of
-    Triton's launch, so what remains is ours alone. Raises RuntimeError when Triton's interpreter
-    has changed shape."""
+    Triton's launch, so what remains is ours alone; "binder": ``InterpretedFunction.run`` replaced
+    by the host work of a cached launch on a GPU up to the driver call (`gpu_launch_host_work`).
+    Raises RuntimeError when Triton's interpreter has changed shape."""
     try:
         import triton.runtime.interpreter as interpreter
     except ImportError as e:
@@ -58,7 +59,36 @@ def stub_launches(point: str = "grid") -> None:
     def no_launch(self, *args, **kwargs):
         return None
 
-    setattr(executor, method, no_launch)
+    setattr(executor, method, gpu_launch_host_work() if point == "binder" else no_launch)
+
+
+def gpu_launch_host_work():
+    """A stand-in for ``InterpretedFunction.run`` that does what ``JITFunction.run`` does on the
+    host for an already compiled kernel on an sm_90a GPU before it calls the driver: bind the
+    arguments (Triton's generated binder specialises every non-constexpr one), form the cache key,
+    evaluate the grid. The driver call itself and the launch metadata are not included."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime import jit
+
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        create, cache_key = jit.create_function_from_signature, jit.compute_cache_key
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(f"host_overhead: Triton's JIT binder is not where this script looks ({e})") from e
+    binders = {}
+
+    def run(self, *args, grid, warmup=False, **kwargs):
+        if self.fn not in binders:  # built once per kernel, as JITFunction.create_binder does
+            fn = jit.JITFunction(self.fn)
+            binders[self.fn] = (create(fn.signature, fn.params, backend), {})
+        binder, key_cache = binders[self.fn]
+        bound, specialization, options = binder(*args, **kwargs)
+        cache_key(key_cache, specialization, options)
+        if callable(grid):
+            grid(bound)
+
+    return run
 
 
 def make_cases():
@@ -151,9 +181,10 @@ def main(argv=None) -> int:
     parser.add_argument("--inner", type=int, default=20, help="calls per round (default 20)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--check", action="store_true", help="exit 1 when a ratio misses its goal")
-    parser.add_argument("--stub", choices=("grid", "launch"), default="grid",
-                        help="where launches are cut: grid (GridExecutor.__call__, default) or launch "
-                             "(InterpretedFunction.run: all of Triton's launch)")
+    parser.add_argument("--stub", choices=("grid", "launch", "binder"), default="grid",
+                        help="where launches are cut: grid (GridExecutor.__call__, default), launch "
+                             "(InterpretedFunction.run: all of Triton's launch) or binder (Triton's "
+                             "per-launch host work on a GPU up to the driver call, for sm_90a)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.inner < 1:
         parser.error("--repeats and --inner must be >= 1")

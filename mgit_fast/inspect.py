@@ -255,28 +255,23 @@ def attention_launches(
     shared-gradient pass) or lsa_mask_batch (LSA with a [B, H, N, N] mask; a Gaussian-mixture
     bias runs as bias, built in PyTorch). With `every_config`, each kernel
     is launched once per candidate config (`planning.every_config`), else with the first."""
-    from mgit_fast.kernels.attention import common, op, planning
+    from mgit_fast.kernels.attention import op, planning
 
     new = lambda *shape, dt=dtype: torch.empty(shape, device=META, dtype=dt)  # noqa: E731
-    if packed:
-        qkv, dqkv = (common.packed(new(B, N, 3 * H * D), H, 3) for _ in range(2))
-        out = common.packed(new(B, N, H * D), H, 1)
-    else:
-        qkv, dqkv = (common.unpacked(*(new(B, H, N, D) for _ in range(3))) for _ in range(2))
-        out = common.unpacked(new(B, H, N, D))
+    q, k, v = (new(B, N, 3 * H * D), None, None) if packed else (new(B, H, N, D) for _ in range(3))
     lsa = variant.startswith("lsa")
     scale = new(H, dt=torch.float32) if lsa else None
     bias = {"bias": lambda: new(H, N, N, dt=torch.float32),
             "bias_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
     mask = {"lsa_mask": lambda: new(H, N, N, dt=torch.float32),
             "lsa_mask_batch": lambda: new(B, H, N, N, dt=torch.float32)}.get(variant, lambda: None)()
+    heads = H if packed else 0
     every = planning.every_config() if every_config else contextlib.nullcontext()
     with tf32(allow_tf32), every, capture(target) as launches:
-        lse = op.forward(qkv, out, scale, D**-0.5, bias, mask, lsa)
+        out, lse = op.run_forward(q, k, v, heads, scale, D**-0.5, bias, mask, lsa)
         if backward:
-            outs = out._replace(tensors=out.tensors * 2)  # dout: out's twin
-            op.backward(qkv, outs, lse, dqkv, scale, D**-0.5, bias, mask, lsa,
-                        scale is not None, bias is not None, mask is not None)
+            op.run_backward(torch.empty_like(out), q, k, v, out, lse, heads, scale, D**-0.5, bias, lsa,
+                            scale is not None, bias is not None, mask, mask is not None)
     precision = _precision_name(dtype, allow_tf32)
     size = torch.finfo(dtype).bits // 8
     # a score map (bias or mask) is read by each kernel; its gradient is written by the dq kernel
@@ -294,7 +289,9 @@ def attention_launches(
             mm, nbytes = 4, 6 * B * H * N * D * size + 8 * B * H * N + bias_bytes
         elif launch.kernel == "attention_bwd_shared_kernel":  # one write (or atomic) per element per group
             target = map_bytes["mask" if launch.args["GRAD_OF_MASK"] else "bias"]
-            mm, nbytes = 2, 4 * B * H * N * D * size + 8 * B * H * N + bias_bytes + target * launch.args["GROUPS"]
+            contributors = {0: B * H, 1: B, 2: H}[launch.args["GRAD_LAYOUT"]]
+            groups = -(-contributors // launch.args["GROUP"])
+            mm, nbytes = 2, 4 * B * H * N * D * size + 8 * B * H * N + bias_bytes + target * groups
         else:
             continue
         tiles = attention_tile_area(N, launch.constants)

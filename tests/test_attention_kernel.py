@@ -20,8 +20,10 @@ DSCALE_TOL = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    def nan_buffer(shape, *, device, dtype):
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    def nan_buffer(shape, *, device, dtype, strides=None):
+        t = torch.empty(shape, device=device, dtype=dtype) if strides is None else \
+            torch.empty_strided(shape, strides, device=device, dtype=dtype)
+        return t.fill_(float("nan"))
 
     monkeypatch.setattr(common, "new_buffer", nan_buffer)
 
@@ -276,6 +278,53 @@ def test_non_contiguous_views():
     odd = torch.randn(B, H, D, N, dtype=torch.float32).transpose(-1, -2)
     got = functional.attention(odd, odd, odd, backend="triton")
     assert_rel_close(got, reference.attention(odd.double(), odd.double(), odd.double()), 1e-5, "out")
+
+
+def _kernel_and_reference(inputs, build, **options):
+    """(kernel, float64 reference) of: leaves of `inputs` (fp32 / float64 copies of the same
+    values), `build(*leaves)` → q, k, v and options; each as (out, gradients of the leaves)."""
+    results = []
+    for dtype, fn in ((torch.float32, lambda *a, **o: functional.attention(*a, **o, backend="triton")),
+                      (torch.float64, reference.attention)):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        q, k, v, extra = build(*leaves)
+        out = fn(q, k, v, **extra, **options)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        results.append((out, torch.autograd.grad(out, leaves, upstream.to(dtype))))
+    return results
+
+
+def test_views_with_gaps():
+    """q, k, v as slices of one [B, N, H, 3·D] buffer (their memory has gaps): read in place by
+    the forward, copied for the backward, whose gradients take the copies' strides."""
+    B, N, H, D = 2, 17, 3, 32
+    base = torch.randn(B, N, H, 3 * D, dtype=torch.float64)
+    build = lambda t: (*(x.transpose(1, 2) for x in t.split(D, dim=-1)), {})  # noqa: E731
+    (out, grads), (ref, ref_grads) = _kernel_and_reference([base], build, diagonal_mask=True)
+    assert_rel_close(out, ref, 1e-5, "out")
+    assert_rel_close(grads[0], ref_grads[0], 1e-5, "dqkv")
+
+
+MAP_VIEWS = {  # (source shape, view)
+    "expanded over the batch": ((3, 17, 17), lambda t: t.expand(2, 3, 17, 17)),
+    "expanded over heads": ((1, 1, 17, 17), lambda t: t.expand(1, 3, 17, 17)),
+    "every other head": ((2, 6, 17, 17), lambda t: t[:, ::2]),
+}
+
+
+@pytest.mark.parametrize("view", MAP_VIEWS)
+@pytest.mark.parametrize("kind", ["bias", "mask"])
+def test_map_views(view, kind):
+    """A bias or mask given as a view: read in place through its strides where its slices lie one
+    after another (a broadcast dim has stride 0), else copied; its gradient reaches the source."""
+    B, H, N, D = 2, 3, 17, 16
+    shape, make = MAP_VIEWS[view]
+    source = torch.rand(shape, dtype=torch.float64) + (0.5 if kind == "mask" else -0.5)
+    inputs = [torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3)] + [source]
+    (out, grads), (ref, ref_grads) = _kernel_and_reference(inputs, lambda q, k, v, m: (q, k, v, {kind: make(m)}))
+    assert_rel_close(out, ref, 1e-5, "out")
+    for name, g, r in zip(["q", "k", "v", kind], grads, ref_grads):
+        assert_rel_close(g, r, 1e-5, f"d{name}")
 
 
 @pytest.mark.parametrize("magnitude", [1e2, 1e4])

@@ -39,8 +39,9 @@ def test_attention_grids_fit_cuda_limits_at_huge_batches(arch, packed, variant):
             if launch.kernel == "attention_bwd_shared_kernel":  # (tile, group of batch rows, head)
                 a = launch.args
                 tiles = -(-197 // block) * -(-197 // launch.constants["BLOCK_N"])
-                assert a["R"] == B and a["GROUP"] * a["GROUPS"] >= B > a["GROUP"] * (a["GROUPS"] - 1)
-                assert launch.grid[0] == tiles * a["GROUPS"] * H and launch.grid[1:] == (1, 1)
+                groups = -(-B // a["GROUP"])  # an [H, N, N] map: B contributors per head's slice
+                assert a["B"] == B and a["GRAD_LAYOUT"] == 1 and a["GROUP"] * (groups - 1) < B
+                assert launch.grid[0] == tiles * groups * H and launch.grid[1:] == (1, 1)
             else:
                 assert launch.grid[0] == -(-197 // block) * B * H and launch.grid[1:] == (1, 1)
 
@@ -57,17 +58,15 @@ def test_capture_records_the_jit_specialisation():
     config = kernel_plan.configs[0]
     assert fwd.constants == {"D": 64, "BLOCK_M": config.block_m, "BLOCK_N": kernel_plan.block_n, "TAIL_M": 16,
                              "TAIL_N": 16, "DIAGONAL_MASK": False, "PRECISION": "half", "SCALE": None,
-                             "BIAS": None, "MASK": None}
+                             "BIAS": None, "MASK": None, "BIAS_LAYOUT": -1, "MASK_LAYOUT": -1}
     assert (fwd.options["num_warps"], fwd.options["num_stages"]) == (config.num_warps, config.num_stages)
     names = list(fwd.args)
     aligned = {names[path[0]] for path, value in fwd.attrs.items() if ["tt.divisibility", 16] in value}
     assert {"Q", "K", "V", "O", "LSE"} <= aligned  # k, v views start H·D·2 = 384 bytes in
     # a v view starting 2 bytes off a 16-byte boundary loses its alignment attribute
     flat = torch.empty(1 + 2 * 17 * 96, device="meta", dtype=torch.bfloat16)
-    qkv = common.packed(flat[1:].view(2, 17, 96), 2, 3)
-    out = common.unpacked(torch.empty(2, 2, 17, 16, device="meta", dtype=torch.bfloat16))
     with ins.capture(TARGET) as captured:
-        op.forward(qkv, out, None, 0.25, None, None, False)
+        op.run_forward(flat[1:].view(2, 17, 96), None, None, 2, None, 0.25, None, None, False)
     names = list(captured[0].args)
     aligned = {names[path[0]] for path, value in captured[0].attrs.items() if ["tt.divisibility", 16] in value}
     assert "Q" not in aligned and "O" in aligned
@@ -84,12 +83,12 @@ def test_large_dbias_and_packed_offsets_are_int64_safe():
     launches = ins.attention_launches("dbias", 512, 577, 16, 64, torch.bfloat16, "bias_batch")
     dq = next(launch for launch in launches if launch.kernel == "attention_bwd_dq_kernel")
     assert dq.args["DBIAS"] is not None and dq.args["DMASK"] is None  # a per-batch bias: stored by dq
-    assert dq.args["sbb"] == 16 * 577 * 577 and 512 * dq.args["sbb"] * 4 > 2**31
+    assert dq.args["BIAS_LAYOUT"] == 3 and 512 * 16 * 577 * 577 * 4 > 2**31  # a slice per (b, h)
     assert "to(tl.int64)" in inspect.getsource(common.program.fn)
     launches = ins.attention_launches("dmask", 512, 577, 16, 64, torch.bfloat16, "lsa_mask_batch")
     dq = next(launch for launch in launches if launch.kernel == "attention_bwd_dq_kernel")
     assert dq.args["DMASK"] is not None  # a per-batch mask: plain stores from the dq kernel
-    assert dq.args["smb"] == 16 * 577 * 577
+    assert dq.args["MASK_LAYOUT"] == 3
     assert "attention_bwd_shared_kernel" not in {launch.kernel for launch in launches}
 
 

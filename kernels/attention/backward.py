@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import on_device
-from .common import head_scale, load, map_strides, map_tile, mm, program, scale_stride, scores, store, tile
+from .common import constexprs, head_scale, load, map_offset, map_tile, mm, program, scale_stride, scores, store, tile
 from .planning import launch
 
 
@@ -51,7 +51,7 @@ def _dq_block(q, do, lse, delta, dq, dscale, K, V, BIAS, MASK, DSCALE, DBIAS, DM
 
 @triton.jit
 def _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, start_m, scale, stride_n, stride_on,
-             stride_gn, N, D: tl.constexpr, ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+             N, D: tl.constexpr, ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
              TAIL_N: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
     """δ, dq, the stored map gradients and the dscale row sums of the queries start_m + [0, ROWS)
     of one head (every pointer at its slice)."""
@@ -80,22 +80,21 @@ def _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, s
                                    PRECISION)
     if DSCALE is not None:  # per row, summed afterwards in a fixed order
         store(DSCALE + rows, dscale, row_ok, MASK_ROWS)
-    store(tile(DQ, rows, stride_gn, D), (dq * scale).to(DQ.dtype.element_ty), row_ok[:, None], MASK_ROWS)
+    store(tile(DQ, rows, stride_n, D), (dq * scale).to(DQ.dtype.element_ty), row_ok[:, None], MASK_ROWS)
 
 
 @triton.jit
 def attention_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, SCALE, BIAS, MASK, scale_value, scale_stride,
-    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
-    sbb, sbh, smb, smh, H, N,
+    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr,
 ):
     """One program per block of BLOCK_M queries, streaming the keys (blocks as in the forward)."""
     pid_m, bh, b, h = program(N, H, BLOCK_M)
     scale = head_scale(SCALE, scale_value, scale_stride, h)
     base, o_base = b * stride_b + h * stride_h, b * stride_ob + h * stride_oh
-    Q, K, V, O, DO, DQ = Q + base, K + base, V + base, O + o_base, DO + o_base, DQ + b * stride_gb + h * stride_gh
+    Q, K, V, O, DO, DQ = Q + base, K + base, V + base, O + o_base, DO + o_base, DQ + base
     LSE, DELTA = LSE + bh * N, DELTA + bh * N
     if DSCALE is not None:
         DSCALE += bh * N
@@ -104,15 +103,15 @@ def attention_bwd_dq_kernel(
     if DMASK is not None:
         DMASK += bh * N * N
     if BIAS is not None:
-        BIAS += b * sbb + h * sbh
+        BIAS += map_offset(b, h, H, N, BIAS_LAYOUT)
     if MASK is not None:
-        MASK += b * smb + h * smh
+        MASK += map_offset(b, h, H, N, MASK_LAYOUT)
     if TAIL_M < BLOCK_M and pid_m < N // BLOCK_M:
         _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, pid_m * BLOCK_M, scale, stride_n,
-                 stride_on, stride_gn, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+                 stride_on, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
     else:
         _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, pid_m * BLOCK_M, scale, stride_n,
-                 stride_on, stride_gn, N, D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+                 stride_on, N, D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
 
 
 @triton.jit
@@ -144,7 +143,7 @@ def _dkdv_block(k, v, dk, dv, Q, DO, LSE, DELTA, BIAS, MASK, keys, start_m, scal
 
 
 @triton.jit
-def _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, start_n, scale, stride_n, stride_on, stride_gn, N,
+def _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, start_n, scale, stride_n, stride_on, N,
                D: tl.constexpr, KEYS: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_N: tl.constexpr,
                TAIL_N: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
     """dk, dv of the keys start_n + [0, KEYS) of one head (every pointer at its slice)."""
@@ -163,51 +162,48 @@ def _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, start_n, scale, stri
         for start_m in range(full_m, N, TAIL_N):
             dk, dv = _dkdv_block(k, v, dk, dv, Q, DO, LSE, DELTA, BIAS, MASK, keys, start_m, scale_log2, N, stride_n,
                                  stride_on, D, TAIL_N, MASK_KEYS, True, DIAGONAL_MASK, PRECISION)
-    store(tile(DK, keys, stride_gn, D), (dk * scale).to(DK.dtype.element_ty), key_ok, MASK_KEYS)
-    store(tile(DV, keys, stride_gn, D), dv.to(DV.dtype.element_ty), key_ok, MASK_KEYS)
+    store(tile(DK, keys, stride_n, D), (dk * scale).to(DK.dtype.element_ty), key_ok, MASK_KEYS)
+    store(tile(DV, keys, stride_n, D), dv.to(DV.dtype.element_ty), key_ok, MASK_KEYS)
 
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, SCALE, BIAS, MASK, scale_value, scale_stride,
-    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
-    sbb, sbh, smb, smh, H, N,
+    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr,
 ):
     """One program per block of BLOCK_M keys, streaming the queries."""
     pid_n, bh, b, h = program(N, H, BLOCK_M)
     scale = head_scale(SCALE, scale_value, scale_stride, h)
-    base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
-    Q, K, V, DO, DK, DV = Q + base, K + base, V + base, DO + b * stride_ob + h * stride_oh, DK + g_base, DV + g_base
+    base = b * stride_b + h * stride_h
+    Q, K, V, DO, DK, DV = Q + base, K + base, V + base, DO + b * stride_ob + h * stride_oh, DK + base, DV + base
     LSE, DELTA = LSE + bh * N, DELTA + bh * N
     if BIAS is not None:
-        BIAS += b * sbb + h * sbh
+        BIAS += map_offset(b, h, H, N, BIAS_LAYOUT)
     if MASK is not None:
-        MASK += b * smb + h * smh
+        MASK += map_offset(b, h, H, N, MASK_LAYOUT)
     if TAIL_M < BLOCK_M and pid_n < N // BLOCK_M:
-        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, pid_n * BLOCK_M, scale, stride_n, stride_on,
-                   stride_gn, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, pid_n * BLOCK_M, scale, stride_n, stride_on, N,
+                   D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
     else:
-        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, pid_n * BLOCK_M, scale, stride_n, stride_on,
-                   stride_gn, N, D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, pid_n * BLOCK_M, scale, stride_n, stride_on, N,
+                   D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
 
 
 def backward_into(qkv, outs, lse, grads, delta, plan, scale, scale_value, bias, mask, diagonal_mask, dscale=None,
                   dbias=None, dmask=None):
-    """Writes the gradients `grads` (`common.Heads` of dq, dk, dv) of `qkv` (`Heads` of q, k, v)
-    from `outs` (`Heads` of out and dout) and δ into `delta` [B, H, N] fp32; when given, dscale's
-    row sums into `dscale` [B, H, N] fp32 and the per-batch gradients into `dbias` / `dmask`
-    (contiguous fp32 [B, H, N, N]). scale, bias and mask as in `forward_into`."""
+    """Writes the gradients `grads` (dq, dk, dv, with the strides of `qkv`, the `common.Heads` of
+    q, k, v) from `outs` (`Heads` of out and dout) and δ into `delta` [B, H, N] fp32; when given,
+    dscale's row sums into `dscale` [B, H, N] fp32 and the per-batch gradients into `dbias` /
+    `dmask` (contiguous fp32 [B, H, N, N]). scale, bias and mask as in `forward_into`."""
     B, H, N, D = qkv.shape
     programs = lambda block_m: triton.cdiv(N, block_m) * B * H  # noqa: E731
-    rest = (scale_value, scale_stride(scale), *qkv.strides, *outs.strides, *grads.strides, *map_strides(bias),
-            *map_strides(mask), H, N)
-    constexprs = dict(D=D, DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision)
-    (dq, dk, dv), (_, dout) = grads.tensors, outs.tensors
+    rest = (scale, bias, mask, scale_value, scale_stride(scale), *qkv.strides, *outs.strides, H, N)
+    const = constexprs(D, plan.precision, diagonal_mask, bias, mask)
+    dq, dk, dv = grads
     with on_device(lse):
         launch(attention_bwd_dq_kernel, plan.dq, programs, lse.device,
-               (*qkv.tensors, *outs.tensors, lse, delta, dq, dscale, dbias, dmask, scale, bias, mask, *rest),
-               constexprs)
+               (*qkv.tensors, *outs.tensors, lse, delta, dq, dscale, dbias, dmask, *rest), const)
         launch(attention_bwd_dkdv_kernel, plan.dkdv, programs, lse.device,
-               (*qkv.tensors, dout, lse, delta, dk, dv, scale, bias, mask, *rest), constexprs)
+               (*qkv.tensors, outs.tensors[1], lse, delta, dk, dv, *rest), const)

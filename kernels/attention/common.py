@@ -9,9 +9,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-def new_buffer(shape, *, device, dtype) -> Tensor:
-    """Every tensor a kernel writes is allocated here, uninitialised."""
-    return torch.empty(shape, device=device, dtype=dtype)
+def new_buffer(shape, *, device, dtype, strides=None) -> Tensor:
+    """Every tensor a kernel writes is allocated here, uninitialised (contiguous, or with dense
+    `strides`)."""
+    if strides is None:
+        return torch.empty(shape, device=device, dtype=dtype)
+    return torch.empty_strided(shape, strides, device=device, dtype=dtype)
 
 
 class Heads(NamedTuple):
@@ -42,14 +45,20 @@ def scale_stride(scale) -> int:
     return -1 if scale is None else (1 if scale.dim() == 1 else 0)
 
 
-def map_strides(t) -> tuple:
-    """(stride over b, stride over h) of a bias or mask [H, N, N] / [B, H, N, N] whose [N, N]
-    slices are contiguous, 0 over a broadcast dim; (−1, −1) for None (the tuning key tells an
-    absent map from a broadcast one)."""
+def map_layout(t) -> int:
+    """How a bias or mask [H, N, N] / [B|1, H|1, N, N] laid out as `op._map` leaves it varies:
+    2·(a slice per batch) + (a slice per head), a dim of size 1 or stride 0 broadcast; −1 for
+    None (the tuning key tells an absent map from a broadcast one)."""
     if t is None:
-        return -1, -1
+        return -1
     full = t if t.dim() == 4 else t.unsqueeze(0)
-    return (0 if full.shape[0] == 1 else full.stride(0)), (0 if full.shape[1] == 1 else full.stride(1))
+    return 2 * (full.shape[0] > 1 and full.stride(0) != 0) + (full.shape[1] > 1 and full.stride(1) != 0)
+
+
+def constexprs(D: int, precision: str, diagonal_mask: bool, bias, mask) -> dict:
+    """The constexprs every attention kernel takes besides its tiles."""
+    return dict(D=D, DIAGONAL_MASK=diagonal_mask, PRECISION=precision, BIAS_LAYOUT=map_layout(bias),
+                MASK_LAYOUT=map_layout(mask))
 
 
 @triton.jit
@@ -81,6 +90,12 @@ def head_scale(SCALE, scale_value, scale_stride, h):
         return scale_value
     else:
         return tl.load(SCALE + h * scale_stride).to(tl.float32)
+
+
+@triton.jit
+def map_offset(b, h, H, N, LAYOUT: tl.constexpr):
+    """Where head (b, h)'s [N, N] slice starts in a map of `map_layout` LAYOUT."""
+    return ((b * H if LAYOUT == 3 else b) * N * N if LAYOUT >= 2 else 0) + (h * N * N if LAYOUT % 2 == 1 else 0)
 
 
 @triton.jit

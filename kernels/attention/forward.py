@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .. import on_device
-from .common import head_scale, load, map_strides, map_tile, mm, program, scale_stride, scores, store, tile
+from .common import constexprs, head_scale, load, map_offset, map_tile, mm, program, scale_stride, scores, store, tile
 from .planning import launch
 
 
@@ -58,18 +58,18 @@ def _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, start_m, scale_log2, stride_n, stride
 @triton.jit
 def attention_fwd_kernel(
     Q, K, V, O, LSE, SCALE, BIAS, MASK, scale_value, scale_stride, stride_b, stride_h, stride_n, stride_ob,
-    stride_oh, stride_on, sbb, sbh, smb, smh, H, N,
+    stride_oh, stride_on, H, N,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr,
 ):
     pid_m, bh, b, h = program(N, H, BLOCK_M)
     scale_log2 = head_scale(SCALE, scale_value, scale_stride, h) * 1.4426950408889634
     base = b * stride_b + h * stride_h
     Q, K, V, O, LSE = Q + base, K + base, V + base, O + b * stride_ob + h * stride_oh, LSE + bh * N
     if BIAS is not None:
-        BIAS += b * sbb + h * sbh
+        BIAS += map_offset(b, h, H, N, BIAS_LAYOUT)
     if MASK is not None:
-        MASK += b * smb + h * smh
+        MASK += map_offset(b, h, H, N, MASK_LAYOUT)
     if TAIL_M < BLOCK_M and pid_m < N // BLOCK_M:  # a full block of queries, unmasked
         _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, pid_m * BLOCK_M, scale_log2, stride_n, stride_on, N, D, BLOCK_M, False,
                   BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
@@ -82,10 +82,10 @@ def forward_into(qkv, out, lse, plan, scale, scale_value, bias, mask, diagonal_m
     """Writes attention of `qkv` (`common.Heads` of q, k, v) into `out` (`Heads` of one) and the
     log-sum-exp (fp32, log2 units, the unmasked softmax's) into `lse` [B, H, N]. `scale`: None or
     a contiguous tensor [] / [H]; bias, mask: None or [B|1, H|1, N, N] with contiguous [N, N]
-    slices (see `common.map_strides`)."""
+    slices laid out as `common.map_layout` reads them."""
     B, H, N, D = qkv.shape
     args = (*qkv.tensors, *out.tensors, lse, scale, bias, mask, scale_value, scale_stride(scale), *qkv.strides,
-            *out.strides, *map_strides(bias), *map_strides(mask), H, N)
+            *out.strides, H, N)
     with on_device(lse):
         launch(attention_fwd_kernel, plan.fwd, lambda block_m: triton.cdiv(N, block_m) * B * H, lse.device, args,
-               dict(D=D, DIAGONAL_MASK=diagonal_mask, PRECISION=plan.precision))
+               constexprs(D, plan.precision, diagonal_mask, bias, mask))

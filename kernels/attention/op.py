@@ -22,7 +22,14 @@ from .shared import shared_grad
 
 
 def _map(t: Optional[Tensor]) -> Optional[Tensor]:
-    if t is None or (t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]):
+    """A bias or mask as the kernels read it (`common.map_layout`): [N, N] slices contiguous, one
+    after another over the heads it varies over, then over the batch (else a contiguous copy)."""
+    if t is None:
+        return t
+    full = t if t.dim() == 4 else t.unsqueeze(0)
+    layout, H, N = common.map_layout(t), full.shape[1], full.shape[-1]
+    if (full.stride(-1) == 1 and full.stride(-2) == N and (layout % 2 == 0 or full.stride(1) == N * N)
+            and (layout < 2 or full.stride(0) == (H if layout == 3 else 1) * N * N)):
         return t
     return t.contiguous()
 
@@ -37,22 +44,52 @@ def _shared(t: Tensor) -> bool:
     return t.dim() == 3 or t.shape[0] == 1 or t.shape[1] == 1
 
 
-def forward(qkv: common.Heads, out: common.Heads, scale, scale_value, bias, mask, diagonal_mask) -> Tensor:
-    """Writes `out`; returns the log-sum-exp [B, H, N] (fp32, log2 units)."""
+def _dense(t: Tensor) -> bool:
+    """Whether `t` fills its memory span without gaps (a permuted contiguous tensor)."""
+    span = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride != span:
+            return False
+        span *= size
+    return True
+
+
+def run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask):
+    """(out, lse [B, H, N] fp32 in log2 units): q, k, v [B, H, N, D], or q a packed qkv
+    [B, N, 3·H·D] when num_heads > 0 (k, v None)."""
+    if num_heads:
+        B, N, width = q.shape
+        out = common.new_buffer((B, N, width // 3), device=q.device, dtype=q.dtype)
+        qkv, outs = common.packed(q, num_heads, 3), common.packed(out, num_heads, 1)
+    else:
+        out = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
+        qkv, outs = common.unpacked(*_qkv(q, k, v)), common.unpacked(out)
     B, H, N, D = qkv.shape
-    q = qkv.tensors[0]
     lse = common.new_buffer((B, H, N), device=q.device, dtype=torch.float32)
-    forward_into(qkv, out, lse, plan(qkv.shape, q.dtype, q.device, mask=mask is not None), scale, scale_value,
+    forward_into(qkv, outs, lse, plan(qkv.shape, q.dtype, q.device, mask=mask is not None), scale, scale_value,
                  _map(bias), _map(mask), diagonal_mask)
-    return lse
+    return out, lse
 
 
-def backward(qkv: common.Heads, outs: common.Heads, lse, grads: common.Heads, scale, scale_value, bias, mask,
-             diagonal_mask, need_dscale: bool, need_dbias: bool, need_dmask: bool):
-    """Writes `grads` (dq, dk, dv) from `outs` (out, dout); returns (dscale, dbias, dmask), each
-    when asked."""
+def run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale, need_dbias,
+             mask, need_dmask):
+    """(dq, dk, dv, dscale, dbias, dmask), the last three when asked; packed (num_heads > 0):
+    (dqkv, None, None, ...). dq, dk, dv take the strides of q, k, v (copied first when those
+    leave gaps, e.g. views into a packed qkv)."""
+    dout = _like(dout, out)
+    if num_heads:
+        dqkv = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
+        qkv, outs, grads = common.packed(q, num_heads, 3), common.packed(out, num_heads, 1), (dqkv, None, None)
+        grad_ptrs = common.packed(dqkv, num_heads, 3).tensors
+    else:
+        q, k, v = _qkv(q, k, v)
+        if not _dense(q):
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        qkv, outs = common.unpacked(q, k, v), common.unpacked(out)
+        grads = grad_ptrs = tuple(common.new_buffer(q.shape, device=q.device, dtype=q.dtype, strides=q.stride())
+                                  for _ in range(3))
+    outs = outs._replace(tensors=(out, dout))  # dout shares out's strides
     B, H, N, D = qkv.shape
-    q = qkv.tensors[0]
     bias, mask = _map(bias), _map(mask)
     per_batch_dbias = need_dbias and not _shared(bias)
     per_batch_dmask = need_dmask and not _shared(mask)
@@ -62,8 +99,8 @@ def backward(qkv: common.Heads, outs: common.Heads, lse, grads: common.Heads, sc
     dscale_rows = common.new_buffer((B, H, N), **f32) if need_dscale else None
     dbias = common.new_buffer(bias.shape, **f32) if per_batch_dbias else None
     dmask = common.new_buffer(mask.shape, **f32) if per_batch_dmask else None
-    backward_into(qkv, outs, lse, grads, delta, p, scale, scale_value, bias, mask, diagonal_mask, dscale_rows, dbias,
-                  dmask)
+    backward_into(qkv, outs, lse, grad_ptrs, delta, p, scale, scale_value, bias, mask, diagonal_mask, dscale_rows,
+                  dbias, dmask)
     dscale = None
     if need_dscale:  # the row sums, summed in a fixed order
         dscale = dscale_rows.sum(dim=(0, 2)) if scale.dim() == 1 else dscale_rows.sum()
@@ -73,36 +110,7 @@ def backward(qkv: common.Heads, outs: common.Heads, lse, grads: common.Heads, sc
         dbias = shared_grad(bias, *shared, False) if dbias is None else dbias.to(bias.dtype)
     if need_dmask:
         dmask = shared_grad(mask, *shared, True) if dmask is None else dmask.to(mask.dtype)
-    return dscale, dbias, dmask
-
-
-def _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask):
-    """(out, lse): q, k, v [B, H, N, D], or q a packed qkv [B, N, 3·H·D] when num_heads > 0 (k, v None)."""
-    if num_heads:
-        B, N, width = q.shape
-        out = common.new_buffer((B, N, width // 3), device=q.device, dtype=q.dtype)
-        qkv, outs = common.packed(q, num_heads, 3), common.packed(out, num_heads, 1)
-    else:
-        out = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
-        qkv, outs = common.unpacked(*_qkv(q, k, v)), common.unpacked(out)
-    return out, forward(qkv, outs, scale, scale_value, bias, mask, diagonal_mask)
-
-
-def _run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale,
-                  need_dbias, mask, need_dmask):
-    """(dq, dk, dv, dscale, dbias, dmask); packed (num_heads > 0): (dqkv, None, None, ...)."""
-    dout = _like(dout, out)
-    if num_heads:
-        dqkv = common.new_buffer(q.shape, device=q.device, dtype=q.dtype)
-        grads, qkv, outs = (dqkv, None, None), common.packed(q, num_heads, 3), common.packed(out, num_heads, 1)
-        grad_heads = common.packed(dqkv, num_heads, 3)
-    else:
-        qkv, outs = common.unpacked(*_qkv(q, k, v)), common.unpacked(out)
-        grads = tuple(common.new_buffer(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
-        grad_heads = common.unpacked(*grads)
-    outs = outs._replace(tensors=(out, dout))  # dout shares out's strides
-    return (*grads, *backward(qkv, outs, lse, grad_heads, scale, scale_value, bias, mask, diagonal_mask, need_dscale,
-                              need_dbias, need_dmask))
+    return (*grads, dscale, dbias, dmask)
 
 
 # the inputs of both paths, in order
@@ -117,15 +125,15 @@ def _save(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _grads(ctx, dout, run_backward):
-    """The inputs' gradients (None where not asked) from `run_backward` (direct or the custom op)."""
+def _grads(ctx, dout, bwd):
+    """The inputs' gradients (None where not asked) from `bwd` (`run_backward` or the custom op)."""
     q, k, v, out, lse, scale, bias, mask = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dscale = scale is not None and need[SCALE]
     need_dbias = bias is not None and need[BIAS]
     need_dmask = mask is not None and need[MASK]
     dout = torch.zeros_like(out) if dout is None else dout
-    dq, dk, dv, dscale, dbias, dmask = run_backward(
+    dq, dk, dv, dscale, dbias, dmask = bwd(
         dout, q, k, v, out, lse, ctx.num_heads, scale, ctx.scale_value, bias, ctx.diagonal_mask, need_dscale,
         need_dbias, mask, need_dmask)
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None,
@@ -137,13 +145,13 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse = _run_forward(*inputs)
+        out, lse = run_forward(*inputs)
         _save(ctx, inputs, (out, lse))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return _grads(ctx, dout, _run_backward)
+        return _grads(ctx, dout, run_backward)
 
 
 @torch.library.custom_op("mgit_fast::attention_fwd", mutates_args=())
@@ -152,7 +160,7 @@ def attention_fwd(
     bias: Optional[Tensor], mask: Optional[Tensor], diagonal_mask: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Under torch.compile."""
-    return _run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask)
+    return run_forward(q, k, v, num_heads, scale, scale_value, bias, mask, diagonal_mask)
 
 
 @attention_fwd.register_fake
@@ -170,7 +178,7 @@ def attention_bwd(
     scale: Optional[Tensor], scale_value: float, bias: Optional[Tensor], diagonal_mask: bool, need_dscale: bool,
     need_dbias: bool, mask: Optional[Tensor], need_dmask: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale,
+    grads = run_backward(dout, q, k, v, out, lse, num_heads, scale, scale_value, bias, diagonal_mask, need_dscale,
                           need_dbias, mask, need_dmask)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 

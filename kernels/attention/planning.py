@@ -71,7 +71,6 @@ MASK_TILES = {
     ("dq", "tf32", 128): dict(num_stages=1),
     ("dq", "ieee", 64): dict(num_warps=2),
     ("dkdv", "half", 64): dict(max_block_n=16),
-    ("shared", "half", 64): dict(num_stages=1),
     ("shared", "ieee", 64): dict(num_warps=2),
 }
 # a second candidate for the owned side of the forward and dq kernels, timed against the first by
@@ -235,9 +234,10 @@ def _tuned(kernel, configs: Tuple[Config, ...], key):
 
 
 # the arguments an autotuned choice depends on (besides the tensor dtypes, which Triton adds)
-# (an absent scale, bias or mask passes stride −1); the dq kernel's choice does not depend on
-# which optional gradients it writes
-TUNING_KEY = ("N", "D", "DIAGONAL_MASK", "PRECISION", "BLOCK_N", "TAIL_N", "scale_stride", "sbb", "sbh", "smb", "smh")
+# (an absent scale, bias or mask passes −1); the dq kernel's choice does not depend on which
+# optional gradients it writes
+TUNING_KEY = ("N", "D", "DIAGONAL_MASK", "PRECISION", "BLOCK_N", "TAIL_N", "scale_stride", "BIAS_LAYOUT",
+              "MASK_LAYOUT")
 
 
 def launch(kernel, kernel_plan: KernelPlan, programs: Callable, device: torch.device, args, constexprs: dict) -> None:

@@ -12,23 +12,19 @@ from torch import Tensor
 
 from .. import on_device
 from . import common
-from .common import head_scale, load, map_strides, map_tile, mm, scale_stride, scores, store, tile
+from .common import constexprs, head_scale, load, map_offset, map_tile, mm, scale_stride, scores, store, tile
 from .planning import launch, shared_grad_groups
 
 
 @triton.jit
-def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
-                 RH, start_m, start_n, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh,
-                 smb, smh, D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MASK_ROWS: tl.constexpr,
-                 MASK_COLS: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                 GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr):
-    """Σ over the pairs of group g (GROUP of the slice's R contributors) of the [rows, cols] tile
-    of ds or p ⊙ dp, then one store or atomic per element into slice sl of GRAD [B|1, H|1, N, N]
-    (SH slices over h)."""
-    sl_b = sl // SH
-    sl_h = sl % SH
-    r_start = g * GROUP
-    r_end = tl.minimum(r_start + GROUP, R)
+def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH, r_start,
+                 r_end, start_m, start_n, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on,
+                 D: tl.constexpr, DIAGONAL_MASK: tl.constexpr, BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr,
+                 GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr,
+                 COLS: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Σ over the contributors r_start ≤ r < r_end (b = sl_b + r // RH, h = sl_h + r % RH) of the
+    [rows, cols] tile of ds or p ⊙ dp, then one store or atomic per element into GRAD (the
+    gradient's [N, N] slice)."""
     rows = start_m + tl.arange(0, ROWS)
     cols = start_n + tl.arange(0, COLS)
     row_ok = rows < N
@@ -46,7 +42,7 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, 
         lse = load(LSE + bh * N + rows, row_ok, MASK_ROWS)
         bias = BIAS
         if BIAS is not None:
-            bias = BIAS + b * sbb + h * sbh
+            bias = BIAS + map_offset(b, h, H, N, BIAS_LAYOUT)
         s = scores(mm(q, tl.trans(k), PRECISION), rows[:, None], cols[None, :], scale_log2, N, bias, DIAGONAL_MASK,
                    MASK_ROWS, MASK_COLS)
         p = tl.math.exp2(s - lse[:, None])
@@ -58,9 +54,10 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, 
         else:  # dbias = ds = p ⊙ (mask ⊙ dp − δ)
             delta = load(DELTA + bh * N + rows, row_ok, MASK_ROWS)
             if MASK is not None:
-                dp = dp * map_tile(MASK + b * smb + h * smh, rows[:, None], cols[None, :], N, MASK_ROWS, MASK_COLS)
+                dp = dp * map_tile(MASK + map_offset(b, h, H, N, MASK_LAYOUT), rows[:, None], cols[None, :], N,
+                                   MASK_ROWS, MASK_COLS)
             acc += p * (dp - delta[:, None])
-    ptrs = GRAD + (sl_b * SH + sl_h) * N * N + rows[:, None] * N + cols[None, :]
+    ptrs = GRAD + rows[:, None] * N + cols[None, :]
     tile_ok = row_ok[:, None] & (cols[None, :] < N)
     if ATOMIC:
         if MASK_ROWS or MASK_COLS:
@@ -74,51 +71,61 @@ def _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, 
 @triton.jit
 def attention_bwd_shared_kernel(
     Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride,
-    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb, smh,
-    H, N, SH, RH, R, GROUP, GROUPS,
+    stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, B, H, N, GROUP,
     D: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
-    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, GRAD_OF_MASK: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr, BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr,
+    GRAD_LAYOUT: tl.constexpr, GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     """One program per (tile, group of GROUP contributing pairs, gradient slice), tiles fastest.
-    The slice (sl_b, sl_h) indexes the gradient's own [B|1, H|1] dims (SH slices over h); its R
-    contributors r map to b = sl_b + r // RH, h = sl_h + r % RH. Full tiles run unmasked, the
-    leftover rows in a TAIL_M-row tile, the leftover columns in a TAIL_N-wide one."""
+    The gradient, of `common.map_layout` GRAD_LAYOUT (never 3: a shared map), has a slice
+    (sl_b, sl_h) per batch or per head or one; its contributors r map to b = sl_b + r // RH,
+    h = sl_h + r % RH. Full tiles run unmasked, the leftover rows in a TAIL_M-row tile, the
+    leftover columns in a TAIL_N-wide one."""
+    RH = 1 if GRAD_LAYOUT == 1 else H  # contributors along h, R in all
+    R = RH if GRAD_LAYOUT == 2 else RH * B
+    groups = tl.cdiv(R, GROUP)
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(N, BLOCK_M) * tiles_n
     pid = tl.program_id(0).to(tl.int64)
     t = pid % tiles
-    g = (pid // tiles) % GROUPS
-    sl = pid // (tiles * GROUPS)
+    g = pid // tiles % groups
+    sl = pid // (tiles * groups)
+    sl_h = sl if GRAD_LAYOUT == 1 else 0
+    sl_b = sl if GRAD_LAYOUT == 2 else 0
     mi = t // tiles_n
     ni = t % tiles_n
+    GRAD += sl * N * N
+    r_start = g * GROUP
+    r_end = tl.minimum(r_start + GROUP, R)
     if TAIL_M < BLOCK_M and mi < N // BLOCK_M:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
-                     RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb,
-                     sbh, smb, smh, D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH,
+                     r_start, r_end, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh,
+                     stride_on, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, BLOCK_M,
+                     False, BLOCK_N, TAIL_N)
     else:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
-                     RH, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb,
-                     sbh, smb, smh, D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK, ATOMIC)
+        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH,
+                     r_start, r_end, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh,
+                     stride_on, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, TAIL_M,
+                     True, BLOCK_N, TAIL_N)
 
 
 @triton.jit
-def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
-                 RH, start_m, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on, sbb, sbh, smb,
-                 smh, D: tl.constexpr, ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TAIL_N: tl.constexpr, DIAGONAL_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                 GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr):
+def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH, r_start,
+                 r_end, start_m, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on,
+                 D: tl.constexpr, DIAGONAL_MASK: tl.constexpr, BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr,
+                 GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr,
+                 MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
     """A full block of columns, unmasked, else the leftover columns in a TAIL_N-wide tile."""
     if TAIL_N < BLOCK_N and ni < N // BLOCK_N:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
-                     RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on,
-                     sbb, sbh, smb, smh, D, ROWS, BLOCK_N, MASK_ROWS, False, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
-                     ATOMIC)
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH,
+                     r_start, r_end, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh,
+                     stride_on, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, ROWS,
+                     BLOCK_N, MASK_ROWS, False)
     else:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl, SH, g, GROUP, R,
-                     RH, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on,
-                     sbb, sbh, smb, smh, D, ROWS, TAIL_N, MASK_ROWS, True, DIAGONAL_MASK, PRECISION, GRAD_OF_MASK,
-                     ATOMIC)
+        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH,
+                     r_start, r_end, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh,
+                     stride_on, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, ROWS,
+                     TAIL_N, MASK_ROWS, True)
 
 
 def shared_grad(target, qkv, outs, lse, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
@@ -141,10 +148,10 @@ def shared_grad(target, qkv, outs, lse, delta, plan, scale, scale_value, bias, m
     # its own precision: tf32 at D = 128 runs FMA fp32 (see plan)
     precision = "ieee" if (plan.precision == "tf32" and D == 128) else plan.precision
     args = (*qkv.tensors, outs.tensors[1], lse, delta, scale, bias, mask, grad, scale_value, scale_stride(scale),
-            *qkv.strides, *outs.strides, *map_strides(bias), *map_strides(mask), H, N, slices_h, per_h, per_b * per_h,
-            group, groups)
-    constexprs = dict(D=D, DIAGONAL_MASK=diagonal_mask, PRECISION=precision, GRAD_OF_MASK=of_mask, ATOMIC=atomic)
+            *qkv.strides, *outs.strides, B, H, N, group)
+    const = dict(constexprs(D, precision, diagonal_mask, bias, mask), GRAD_LAYOUT=2 * (slices_b > 1) + (slices_h > 1),
+                 GRAD_OF_MASK=of_mask, ATOMIC=atomic)
     with on_device(lse):
         launch(attention_bwd_shared_kernel, kernel_plan, lambda block_m: programs_per_group * groups, lse.device,
-               args, constexprs)
+               args, const)
     return grad.reshape(target.shape).to(target.dtype)
