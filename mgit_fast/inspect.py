@@ -445,6 +445,7 @@ def compile_facts(module: str, kernel: str, signature, constexprs, attrs, option
     fn = _jit_function(module, kernel)
     log = io.StringIO()
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers, stack, spill bytes
+    knobs.compilation.always_compile = True  # (a hit in Triton's cache would skip ptxas and its log)
     started = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):

@@ -217,6 +217,13 @@ def strong_atomic(X, Y, n, BLOCK: tl.constexpr):
 def relaxed_atomic(X, Y, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.atomic_add(Y + offs % 4, tl.load(X + offs, mask=offs < n), mask=offs < n, sem="relaxed")
+
+
+@triton.jit
+def spills(X, Y, BLOCK: tl.constexpr):
+    rows = tl.arange(0, BLOCK)
+    x = tl.load(X + rows[:, None] * BLOCK + rows[None, :])  # BLOCK² fp32 live in one warp
+    tl.store(Y + rows[:, None] * BLOCK + rows[None, :], tl.cumsum(x, 1) * tl.flip(x, 1))
 '''
 
 DRIVER = '''
@@ -229,20 +236,27 @@ for fn in (planted.strong_atomic, planted.relaxed_atomic):
     with ins.capture(ins.TARGETS["sm_90a"]) as launches:
         fn[(2,)](torch.empty(1024), torch.empty(4), 1024, BLOCK=512)
     rows += ins.analyse(launches, ins.TARGETS["sm_90a"], jobs=1)
+for _ in range(2):  # the second compile is a hit in Triton's cache
+    with ins.capture(ins.TARGETS["sm_90a"]) as launches:
+        planted.spills[(1,)](torch.empty(128 * 128), torch.empty(128 * 128), BLOCK=128, num_warps=1)
+    rows += ins.analyse(launches, ins.TARGETS["sm_90a"], jobs=1)
 print(json.dumps(rows))
 '''
 
 
 def test_compile_reads_the_cubin(tmp_path):
-    """A real compile for sm_90a: 128-bit loads of aligned fp32, registers, occupancy, and the
-    memory order of atomics (the default acq_rel fails the gate, relaxed passes)."""
+    """A real compile for sm_90a: 128-bit loads of aligned fp32, registers, occupancy, the
+    memory order of atomics (the default acq_rel fails the gate, relaxed passes), and spill
+    bytes, also when Triton's own cache holds the kernel."""
     (tmp_path / "planted.py").write_text(PLANTED)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     result = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], capture_output=True, text=True, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    strong, relaxed = json.loads(result.stdout.strip().splitlines()[-1])
+    strong, relaxed, spilled, spilled_again = json.loads(result.stdout.strip().splitlines()[-1])
+    assert spilled["spill_bytes"] > 0 and spilled["local_ops"] > 0  # ptxas's log, read again on a cache hit
+    assert all(spilled_again[k] == spilled[k] for k in ("spill_bytes", "local_ops", "registers"))
     for r in (strong, relaxed):
         assert r["status"] == "ok" and r["spill_bytes"] == 0 and 0 < r["registers"] <= 255
         assert 128 in r["load_bits"] and r["blocks_per_sm"] >= 1 and r["grid"] == [2, 1, 1]
