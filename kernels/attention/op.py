@@ -4,8 +4,8 @@ In eager mode a `torch.autograd.Function` launches the kernels directly (the cus
 cost about 0.5 ms of host time per call on the first GPU run); under `torch.compile` the same
 work runs as the custom ops `mgit_fast::attention_*`, which have fake kernels and autograd
 registrations, so a compiled graph holds them without a break. Either way the inputs are first
-brought to what the kernels read (`_canonical`): q, k, v with one set of strides and unit
-stride on D, a scale tensor contiguous, bias and mask with contiguous [N, N] slices.
+brought to what the kernels read: q, k, v with one set of strides and unit stride on D (`_qkv`),
+a scale tensor contiguous, bias and mask as `_map` says.
 """
 from __future__ import annotations
 

@@ -50,15 +50,15 @@ TILE_FIXES = {
     ("dq", "half", 16): dict(num_stages=1),
     ("dq", "half", 64): dict(num_stages=3),
     ("dq", "half", 128): dict(num_stages=1),
+    ("dq", "ieee", 64): dict(num_warps=2),
     ("dq", "tf32", 16): dict(max_block_n=32),
     ("dq", "tf32", 32): dict(max_block_n=32),
-    ("dkdv", "half", 128): dict(num_stages=1),
     ("dkdv", "tf32", 16): dict(max_block_n=32, num_stages=1),
     ("dkdv", "tf32", 32): dict(max_block_n=32, num_stages=1),
     ("dkdv", "tf32", 64): dict(max_block_n=16),
     ("dkdv", "ieee", 64): dict(num_warps=2),
     ("shared", "tf32", 16): dict(num_stages=1),
-    ("shared", "tf32", 32): dict(num_warps=8, num_stages=1),
+    ("shared", "tf32", 32): dict(num_warps=8, num_stages=1, max_block_n=32),
     ("shared", "tf32", 64): dict(num_stages=1),
 }
 # with a multiplicative mask (its tile live beside p) these spilled too: amended as above
@@ -69,7 +69,6 @@ MASK_TILES = {
     ("dq", "half", 128): dict(max_block_n=16),
     ("dq", "tf32", 64): dict(max_block_n=16),
     ("dq", "tf32", 128): dict(num_stages=1),
-    ("dq", "ieee", 64): dict(num_warps=2),
     ("dkdv", "half", 64): dict(max_block_n=16),
     ("shared", "ieee", 64): dict(num_warps=2),
 }
