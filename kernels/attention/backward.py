@@ -200,7 +200,7 @@ def backward_into(qkv, outs, lse, grads, delta, plan, scale, scale_value, bias, 
     B, H, N, D = qkv.shape
     programs = lambda block_m: triton.cdiv(N, block_m) * B * H  # noqa: E731
     rest = (scale, bias, mask, scale_value, scale_stride(scale), *qkv.strides, *outs.strides, H, N)
-    const = constexprs(D, plan.precision, diagonal_mask, bias, mask)
+    const = constexprs(D, plan.dq.precision, diagonal_mask, bias, mask)  # (dk/dv's too)
     dq, dk, dv = grads
     with on_device(lse):
         launch(attention_bwd_dq_kernel, plan.dq, programs, lse.device,

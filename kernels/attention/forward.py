@@ -88,4 +88,4 @@ def forward_into(qkv, out, lse, plan, scale, scale_value, bias, mask, diagonal_m
             *out.strides, H, N)
     with on_device(lse):
         launch(attention_fwd_kernel, plan.fwd, lambda block_m: triton.cdiv(N, block_m) * B * H, lse.device, args,
-               constexprs(D, plan.precision, diagonal_mask, bias, mask))
+               constexprs(D, plan.fwd.precision, diagonal_mask, bias, mask))

@@ -108,8 +108,10 @@ class Config:
 
 @dataclasses.dataclass(frozen=True)
 class KernelPlan:
-    """One kernel's launch: the streamed side (fixed) and the owned-side candidates."""
+    """One kernel's launch: its dot precision (`precision_of`), the streamed side (fixed) and the
+    owned-side candidates."""
 
+    precision: str
     block_n: int
     tail_n: int
     configs: Tuple[Config, ...]
@@ -119,7 +121,6 @@ class KernelPlan:
 class Plan:
     """Every attention kernel's launch for one (N, D, precision, variant)."""
 
-    precision: str
     fwd: KernelPlan
     dq: KernelPlan
     dkdv: KernelPlan
@@ -187,7 +188,8 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
             configs = [(cover, min(warps, 4), stages)]
         configs = [Config(m, tail_width(N % m, m), w, s) for m, w, s in configs]
         tail_n = 0 if N % block_n == 0 else (16 if N > block_n else block_n)  # (no full block: one tail)
-        return KernelPlan(block_n, tail_n, tuple(dict.fromkeys(configs)))
+        return KernelPlan(precision if tiles == tile_precision else tiles, block_n, tail_n,
+                          tuple(dict.fromkeys(configs)))
 
     more = None if mask else MORE_CANDIDATES.get((tile_precision, D))
     fwd = kernel("fwd", more=more)
@@ -199,7 +201,7 @@ def _plan(N: int, D: int, precision: str, mask: bool, stores_map_grad: bool) -> 
     # streamed), the leftover ones as wide as they need
     shared = kernel("shared", "ieee" if (tile_precision == "tf32" and D == 128) else tile_precision)
     shared = dataclasses.replace(shared, tail_n=tail_width(N % shared.block_n, shared.block_n))
-    return Plan(precision, fwd, dq, dkdv, shared)
+    return Plan(fwd, dq, dkdv, shared)
 
 
 def shared_grad_groups(contributors: int, programs_per_group: int, deterministic: bool) -> Tuple[int, int]:

@@ -145,12 +145,10 @@ def shared_grad(target, qkv, outs, lse, delta, plan, scale, scale_value, bias, m
     atomic = groups > 1
     alloc = torch.zeros if atomic else common.new_buffer
     grad = alloc((slices_b, slices_h, N, N), device=lse.device, dtype=torch.float32)
-    # its own precision: tf32 at D = 128 runs FMA fp32 (see plan)
-    precision = "ieee" if (plan.precision == "tf32" and D == 128) else plan.precision
     args = (*qkv.tensors, outs.tensors[1], lse, delta, scale, bias, mask, grad, scale_value, scale_stride(scale),
             *qkv.strides, *outs.strides, B, H, N, group)
-    const = dict(constexprs(D, precision, diagonal_mask, bias, mask), GRAD_LAYOUT=2 * (slices_b > 1) + (slices_h > 1),
-                 GRAD_OF_MASK=of_mask, ATOMIC=atomic)
+    const = dict(constexprs(D, kernel_plan.precision, diagonal_mask, bias, mask),
+                 GRAD_LAYOUT=2 * (slices_b > 1) + (slices_h > 1), GRAD_OF_MASK=of_mask, ATOMIC=atomic)
     with on_device(lse):
         launch(attention_bwd_shared_kernel, kernel_plan, lambda block_m: programs_per_group * groups, lse.device,
                args, const)
