@@ -9,10 +9,11 @@
 #   B  the public API against float64 at the bench shapes        10_correct.jsonl, 11_correct.log
 #   C  device and wall time: the update, the loss, attention     20_bench.jsonl, 21_bench.log
 #   D  the whole step: built-in and timm ViT, MGiT vs peers      20_bench.jsonl, 21_bench.log
+#   H  host time per call with real launches (host_overhead.py --gpu)   20_bench.jsonl, 21_bench.log
 #   E  pytest -m cuda                                            30_cuda_tests.log
 #   F  compute-sanitizer memcheck over one small launch of every kernel path   40_sanitizer.txt
 # Knobs (environment): OUT (default bench/results/gpu-<date>; files there are replaced), BUDGET
-# (540), STAGES (default "B C D E F": e.g. STAGES="E F" for a second run), PY (python3),
+# (540), STAGES (default "B C D H E F": e.g. STAGES="E F" for a second run), PY (python3),
 # MGIT_BENCH_COMPILE_MODES (default "default"), BENCH_K (a pytest -k filter for stage C).
 set -uo pipefail
 case "${1:-}" in
@@ -23,7 +24,7 @@ esac
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 BUDGET=${BUDGET:-540}
-STAGES=${STAGES:-B C D E F}
+STAGES=${STAGES:-B C D H E F}
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d)}
 START=$SECONDS
 mkdir -p "$OUT"
@@ -102,6 +103,9 @@ stage C 220 "$OUT/21_bench.log" $PY "${bench[@]}" ${BENCH_K:+-k "$BENCH_K"} \
   bench/test_update.py bench/test_loss.py bench/test_attention.py
 stage D 150 "$OUT/21_bench.log" $PY "${bench[@]}" bench/test_step.py
 unset MGIT_BENCH_JSONL
+host=(--gpu --repeats 30 --inner 20)
+[ "$DRY" = 1 ] && host=(--stub binder --repeats 3 --inner 2)
+stage H 40 "$OUT/21_bench.log" $PY bench/host_overhead.py "${host[@]}" --json "$OUT/20_bench.jsonl"
 
 cuda=(-m pytest -m cuda -q -rfE -p no:cacheprovider tests/)
 $PY -c "import xdist" >/dev/null 2>&1 && [ "$DRY" = 0 ] && cuda+=(-n 16)

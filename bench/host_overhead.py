@@ -8,15 +8,24 @@ is compared with ``torch.nn.functional.scaled_dot_product_attention`` forward+ba
 CPU tensor, timed in the same run, rounds interleaved (the order rotates) so the machine's noise
 hits every case alike. Reported: the median per-call time over the rounds and op / SDPA.
 
-    python bench/host_overhead.py [--repeats 60] [--inner 20] [--json PATH] [--check]
+    python bench/host_overhead.py [--repeats 60] [--inner 20] [--json PATH] [--check] [--stub POINT | --gpu]
 
-Cases (fp32, CPU, tensors requiring grad, ``.grad`` reset to None before each call):
+With ``--gpu`` nothing is stubbed: the same cases run on tiny CUDA tensors with real launches
+(kernels of a few µs, so the time per call is the host's), each round ending in one synchronise:
+where the first GPU run's profile put 120-160 µs per Triton launch, this tells the launch's own
+cost (``noop_launch``) from ours (``fwd_launch``) and from the whole op.
+
+Cases (fp32, on the CPU or with ``--gpu`` the GPU, tensors requiring grad, ``.grad`` reset to
+None before each call):
 
 - ``attention``: ``functional.attention_qkvpacked(qkv, 2, backend="triton")``, qkv [2, 17, 96]
   (H = 2, D = 16), then ``out.backward(grad)`` with a preallocated grad;
 - ``loss``: ``functional.mgit_loss(zP, zA, y, backend="triton")``, logits [8, 10], then
   ``.loss.backward()``;
-- ``sdpa`` (the baseline): q, k, v [2, 2, 17, 16], then ``out.backward(grad)``.
+- ``sdpa`` (the baseline): q, k, v [2, 2, 17, 16], then ``out.backward(grad)``;
+- ``fwd_launch``: one launch of the attention forward kernel through our launcher
+  (`kernels.attention.forward_into`, planned beforehand);
+- ``noop_launch``: one launch of a Triton kernel that takes a pointer and does nothing.
 
 Exit code 0 (a measurement); with ``--check``, 1 when a ratio misses its goal (GOALS).
 The file is not named test_*.py, so ``pytest bench/`` does not collect it.
@@ -91,20 +100,36 @@ def gpu_launch_host_work():
     return run
 
 
-def make_cases():
-    """{name: zero-argument callable doing one forward+backward}."""
+def make_cases(device: str = "cpu"):
+    """{name: zero-argument callable doing one forward+backward (or one launch)}."""
     import torch
     import torch.nn.functional as F
+    import triton
 
     from mgit_fast import functional
+    from mgit_fast.kernels import attention as kernels
 
     B, N, H, D = 2, 17, 2, 16
-    qkv = torch.randn(B, N, 3 * H * D, requires_grad=True)
-    grad_attention = torch.randn(B, N, H * D)
-    q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
-    grad_sdpa = torch.randn(B, H, N, D)
-    z, w = (torch.randn(8, 10, requires_grad=True) for _ in range(2))
-    y = torch.randint(0, 10, (8,))
+    qkv = torch.randn(B, N, 3 * H * D, device=device, requires_grad=True)
+    grad_attention = torch.randn(B, N, H * D, device=device)
+    q, k, v = (torch.randn(B, H, N, D, device=device, requires_grad=True) for _ in range(3))
+    grad_sdpa = torch.randn(B, H, N, D, device=device)
+    z, w = (torch.randn(8, 10, device=device, requires_grad=True) for _ in range(2))
+    y = torch.randint(0, 10, (8,), device=device)
+    out = torch.empty(B, N, H * D, device=device)
+    lse = torch.empty(B, H, N, device=device)
+    heads, outs = kernels.packed(qkv.detach(), H, 3), kernels.packed(out, H, 1)
+    plan = kernels.plan(heads.shape, qkv.dtype, qkv.device)
+
+    @triton.jit
+    def noop(X):
+        pass
+
+    def fwd_launch():
+        kernels.forward_into(heads, outs, lse, plan, None, D**-0.5, None, None, False)
+
+    def noop_launch():
+        noop[(1,)](lse)
 
     def attention():
         qkv.grad = None
@@ -118,7 +143,8 @@ def make_cases():
         q.grad = k.grad = v.grad = None
         F.scaled_dot_product_attention(q, k, v).backward(grad_sdpa)
 
-    return {"sdpa": sdpa, "attention": attention, "loss": loss}
+    return {"sdpa": sdpa, "attention": attention, "loss": loss, "fwd_launch": fwd_launch,
+            "noop_launch": noop_launch}
 
 
 def check_interpreted() -> None:
@@ -133,9 +159,9 @@ def check_interpreted() -> None:
             raise RuntimeError(f"host_overhead: the {name} kernels were not defined under TRITON_INTERPRET=1")
 
 
-def measure(cases, repeats: int, inner: int, warmup: int = 5):
-    """{name: [per-call seconds of each round]}: `repeats` rounds of `inner` calls per case,
-    the cases' order rotating each round; garbage collection off while timing."""
+def measure(cases, repeats: int, inner: int, warmup: int = 5, sync=lambda: None):
+    """{name: [per-call seconds of each round]}: `repeats` rounds of `inner` calls per case and one
+    `sync()`, the cases' order rotating each round; garbage collection off while timing."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
@@ -151,6 +177,7 @@ def measure(cases, repeats: int, inner: int, warmup: int = 5):
                 start = time.perf_counter()
                 for _ in range(inner):
                     fn()
+                sync()
                 times[name].append((time.perf_counter() - start) / inner)
     finally:
         if enabled:
@@ -179,31 +206,49 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=60, help="timed rounds per case (default 60)")
     parser.add_argument("--inner", type=int, default=20, help="calls per round (default 20)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON (to a .jsonl: "
+                        "append them as one line named host_overhead)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a ratio misses its goal")
-    parser.add_argument("--stub", choices=("grid", "launch", "binder"), default="grid",
+    parser.add_argument("--stub", choices=("grid", "launch", "binder"),
                         help="where launches are cut: grid (GridExecutor.__call__, default), launch "
                              "(InterpretedFunction.run: all of Triton's launch) or binder (Triton's "
                              "per-launch host work on a GPU up to the driver call, for sm_90a)")
+    parser.add_argument("--gpu", action="store_true", help="real launches on the CUDA GPU, nothing stubbed")
+
+    def refuse(message):  # one line, exit code 2, before any work
+        print(f"host_overhead: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = refuse
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.inner < 1:
         parser.error("--repeats and --inner must be >= 1")
-
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit defines the kernels
+    if args.gpu and args.stub:
+        parser.error("--gpu runs real launches: it takes no --stub")
+    args.stub = None if args.gpu else (args.stub or "grid")
+    if args.gpu:
+        os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, real launches
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit defines the kernels
     import torch
 
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: no CUDA GPU here")
     torch.set_num_threads(1)
-    try:
-        stub_launches(args.stub)
-        check_interpreted()
-    except RuntimeError as e:  # the stub would not hold: no numbers rather than wrong ones
-        print(e, file=sys.stderr)
-        return 2
-    result = summarize(measure(make_cases(), args.repeats, args.inner))
-    result.update(repeats=args.repeats, inner=args.inner, stub=args.stub, torch=torch.__version__)
+    if not args.gpu:
+        try:
+            stub_launches(args.stub)
+            check_interpreted()
+        except RuntimeError as e:  # the stub would not hold: no numbers rather than wrong ones
+            print(e, file=sys.stderr)
+            return 2
+    device, sync = ("cuda", torch.cuda.synchronize) if args.gpu else ("cpu", lambda: None)
+    result = summarize(measure(make_cases(device), args.repeats, args.inner, sync=sync))
+    result.update(repeats=args.repeats, inner=args.inner, stub=args.stub, torch=torch.__version__,
+                  device=torch.cuda.get_device_name() if args.gpu else "cpu")
 
-    print(f"host time per forward+backward, median of {args.repeats} rounds x {args.inner} calls "
-          f"(kernel launches stubbed at {args.stub!r})")
+    how = "real launches on " + result["device"] if args.gpu else f"kernel launches stubbed at {args.stub!r}"
+    print(f"host time per call, median of {args.repeats} rounds x {args.inner} calls ({how})")
     print(f"{'case':<10} {'median µs':>10} {'p25':>8} {'p75':>8} {'/ sdpa':>7} {'goal':>6}")
     for name, med in result["median_us"].items():
         lo, hi = result["quartiles_us"][name]
@@ -213,7 +258,10 @@ def main(argv=None) -> int:
     for name, ratio in result["ratios"].items():
         verdict = "met" if result["met"][name] else "MISSED"
         print(f"{name}/sdpa ratio: {ratio:.2f} (goal <= {GOALS[name]:.1f}: {verdict})")
-    if args.json:
+    if args.json and args.json.endswith(".jsonl"):
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"name": "host_overhead", "host_overhead": result}) + "\n")
+    elif args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     if args.check and not all(result["met"].values()):

@@ -11,6 +11,12 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
+# the first GPU run (H200): attention fwd+bwd device ms of the two-kernel backward and of SDPA, per
+# shape and variant; attention's goals are set against it
+ATTENTION_BASELINE = Path(__file__).resolve().parent / "results" / "gpu-20261204" / "device_time_attention.jsonl"
+CUDNN_GOAL, BASELINE_GOAL, WALL_GOAL = 0.5, 1.0, 1.3  # ours / cuDNN, ours / two-kernel, wall / device
+CUDNN_SHAPES, WALL_SHAPES = ("vit_s/4@32", "vit_s/16@224"), ("vit_s/16@224",)
+
 KEYS = ("shape", "setup", "model", "variant", "pass_", "batch", "classes", "tokens")
 NOTES = {  # extra_info key: how the notes column shows it
     "images_per_s": lambda v: f"{v:,.0f} img/s",
@@ -91,6 +97,53 @@ def plot(entries: List[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def attention_goals(benchmarks: List[dict], baseline: Path = ATTENTION_BASELINE) -> str:
+    """Attention fwd+bwd against its goals: device time ≤ 0.5× SDPA cuDNN's (plain, at the
+    CUDNN_SHAPES), each variant's device time ≤ the baseline run's two-kernel figure, and wall
+    time ≤ 1.3× device time (at the WALL_SHAPES)."""
+    base = {}
+    if baseline.exists():
+        for line in baseline.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                base[row["shape"], row["variant"]] = row["ours_two_kernel_ms"]
+
+    def check(value, goal):
+        return f"{value:.2f} ({'met' if value <= goal else 'MISSED'})"
+
+    lines = ["| shape | variant | GPU | ours ms (wall / device) | ÷ SDPA cuDNN (≤ 0.5) | ÷ two-kernel on H200 (≤ 1) "
+             "| wall ÷ device (≤ 1.3) |", "|---|---|---|---|---|---|---|"]
+    for bench in benchmarks:
+        info = bench.get("extra_info", {})
+        if not bench.get("name", "").split("::")[-1].startswith("test_attention[") or info.get("pass_") != "fwd+bwd":
+            continue
+        shape, variant, device, wall = info.get("shape"), info.get("variant"), info.get("device_ms"), info["wall_ms"]
+        cudnn = info.get("sdpa_cudnn_device_ms")
+        ratios = [
+            check(device / cudnn, CUDNN_GOAL) if device and cudnn and shape in CUDNN_SHAPES else "–",
+            check(device / base[shape, variant], BASELINE_GOAL) if device and (shape, variant) in base else "–",
+            check(wall / device, WALL_GOAL) if device and shape in WALL_SHAPES else "–",
+        ]
+        lines.append(f"| {shape} | {variant} | {info.get('gpu', '?')} | {_ms(wall, device)} | {' | '.join(ratios)} |")
+    if len(lines) == 2:
+        return "(no attention fwd+bwd results)"
+    return "\n".join(lines + ["", f"Two-kernel figures: `{baseline.relative_to(baseline.parents[3])}` "
+                                   "(an H200; on another GPU that column compares across machines)."])
+
+
+def host_times(records: List[dict]) -> str:
+    """host_overhead.py's results (µs per call, median, and / tiny SDPA) as a table."""
+    lines = []
+    for record in records:
+        result = record["host_overhead"]
+        how = "real launches" if result.get("stub") is None else f"launches stubbed at {result['stub']!r}"
+        lines += [f"{result.get('device', '?')}, {how}:", "", "| case | µs per call | ÷ sdpa |", "|---|---|---|"]
+        sdpa = result["median_us"]["sdpa"]
+        lines += [f"| {name} | {us:.1f} | {us / sdpa:.2f} |" for name, us in result["median_us"].items()]
+        lines.append("")
+    return "\n".join(lines).strip() or "(not measured)"
+
+
 def session_summary(folder: Path) -> str:
     """The summary of a gpu_session.sh run: stages, correctness, timings, cuda tests, sanitizer."""
 
@@ -112,8 +165,12 @@ def session_summary(folder: Path) -> str:
         text.append("- largest relative errors: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())))
     text.append("")
     bench = folder / "20_bench.jsonl"
-    entries = rows(load(bench)) if bench.exists() else []
+    results = load(bench)["benchmarks"] if bench.exists() else []
+    host = [r for r in results if r.get("name") == "host_overhead"]
+    entries = rows({"benchmarks": results})
     text += [f"## Timings ({len(entries)} benchmarks)", "", table(entries) if entries else "(none)", ""]
+    text += ["## Attention goals", "", attention_goals(results), ""]
+    text += ["## Host time per call (bench/host_overhead.py)", "", host_times(host), ""]
     cuda = read("30_cuda_tests.log")
     verdicts = re.findall(r"^=*\s*(\d+ \w+.* in [\d.]+s.*?)\s*=*$", cuda, re.MULTILINE)
     text += ["## cuda tests", "", verdicts[-1] if verdicts else "(no summary line)", ""]

@@ -83,6 +83,34 @@ def test_report_renders_a_table_and_a_plot(tmp_path):
     assert text.split("\n\n")[2] == again.read_text().split("\n\n")[2]
 
 
+def test_session_summary_checks_attention_goals():
+    """The summary's goal table divides fwd+bwd device time by SDPA cuDNN's and by the first GPU
+    run's two-kernel figure of the same shape and variant, and wall by device time, and flags a
+    missed goal; forward-only results stay out."""
+    report = bench_module("report")
+    base = {(r["shape"], r["variant"]): r["ours_two_kernel_ms"]
+            for r in map(json.loads, report.ATTENTION_BASELINE.read_text().splitlines())}
+
+    def result(shape, variant, pass_, wall, device, cudnn=None):
+        info = dict(shape=shape, variant=variant, pass_=pass_, wall_ms=wall, median_ms=wall, device_ms=device,
+                    gpu="G", sdpa_cudnn_device_ms=cudnn)
+        return {"name": f"bench/test_attention.py::test_attention[{shape}-{pass_}-{variant}]", "extra_info": info}
+
+    plain = 0.8 * base["vit_s/16@224", "plain"]
+    slow_bias = 1.25 * base["vit_s/4@32", "bias"]
+    text = report.attention_goals([
+        result("vit_s/16@224", "plain", "fwd+bwd", 1.5 * plain, plain, cudnn=4 * plain),
+        result("vit_s/4@32", "bias", "fwd+bwd", 1.1 * slow_bias, slow_bias),
+        result("vit_s/4@32", "plain", "fwd", 1.0, 0.5, cudnn=0.1),
+        {"name": "bench/test_loss.py::test_loss[256-10]", "extra_info": {"wall_ms": 1.0}},
+    ])
+    rows = [line for line in text.splitlines() if line.startswith("| vit")]
+    assert len(rows) == 2, text
+    assert rows[0].endswith("| 0.25 (met) | 0.80 (met) | 1.50 (MISSED) |"), rows[0]
+    assert rows[1].endswith("| – | 1.25 (MISSED) | – |"), rows[1]
+    assert report.attention_goals([]) == "(no attention fwd+bwd results)"
+
+
 def test_gpu_session_dry_run(tmp_path):
     """Every stage of bench/gpu_session.sh on tiny shapes on the CPU: each ends with rc 0, the
     correctness cases pass, each benchmark family leaves wall-time results, the summary names
@@ -94,11 +122,15 @@ def test_gpu_session_dry_run(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (out / "00_session.txt").read_text()
     stages = [line for line in log.splitlines() if line.startswith("stage ")]
-    assert [line.split(":")[0] for line in stages] == ["stage B", "stage C", "stage D", "stage E", "stage F"], log
+    assert [line.split(":")[0] for line in stages] == ["stage B", "stage C", "stage D", "stage H", "stage E",
+                                                       "stage F"], log
     assert all(": rc 0," in line for line in stages), log
     cases = [json.loads(line) for line in (out / "10_correct.jsonl").read_text().splitlines()]
     assert len(cases) >= 9 and all(c["ok"] for c in cases), cases
     results = [json.loads(line) for line in (out / "20_bench.jsonl").read_text().splitlines()]
+    host = [r["host_overhead"] for r in results if r["name"] == "host_overhead"]  # stage H
+    assert len(host) == 1 and set(host[0]["median_us"]) == {"sdpa", "attention", "loss", "fwd_launch", "noop_launch"}
+    results = [r for r in results if r["name"] != "host_overhead"]
     families = {r["name"].split("::")[1].split("[")[0] for r in results}
     assert families == {"test_update", "test_loss", "test_attention", "test_step"}, families
     assert all(r["extra_info"]["wall_ms"] > 0 for r in results)
@@ -107,8 +139,10 @@ def test_gpu_session_dry_run(tmp_path):
     steps = [r["extra_info"] for r in results if "test_step" in r["name"]]
     assert steps and all(s["mgit_compiled_ms"] > 0 and s["mgit_compiled_graphs"] == 1 for s in steps)  # MGiT compiled
     summary = (out / "99_summary.md").read_text()
-    for section in ("## Correctness against float64: ", "## Timings", "## cuda tests", "## Sanitizer"):
+    for section in ("## Correctness against float64: ", "## Timings", "## Attention goals", "## Host time per call",
+                    "## cuda tests", "## Sanitizer"):
         assert section in summary
+    assert "| fwd_launch |" in summary
     assert len(list(out.iterdir())) <= 8
 
 
@@ -172,6 +206,19 @@ def test_host_overhead_reports_both_ratios(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["ratios"]) == {"attention", "loss"}
     assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values())
+
+
+@pytest.mark.parametrize("argv, says", [(["--gpu", "--stub", "grid"], "takes no --stub"),
+                                         (["--repeats", "0"], "must be >= 1"),
+                                         pytest.param(["--gpu"], "no CUDA GPU here", marks=pytest.mark.skipif(
+                                             torch.cuda.is_available(), reason="checks the no-GPU refusal"))])
+def test_host_overhead_refuses_bad_arguments_in_one_line(tmp_path, argv, says):
+    out = tmp_path / "host.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), *argv, "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
+    assert not out.exists()
 
 
 def test_a_failing_peer_is_noted_and_the_rest_is_measured(monkeypatch):
