@@ -106,12 +106,12 @@ def attention_bwd_dq_kernel(
         BIAS += map_offset(b, h, H, N, BIAS_LAYOUT)
     if MASK is not None:
         MASK += map_offset(b, h, H, N, MASK_LAYOUT)
+    args = (Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, pid_m * BLOCK_M, scale, stride_n,
+            stride_on, N)
     if TAIL_M < BLOCK_M and pid_m < N // BLOCK_M:
-        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, pid_m * BLOCK_M, scale, stride_n,
-                 stride_on, N, D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+        _dq_rows(*args, D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
     else:
-        _dq_rows(Q, K, V, O, DO, LSE, DELTA, DQ, DSCALE, DBIAS, DMASK, BIAS, MASK, pid_m * BLOCK_M, scale, stride_n,
-                 stride_on, N, D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+        _dq_rows(*args, D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
 
 
 @triton.jit
@@ -183,12 +183,11 @@ def attention_bwd_dkdv_kernel(
         BIAS += map_offset(b, h, H, N, BIAS_LAYOUT)
     if MASK is not None:
         MASK += map_offset(b, h, H, N, MASK_LAYOUT)
+    args = (Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, pid_n * BLOCK_M, scale, stride_n, stride_on, N)
     if TAIL_M < BLOCK_M and pid_n < N // BLOCK_M:
-        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, pid_n * BLOCK_M, scale, stride_n, stride_on, N,
-                   D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+        _dkdv_keys(*args, D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
     else:
-        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, MASK, pid_n * BLOCK_M, scale, stride_n, stride_on, N,
-                   D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+        _dkdv_keys(*args, D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
 
 
 def backward_into(qkv, outs, lse, grads, delta, plan, scale, scale_value, bias, mask, diagonal_mask, dscale=None,

@@ -70,12 +70,11 @@ def attention_fwd_kernel(
         BIAS += map_offset(b, h, H, N, BIAS_LAYOUT)
     if MASK is not None:
         MASK += map_offset(b, h, H, N, MASK_LAYOUT)
+    args = (Q, K, V, O, LSE, BIAS, MASK, pid_m * BLOCK_M, scale_log2, stride_n, stride_on, N)
     if TAIL_M < BLOCK_M and pid_m < N // BLOCK_M:  # a full block of queries, unmasked
-        _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, pid_m * BLOCK_M, scale_log2, stride_n, stride_on, N, D, BLOCK_M, False,
-                  BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+        _fwd_rows(*args, D, BLOCK_M, False, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
     else:  # the leftover queries in a TAIL_M-row tile
-        _fwd_rows(Q, K, V, O, LSE, BIAS, MASK, pid_m * BLOCK_M, scale_log2, stride_n, stride_on, N, D, TAIL_M, True,
-                  BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
+        _fwd_rows(*args, D, TAIL_M, True, BLOCK_N, TAIL_N, DIAGONAL_MASK, PRECISION)
 
 
 def forward_into(qkv, out, lse, plan, scale, scale_value, bias, mask, diagonal_mask):

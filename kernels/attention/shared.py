@@ -97,35 +97,23 @@ def attention_bwd_shared_kernel(
     GRAD += sl * N * N
     r_start = g * GROUP
     r_end = tl.minimum(r_start + GROUP, R)
-    if TAIL_M < BLOCK_M and mi < N // BLOCK_M:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH,
-                     r_start, r_end, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh,
-                     stride_on, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, BLOCK_M,
-                     False, BLOCK_N, TAIL_N)
-    else:
-        _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH,
-                     r_start, r_end, mi * BLOCK_M, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh,
-                     stride_on, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, TAIL_M,
-                     True, BLOCK_N, TAIL_N)
-
-
-@triton.jit
-def _shared_cols(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH, r_start,
-                 r_end, start_m, ni, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on,
-                 D: tl.constexpr, DIAGONAL_MASK: tl.constexpr, BIAS_LAYOUT: tl.constexpr, MASK_LAYOUT: tl.constexpr,
-                 GRAD_OF_MASK: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr,
-                 MASK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
-    """A full block of columns, unmasked, else the leftover columns in a TAIL_N-wide tile."""
-    if TAIL_N < BLOCK_N and ni < N // BLOCK_N:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH,
-                     r_start, r_end, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh,
-                     stride_on, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, ROWS,
-                     BLOCK_N, MASK_ROWS, False)
-    else:
-        _shared_tile(Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH,
-                     r_start, r_end, start_m, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh,
-                     stride_on, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, ROWS,
-                     TAIL_N, MASK_ROWS, True)
+    args = (Q, K, V, DO, LSE, DELTA, SCALE, BIAS, MASK, GRAD, scale_value, scale_stride, sl_b, sl_h, RH, r_start, r_end,
+            mi * BLOCK_M, ni * BLOCK_N, H, N, stride_b, stride_h, stride_n, stride_ob, stride_oh, stride_on)
+    full_cols = TAIL_N < BLOCK_N and ni < N // BLOCK_N
+    if TAIL_M < BLOCK_M and mi < N // BLOCK_M:  # full rows
+        if full_cols:
+            _shared_tile(*args, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, BLOCK_M,
+                         BLOCK_N, False, False)
+        else:  # the leftover columns in a TAIL_N-wide tile
+            _shared_tile(*args, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, BLOCK_M,
+                         TAIL_N, False, True)
+    else:  # the leftover rows in a TAIL_M-row tile
+        if full_cols:
+            _shared_tile(*args, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, TAIL_M,
+                         BLOCK_N, True, False)
+        else:
+            _shared_tile(*args, D, DIAGONAL_MASK, BIAS_LAYOUT, MASK_LAYOUT, GRAD_OF_MASK, ATOMIC, PRECISION, TAIL_M,
+                         TAIL_N, True, True)
 
 
 def shared_grad(target, qkv, outs, lse, delta, plan, scale, scale_value, bias, mask, diagonal_mask,
