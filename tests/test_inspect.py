@@ -230,33 +230,46 @@ DRIVER = '''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import planted
+import triton
+from triton import knobs
 from mgit_fast import inspect as ins
+forced, compile = [], triton.compile
+def spy(*args, **kwargs):  # whether each compile bypassed Triton's cache
+    forced.append(knobs.compilation.always_compile)
+    return compile(*args, **kwargs)
+triton.compile = spy
 rows = []
-for fn in (planted.strong_atomic, planted.relaxed_atomic):
+def atomics(fn):
     with ins.capture(ins.TARGETS["sm_90a"]) as launches:
         fn[(2,)](torch.empty(1024), torch.empty(4), 1024, BLOCK=512)
-    rows += ins.analyse(launches, ins.TARGETS["sm_90a"], jobs=1)
+    return ins.analyse(launches, ins.TARGETS["sm_90a"], jobs=1)
+rows += atomics(planted.strong_atomic) + atomics(planted.relaxed_atomic)
 for _ in range(2):  # the second compile is a hit in Triton's cache
     with ins.capture(ins.TARGETS["sm_90a"]) as launches:
         planted.spills[(1,)](torch.empty(128 * 128), torch.empty(128 * 128), BLOCK=128, num_warps=1)
     rows += ins.analyse(launches, ins.TARGETS["sm_90a"], jobs=1)
-print(json.dumps(rows))
+rows += atomics(planted.relaxed_atomic)  # a hit too
+print(json.dumps({"rows": rows, "forced": forced}))
 '''
 
 
 def test_compile_reads_the_cubin(tmp_path):
     """A real compile for sm_90a: 128-bit loads of aligned fp32, registers, occupancy, the
     memory order of atomics (the default acq_rel fails the gate, relaxed passes), and spill
-    bytes, also when Triton's own cache holds the kernel."""
+    bytes, also when Triton's own cache holds the kernel (compiled past the cache only then)."""
     (tmp_path / "planted.py").write_text(PLANTED)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     result = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], capture_output=True, text=True, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    strong, relaxed, spilled, spilled_again = json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    strong, relaxed, spilled, spilled_again, relaxed_again = out["rows"]
     assert spilled["spill_bytes"] > 0 and spilled["local_ops"] > 0  # ptxas's log, read again on a cache hit
     assert all(spilled_again[k] == spilled[k] for k in ("spill_bytes", "local_ops", "registers"))
+    assert all(relaxed_again[k] == relaxed[k] for k in ("spill_bytes", "local_ops", "registers", "atomics"))
+    # only the cache hit that uses local memory compiles again, past the cache, for ptxas's log
+    assert out["forced"] == [False, False, False, False, True, False], out["forced"]
     for r in (strong, relaxed):
         assert r["status"] == "ok" and r["spill_bytes"] == 0 and 0 < r["registers"] <= 255
         assert 128 in r["load_bits"] and r["blocks_per_sm"] >= 1 and r["grid"] == [2, 1, 1]
