@@ -449,7 +449,7 @@ def compile_facts(module: str, kernel: str, signature, constexprs, attrs, option
     def compile_(always: bool):
         """(compiled kernel, ptxas's log: empty on a hit in Triton's cache unless `always`)."""
         log, before = io.StringIO(), knobs.compilation.always_compile
-        knobs.compilation.always_compile = always
+        knobs.compilation.always_compile = always or before
         try:
             with contextlib.redirect_stdout(log):
                 compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
@@ -458,28 +458,25 @@ def compile_facts(module: str, kernel: str, signature, constexprs, attrs, option
             knobs.compilation.always_compile = before
         return compiled, log.getvalue()
 
-    def read(compiled):
+    spill_line = r"(\d+) bytes spill stores, (\d+) bytes spill loads"
+    try:
+        compiled, log = compile_(False)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.cubin")
             with open(path, "wb") as f:
                 f.write(compiled.asm["cubin"])
-            return (subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout,
-                    subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True).stdout)
-
-    spill_line = r"(\d+) bytes spill stores, (\d+) bytes spill loads"
-    try:
-        compiled, log = compile_(False)
-        usage, sass = read(compiled)
-        if not re.search(spill_line, log) and re.search(r"\b(LDL|STL)\b", sass):
+            usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
+            sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+        ops = re.findall(r"\b(HGMMA|HMMA|LDGSTS[.\w]*|LDG[.\w]*|STG[.\w]*|LDL[.\w]*|STL[.\w]*|ATOMG?[.\w]*|"
+                         r"REDG?[.\w]*|MEMBAR[.\w]*|UTMALDG[.\w]*)", sass)
+        counts = Counter(op.split(".")[0] for op in ops)
+        if not re.search(spill_line, log) and counts["LDL"] + counts["STL"]:
             # a cache hit skipped ptxas, and the kernel uses local memory: compile again for the bytes
             compiled, log = compile_(True)
     except Exception as exc:  # noqa: BLE001 - the report shows why a specialisation failed
         return {"status": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     spills = [int(a) + int(b) for a, b in re.findall(spill_line, log)]
     resources = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    ops = re.findall(r"\b(HGMMA|HMMA|LDGSTS[.\w]*|LDG[.\w]*|STG[.\w]*|LDL[.\w]*|STL[.\w]*|ATOMG?[.\w]*|REDG?[.\w]*|"
-                     r"MEMBAR[.\w]*|UTMALDG[.\w]*)", sass)
-    counts = Counter(op.split(".")[0] for op in ops)
     ptx_atomics = re.findall(r"\b(?:atom|red)\.[\w.]+", compiled.asm["ptx"])
     return {
         "status": "ok",
